@@ -1,0 +1,204 @@
+"""What apps call: submit agent tasks and follow them, without importing worker code or e2b.
+
+    from producer import submit
+    handle = submit("Summarise the open issues", mcp={"githubOfficial": {
+        "githubPersonalAccessToken": "${GITHUB_TOKEN}"}})
+    result = handle.wait(timeout=600)      # AgentResult
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+
+from sandqueue import errors, keys
+from sandqueue.celeryconf import celery_config
+from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
+from sandqueue.settings import Settings, load_settings
+from sandqueue.store import TaskStore
+
+
+class RedisUnavailable(errors.SandqueueError):
+    """Redis could not be reached; nothing was submitted."""
+
+
+class WaitTimeout(errors.SandqueueError):
+    """The task did not finish within the time the caller was willing to wait."""
+
+
+def _redis_error(e: Exception, settings: Settings) -> RedisUnavailable:
+    return RedisUnavailable(
+        f"cannot reach Redis at {settings.redis_url} ({type(e).__name__}: {e}); "
+        "check REDIS_URL and that Redis is running"
+    )
+
+
+class TaskHandle:
+    """A submitted task: ask its status, wait for its result."""
+
+    def __init__(self, client: Client, task_id: str, *, duplicate: bool = False) -> None:
+        self.client = client
+        self.id = task_id
+        self.duplicate = duplicate
+        """True when an idempotency key matched an earlier submit: this is that task."""
+
+    def __repr__(self) -> str:
+        return f"TaskHandle({self.id!r})"
+
+    def info(self) -> dict[str, str]:
+        """The task's record: status, attempt, sandbox id, timestamps (strings)."""
+        try:
+            return self.client.store.get(self.id)
+        except redis.RedisError as e:
+            raise _redis_error(e, self.client.settings) from e
+
+    def status(self) -> TaskStatus:
+        record = self.info()
+        if record.get("status"):
+            return TaskStatus(record["status"])
+        return TaskStatus.SUCCEEDED if self.result() is not None else TaskStatus.UNKNOWN
+
+    def result(self) -> AgentResult | None:
+        """The result if the task has finished, else None. Never blocks."""
+        try:
+            async_result = self.client.celery.AsyncResult(self.id)
+            if not async_result.ready():
+                return None
+            return _to_result(self.id, async_result.get(timeout=5, propagate=False))
+        except (redis.RedisError, OperationalError) as e:
+            raise _redis_error(e, self.client.settings) from e
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> AgentResult:
+        """Block until the task ends; raise WaitTimeout after `timeout` seconds."""
+        try:
+            value = self.client.celery.AsyncResult(self.id).get(
+                timeout=timeout, interval=poll_s, propagate=False
+            )
+        except CeleryTimeout as e:
+            raise WaitTimeout(
+                f"task {self.id} did not finish within {timeout:.0f}s; it keeps running, "
+                f"follow it with `sandqueue status {self.id}`"
+            ) from e
+        except (redis.RedisError, OperationalError) as e:
+            raise _redis_error(e, self.client.settings) from e
+        return _to_result(self.id, value)
+
+
+def _to_result(task_id: str, value: Any) -> AgentResult:
+    if isinstance(value, dict):
+        return AgentResult.model_validate(value)
+    # Not one of ours (e.g. an exception Celery stored): report it as data, not a pickle.
+    return AgentResult(
+        task_id=task_id,
+        status=TaskStatus.FAILED,
+        error={"category": "internal", "message": f"worker stored {value!r}", "retryable": False},
+    )
+
+
+class Client:
+    """Submits tasks and opens handles. Cheap to create; holds one Redis pool."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or load_settings()
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5,
+                                    socket_timeout=30)
+
+    @cached_property
+    def store(self) -> TaskStore:
+        return TaskStore(self.redis, self.settings.result_expires_s)
+
+    @cached_property
+    def celery(self) -> Celery:
+        app = Celery("sandqueue-producer", set_as_current=False)
+        app.conf.update(celery_config(self.settings))
+        app.conf.update(broker_connection_retry=False, broker_connection_max_retries=0)
+        return app
+
+    def build(self, task: AgentTask | str | dict[str, Any], **fields: Any) -> AgentTask:
+        """Validate a task given as a model, a prompt string, or a dict (+ keyword fields)."""
+        try:
+            if isinstance(task, AgentTask):
+                return task if not fields else AgentTask.model_validate(
+                    {**task.model_dump(), **fields})
+            if isinstance(task, str):
+                return AgentTask.model_validate({"prompt": task, **fields})
+            return AgentTask.model_validate({**task, **fields})
+        except ValidationError as e:
+            raise errors.InvalidTask(_describe(e)) from e
+
+    def submit(self, task: AgentTask | str | dict[str, Any], /, *, queue: str | None = None,
+               task_id: str | None = None, **fields: Any) -> TaskHandle:
+        """Validate and enqueue one task. Raises InvalidTask or RedisUnavailable."""
+        agent_task = self.build(task, **fields)
+        if agent_task.timeout_s is not None and agent_task.timeout_s > self.settings.max_timeout_s:
+            raise errors.InvalidTask(
+                f"timeout_s {agent_task.timeout_s:.0f} is above this deployment's maximum "
+                f"({self.settings.max_timeout_s:.0f}s, SANDQUEUE_MAX_TIMEOUT_S)"
+            )
+        task_id = task_id or str(uuid.uuid4())
+        try:
+            if agent_task.idempotency_key:
+                existing = self._claim_key(agent_task.idempotency_key, task_id)
+                if existing is not None:
+                    return TaskHandle(self, existing, duplicate=True)
+            message = TaskMessage(task=agent_task, submitted_at=time.time())
+            self.store.mark_queued(task_id, message.submitted_at)
+            self.celery.send_task(
+                TASK_NAME,
+                args=[message.model_dump(mode="json", exclude_defaults=True)],
+                task_id=task_id,
+                queue=queue or self.settings.queue,
+            )
+        except (redis.RedisError, OperationalError) as e:
+            raise _redis_error(e, self.settings) from e
+        return TaskHandle(self, task_id)
+
+    def _claim_key(self, key: str, task_id: str) -> str | None:
+        """Atomically bind an idempotency key to a task id; the earlier id if already bound."""
+        name = keys.idempotency(key)
+        if self.redis.set(name, task_id, nx=True, ex=self.settings.result_expires_s):
+            return None
+        existing = self.redis.get(name)
+        return existing.decode() if isinstance(existing, bytes) else existing
+
+    def get(self, task_id: str) -> TaskHandle:
+        return TaskHandle(self, task_id)
+
+
+def _describe(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:10]:
+        where = ".".join(str(p) for p in err["loc"]) or "task"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "invalid task: " + "; ".join(parts)
+
+
+_default: Client | None = None
+
+
+def default_client() -> Client:
+    global _default
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+def submit(task: AgentTask | str | dict[str, Any], /, **kwargs: Any) -> TaskHandle:
+    """Submit with the default client (settings from the environment and `.env`)."""
+    return default_client().submit(task, **kwargs)
+
+
+def get_task(task_id: str) -> TaskHandle:
+    return default_client().get(task_id)

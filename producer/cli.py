@@ -1,0 +1,338 @@
+"""The `sandqueue` command.
+
+Exit codes a script can rely on:
+    0  success (the task succeeded, or the command did what it was asked)
+    1  the task ended failed, timed_out or cancelled
+    2  usage, configuration or invalid task
+    3  Redis (or E2B, for `check`) could not be reached
+    4  the task has not finished (yet) within the time given
+Every option that has an environment variable says so in `--help`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from producer import render
+from producer.api import Client, RedisUnavailable, WaitTimeout
+from sandqueue import catalog, errors
+from sandqueue.contract import AgentResult, TaskStatus
+from sandqueue.settings import load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PENDING = 0, 1, 2, 3, 4
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _exit_for(result: AgentResult) -> int:
+    return EXIT_OK if result.status is TaskStatus.SUCCEEDED else EXIT_FAILED
+
+
+def handle_errors(fn: F) -> F:
+    """Map the error tree to exit codes with a one-line message on stderr."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RedisUnavailable as e:
+            render.err.print(f"[red]error:[/] {e.message}")
+            sys.exit(EXIT_UNREACHABLE)
+        except WaitTimeout as e:
+            render.err.print(f"[yellow]{e.message}[/]")
+            sys.exit(EXIT_PENDING)
+        except (errors.InvalidTask, errors.ConfigError) as e:
+            render.err.print(f"[red]error:[/] {e.message}")
+            sys.exit(EXIT_USAGE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _client(ctx: click.Context) -> Client:
+    obj = ctx.ensure_object(dict)
+    if "client" not in obj:
+        overrides = {k: v for k, v in obj.get("overrides", {}).items() if v is not None}
+        obj["client"] = Client(load_settings(**overrides))
+    return obj["client"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--redis-url", envvar="REDIS_URL", show_envvar=True, default=None,
+              help="Redis for broker and results.")
+@click.version_option(package_name="sandqueue")
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str | None) -> None:
+    """Run AI agent tasks in fresh E2B sandboxes, at scale, through Redis and Celery."""
+    ctx.ensure_object(dict)["overrides"] = {"redis_url": redis_url}
+
+
+# -- submit -------------------------------------------------------------------------------
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise errors.InvalidTask("give a prompt: inline, @file, or - to read stdin")
+        return sys.stdin.read()
+    if prompt.startswith("@"):
+        path = Path(prompt[1:])
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise errors.InvalidTask(f"cannot read prompt file {path}: {e.strerror}") from e
+    return prompt
+
+
+def _coerce(server: str, key: str, value: str) -> Any:
+    if value.startswith("${"):
+        return value
+    spec = catalog.catalog()["servers"].get(server, {})
+    kind = spec.get("types", {}).get(key, "str")
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except ValueError as e:
+        raise errors.InvalidTask(f"--mcp-config {server}.{key}: {value!r} is not a number") from e
+    if kind == "bool":
+        if value.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+            raise errors.InvalidTask(f"--mcp-config {server}.{key}: expected true or false")
+        return value.lower() in {"true", "1", "yes"}
+    if kind == "list":
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def parse_mcp(names: tuple[str, ...], settings: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """`--mcp notion --mcp-config notion.internalIntegrationToken=${NOTION_TOKEN}`."""
+    mcp: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for item in settings:
+        left, sep, value = item.partition("=")
+        if not sep or "." not in left:
+            raise errors.InvalidTask(
+                f"--mcp-config {item!r}: write NAME.key=value, e.g. "
+                "githubOfficial.githubPersonalAccessToken=${GITHUB_TOKEN}"
+            )
+        if ".envs." in left:  # github/<owner>/<repo>.envs.VAR=value
+            server, _, var = left.partition(".envs.")
+            mcp.setdefault(server, {}).setdefault("envs", {})[var] = value
+            continue
+        server, key = left.rsplit(".", 1)
+        mcp.setdefault(server, {})[key] = _coerce(server, key, value)
+    return mcp
+
+
+def parse_pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise errors.InvalidTask(f"{flag} {item!r}: write KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--mcp", "mcp_names", multiple=True, metavar="NAME",
+              help="MCP catalog server the agent may use (repeatable).")
+@click.option("--mcp-config", "mcp_settings", multiple=True, metavar="NAME.KEY=VALUE",
+              help="Server setting; VALUE may be ${ENV} resolved on the worker (repeatable).")
+@click.option("--model", help="Claude model, e.g. claude-sonnet-4-5.")
+@click.option("--max-turns", type=click.IntRange(1), help="Stop the agent after N turns.")
+@click.option("--allowed-tool", "allowed_tools", multiple=True, help="Tool the agent may use.")
+@click.option("--disallowed-tool", "disallowed_tools", multiple=True, help="Tool it may not use.")
+@click.option("--append-system-prompt", help="Text appended to Claude Code's system prompt.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1),
+              help="Whole-task deadline in seconds (all attempts).")
+@click.option("--template", help="E2B template (default: mcp-gateway).")
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE",
+              help="Non-secret environment variable for the sandbox (repeatable).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
+              help="Label carried to the result and the sandbox metadata (repeatable).")
+@click.option("--idempotency-key", help="Submitting twice with one key runs the task once.")
+@click.option("--max-attempts", type=click.IntRange(1, 20), help="Attempts for transient errors.")
+@click.option("--retry-after-side-effects", is_flag=True, default=None,
+              help="Retry even after the agent made tool calls (effects may repeat).")
+@click.option("--queue", envvar="SANDQUEUE_QUEUE", show_envvar=True, help="Queue to send to.")
+@click.option("--wait", is_flag=True, help="Block until the task ends and print its result.")
+@click.option("--wait-timeout", type=float, default=None, help="With --wait: give up after N s.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def submit(ctx: click.Context, prompt: str | None, mcp_names: tuple[str, ...],
+           mcp_settings: tuple[str, ...], envs: tuple[str, ...], labels: tuple[str, ...],
+           max_attempts: int | None, retry_after_side_effects: bool | None, queue: str | None,
+           wait: bool, wait_timeout: float | None, as_json: bool, **fields: Any) -> None:
+    """Submit an agent task. PROMPT is text, @FILE, or - (stdin; also when omitted)."""
+    retry: dict[str, Any] = {}
+    if max_attempts is not None:
+        retry["max_attempts"] = max_attempts
+    if retry_after_side_effects:
+        retry["retry_after_side_effects"] = True
+    task: dict[str, Any] = {
+        "prompt": read_prompt(prompt),
+        "mcp": parse_mcp(mcp_names, mcp_settings),
+        "envs": parse_pairs(envs, "--env"),
+        "labels": parse_pairs(labels, "--label"),
+        **({"retry": retry} if retry else {}),
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()
+           if v not in (None, ())},
+    }
+    client = _client(ctx)
+    handle = client.submit(task, queue=queue)
+    if not wait:
+        if as_json:
+            render.print_json({"id": handle.id, "duplicate": handle.duplicate})
+        else:
+            render.out.print(handle.id)
+            if handle.duplicate:
+                render.err.print("(an earlier task with this idempotency key; not re-run)")
+        return
+    if not as_json:
+        render.err.print(f"submitted {handle.id}; waiting for the result...")
+    result = handle.wait(timeout=wait_timeout)
+    _show(result, as_json)
+    sys.exit(_exit_for(result))
+
+
+def _show(result: AgentResult, as_json: bool) -> None:
+    if as_json:
+        render.print_json(result.model_dump(mode="json"))
+    else:
+        render.print_result(result)
+
+
+# -- status / result ------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
+    """Show a task's status (queued, running, retrying, succeeded, ...)."""
+    handle = _client(ctx).get(task_id)
+    info = handle.info()
+    state = handle.status()
+    if as_json:
+        render.print_json({"id": task_id, "status": state.value, **info})
+    else:
+        render.out.print(f"{task_id} {state.value}")
+        for key in ("attempt", "sandbox_id", "worker", "error"):
+            if info.get(key):
+                render.out.print(f"  {key}: {info[key]}")
+    if state is TaskStatus.UNKNOWN:
+        render.err.print(f"no task {task_id} is known (wrong id, or its record expired)")
+        sys.exit(EXIT_USAGE)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--wait", is_flag=True, help="Block until the task ends.")
+@click.option("--wait-timeout", type=float, default=None, help="With --wait: give up after N s.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def result(ctx: click.Context, task_id: str, wait: bool, wait_timeout: float | None,
+           as_json: bool) -> None:
+    """Print a task's result; exit 4 if it has not finished."""
+    handle = _client(ctx).get(task_id)
+    outcome = handle.wait(timeout=wait_timeout) if wait else handle.result()
+    if outcome is None:
+        state = handle.status()
+        if as_json:
+            render.print_json({"id": task_id, "status": state.value, "result": None})
+        else:
+            render.err.print(f"{task_id} has not finished: {state.value}")
+        sys.exit(EXIT_USAGE if state is TaskStatus.UNKNOWN else EXIT_PENDING)
+    _show(outcome, as_json)
+    sys.exit(_exit_for(outcome))
+
+
+# -- worker -------------------------------------------------------------------------------
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("-c", "--concurrency", type=click.IntRange(1), envvar="SANDQUEUE_CONCURRENCY",
+              show_envvar=True, help="Tasks in flight in this process (default 50).")
+@click.option("-Q", "--queues", envvar="SANDQUEUE_QUEUE", show_envvar=True,
+              help="Comma-separated queues to consume (default: sandqueue).")
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]),
+              envvar="SANDQUEUE_POOL", show_envvar=True, help="Celery pool (default threads).")
+@click.option("-l", "--loglevel", envvar="SANDQUEUE_LOG_LEVEL", show_envvar=True,
+              default="INFO")
+@click.option("-n", "--hostname", help="Worker name, e.g. worker1@%h.")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+@handle_errors
+def worker(ctx: click.Context, concurrency: int | None, queues: str | None, pool: str | None,
+           loglevel: str, hostname: str | None, celery_args: tuple[str, ...]) -> None:
+    """Start a worker (a Celery worker with sandqueue's pool and options)."""
+    redis_url = ctx.obj["overrides"].get("redis_url")
+    if redis_url:
+        os.environ["REDIS_URL"] = redis_url
+    settings = load_settings()
+    concurrency = concurrency or settings.concurrency
+    pool = pool or settings.pool
+    queues = queues or settings.queue
+    if settings.provider == "e2b" and settings.anthropic_api_key is None:
+        raise errors.ConfigError(
+            "ANTHROPIC_API_KEY is not set: Claude Code in the sandboxes cannot run without it"
+        )
+    if settings.provider == "sim":
+        render.err.print(f"[bold yellow]{render.SIM_BANNER}[/]")
+    from worker.app import app  # the worker side is imported only here
+
+    argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",
+            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    app.worker_main([*argv, *celery_args])
+
+
+# -- check --------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def check(ctx: click.Context, as_json: bool) -> None:
+    """Validate configuration; reach Redis and, when keys are set, E2B."""
+    from producer.check import run_checks
+
+    overrides = {k: v for k, v in ctx.obj["overrides"].items() if v is not None}
+    report = run_checks(overrides)
+    if as_json:
+        render.print_json(report)
+    else:
+        for item in report["checks"]:
+            mark = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]",
+                    "fail": "[red]FAIL[/]"}[item["state"]]
+            render.out.print(f"{mark:>14}  {item['name']}: {item['detail']}")
+    sys.exit(report["exit_code"])
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--prompt", default=None, help="Prompt of the example task.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def demo(prompt: str | None, as_json: bool) -> None:
+    """Start Redis (if REDIS_URL is unset) and a worker, run an example task, stop them."""
+    from producer.demo import run_demo
+
+    sys.exit(run_demo(prompt, as_json))
+
+
+def main() -> None:
+    cli(prog_name="sandqueue")
+
+
+if __name__ == "__main__":
+    main()

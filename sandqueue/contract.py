@@ -1,0 +1,227 @@
+"""The task/result contract: what a producer sends and what a worker answers.
+
+Both sides import this one module; it depends on pydantic and the catalog snapshot only, so
+an app can submit tasks without pulling in Celery workers or the `e2b` SDK. Workers validate
+every message again on receipt: nothing coming out of the broker is trusted.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sandqueue import catalog
+
+CONTRACT_VERSION = 1
+TASK_NAME = "sandqueue.run_agent_task"
+"""The Celery task name; producers send by name and never import the worker."""
+
+MAX_PROMPT_BYTES = 256 * 1024
+MAX_SYSTEM_PROMPT_BYTES = 64 * 1024
+MAX_TIMEOUT_S = 24 * 3600
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENVS = frozenset({"ANTHROPIC_API_KEY", "E2B_API_KEY", "HOME", "PATH", "USER"})
+"""Sandbox variables the worker sets itself; a task may not override them."""
+
+Label = Annotated[str, Field(max_length=256)]
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
+)
+
+
+class ErrorCategory(StrEnum):
+    """Why a task failed. Each maps to one exception class in `sandqueue.errors`."""
+
+    INVALID_TASK = "invalid_task"
+    AUTH = "auth"
+    MCP_CONFIG = "mcp_config"
+    RATE_LIMITED = "rate_limited"
+    SANDBOX_UNAVAILABLE = "sandbox_unavailable"
+    GATEWAY_TIMEOUT = "gateway_timeout"
+    MCP_UNAVAILABLE = "mcp_unavailable"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    AGENT_STALLED = "agent_stalled"
+    AGENT_NO_RESULT = "agent_no_result"
+    AGENT_ERROR = "agent_error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class RetryPolicy(BaseModel):
+    """How often a transient failure is retried (each retry is a fresh sandbox)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(3, ge=1, le=20)
+    backoff_s: float = Field(2.0, ge=0, le=600, description="first backoff, doubled per retry")
+    backoff_max_s: float = Field(60.0, ge=0, le=3600)
+    retry_after_side_effects: bool = Field(
+        False,
+        description="retry even after the agent made a tool call (its effects may repeat)",
+    )
+
+
+class AgentTask(BaseModel):
+    """One agent run: a prompt plus the MCP servers the agent may use."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str
+    mcp: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    model: str | None = Field(None, max_length=200)
+    max_turns: int | None = Field(None, ge=1, le=10_000)
+    allowed_tools: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=500
+    )
+    disallowed_tools: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=500
+    )
+    append_system_prompt: str | None = None
+    timeout_s: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT_S, description="whole-task deadline, all attempts included"
+    )
+    template: str | None = Field(None, min_length=1, max_length=200)
+    envs: dict[str, Annotated[str, Field(max_length=32_768)]] = Field(
+        default_factory=dict, max_length=200
+    )
+    labels: dict[Label, Label] = Field(default_factory=dict, max_length=64)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=255)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    max_cost_usd: float | None = Field(None, gt=0, le=10_000)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_size(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is empty; give the agent something to do")
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_PROMPT_BYTES:
+            raise ValueError(
+                f"prompt is {size} bytes, over the {MAX_PROMPT_BYTES}-byte limit; "
+                "put large inputs in a file the agent can fetch instead"
+            )
+        return value
+
+    @field_validator("append_system_prompt")
+    @classmethod
+    def _system_prompt_size(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode("utf-8", "surrogatepass")) > MAX_SYSTEM_PROMPT_BYTES:
+            raise ValueError(f"append_system_prompt is over {MAX_SYSTEM_PROMPT_BYTES} bytes")
+        return value
+
+    @field_validator("mcp")
+    @classmethod
+    def _mcp_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if len(value) > 50:
+            raise ValueError("at most 50 MCP servers per task")
+        for name, config in value.items():
+            catalog.validate_server(name, config)
+        return value
+
+    @field_validator("envs")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not ENV_NAME.match(name):
+                raise ValueError(f"envs: {name!r} is not a valid environment variable name")
+            if name in RESERVED_ENVS:
+                raise ValueError(f"envs: {name} is set by the worker and cannot be overridden")
+        return value
+
+    @model_validator(mode="after")
+    def _tools_disjoint(self) -> AgentTask:
+        both = set(self.allowed_tools) & set(self.disallowed_tools)
+        if both:
+            raise ValueError(f"tools both allowed and disallowed: {sorted(both)}")
+        return self
+
+
+class TaskMessage(BaseModel):
+    """What travels through the broker: the task plus what the producer knew when it sent it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    v: Literal[1] = CONTRACT_VERSION
+    task: AgentTask
+    submitted_at: float = Field(default_factory=time.time)
+
+
+class TaskError(BaseModel):
+    category: ErrorCategory
+    message: str
+    retryable: bool
+
+
+class Timings(BaseModel):
+    """Seconds spent per phase; sandbox and agent phases are those of the last attempt."""
+
+    queued_s: float | None = None
+    sandbox_create_s: float | None = None
+    gateway_ready_s: float | None = None
+    agent_run_s: float | None = None
+    total_s: float | None = None
+
+
+class McpServerStatus(BaseModel):
+    name: str
+    status: str
+
+
+class ToolCallCount(BaseModel):
+    name: str
+    count: int
+
+
+class AgentResult(BaseModel):
+    """The structured outcome of one task, as stored in the Redis result backend."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: str
+    status: TaskStatus
+    result: str | None = Field(None, description="the agent's final text")
+    is_error: bool | None = None
+    subtype: str | None = None
+    num_turns: int | None = None
+    total_cost_usd: float | None = None
+    usage: dict[str, Any] = Field(default_factory=dict)
+    session_id: str | None = None
+    timings: Timings = Field(default_factory=Timings)
+    attempts: int = 0
+    sandbox_id: str | None = None
+    mcp_servers: list[McpServerStatus] = Field(default_factory=list)
+    tool_calls: list[ToolCallCount] = Field(default_factory=list)
+    error: TaskError | None = None
+    simulated: bool = False
+    labels: dict[str, str] = Field(default_factory=dict)
+    finished_at: float = Field(default_factory=time.time)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is TaskStatus.SUCCEEDED
+
+    @property
+    def tool_call_total(self) -> int:
+        return sum(t.count for t in self.tool_calls)

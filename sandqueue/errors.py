@@ -1,0 +1,104 @@
+"""One exception root, two branches: retryable and permanent.
+
+    SandqueueError
+    ├── ConfigError                 settings or CLI usage are wrong (exit code 2)
+    ├── RetryableError              a fresh attempt (new sandbox) may succeed
+    │   ├── RateLimited             E2B or the model API answered 429       rate_limited
+    │   ├── SandboxUnavailable      E2B 5xx / timeouts / sandbox unreachable sandbox_unavailable
+    │   ├── GatewayTimeout          MCP gateway not answering in time       gateway_timeout
+    │   ├── McpUnavailable          Claude Code saw the gateway not connected mcp_unavailable
+    │   ├── ModelUnavailable        model API overloaded / 5xx              model_unavailable
+    │   ├── AgentStalled            no output for the stall timeout         agent_stalled
+    │   └── AgentNoResult           CLI ended without a result event        agent_no_result
+    └── PermanentError              retrying cannot help
+        ├── InvalidTask             the task fails validation               invalid_task
+        ├── AuthError               a key is missing or refused             auth
+        ├── McpConfigError          bad MCP config, unresolvable ${ENV}     mcp_config
+        ├── AgentError              the agent reported an error result      agent_error
+        ├── DeadlineExceeded        the task's timeout_s ran out            timeout
+        └── Cancelled               somebody cancelled the task             cancelled
+
+SDK errors are translated into this tree at the boundary (`worker/sandbox/e2b.py`) with
+`raise ... from e`; every message says what to change where there is something to change.
+"""
+
+from __future__ import annotations
+
+from sandqueue.contract import ErrorCategory, TaskError
+
+
+class SandqueueError(Exception):
+    category: ErrorCategory = ErrorCategory.INTERNAL
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def to_error(self) -> TaskError:
+        return TaskError(category=self.category, message=self.message, retryable=self.retryable)
+
+
+class ConfigError(SandqueueError):
+    """Settings or usage are wrong; the process should stop with exit code 2."""
+
+
+class RetryableError(SandqueueError):
+    retryable = True
+
+
+class PermanentError(SandqueueError):
+    retryable = False
+
+
+class RateLimited(RetryableError):
+    category = ErrorCategory.RATE_LIMITED
+
+
+class SandboxUnavailable(RetryableError):
+    category = ErrorCategory.SANDBOX_UNAVAILABLE
+
+
+class GatewayTimeout(RetryableError):
+    category = ErrorCategory.GATEWAY_TIMEOUT
+
+
+class McpUnavailable(RetryableError):
+    category = ErrorCategory.MCP_UNAVAILABLE
+
+
+class ModelUnavailable(RetryableError):
+    category = ErrorCategory.MODEL_UNAVAILABLE
+
+
+class AgentStalled(RetryableError):
+    category = ErrorCategory.AGENT_STALLED
+
+
+class AgentNoResult(RetryableError):
+    category = ErrorCategory.AGENT_NO_RESULT
+
+
+class InvalidTask(PermanentError):
+    category = ErrorCategory.INVALID_TASK
+
+
+class AuthError(PermanentError):
+    category = ErrorCategory.AUTH
+
+
+class McpConfigError(PermanentError):
+    category = ErrorCategory.MCP_CONFIG
+
+
+class AgentError(PermanentError):
+    category = ErrorCategory.AGENT_ERROR
+
+
+class DeadlineExceeded(PermanentError):
+    category = ErrorCategory.TIMEOUT
+
+
+class Cancelled(PermanentError):
+    category = ErrorCategory.CANCELLED

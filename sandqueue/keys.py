@@ -1,0 +1,29 @@
+"""Every Redis key sandqueue writes outside Celery's own, in one place.
+
+All live under the `sq:` prefix so operators can find (and size) them with `SCAN sq:*`.
+"""
+
+from __future__ import annotations
+
+PREFIX = "sq:"
+
+
+def task(task_id: str) -> str:
+    """Hash: status, attempt, timestamps, worker, sandbox id of one task."""
+    return f"{PREFIX}task:{task_id}"
+
+
+def idempotency(key: str) -> str:
+    """String: the task id first submitted under this idempotency key."""
+    return f"{PREFIX}idem:{key}"
+
+
+def sim_sandbox(sandbox_id: str) -> str:
+    """Hash: a live simulated sandbox (metadata as JSON, started/end timestamps)."""
+    return f"{PREFIX}sim:sbx:{sandbox_id}"
+
+
+SIM_LIVE = f"{PREFIX}sim:live"
+"""Set of live simulated sandbox ids."""
+SIM_CREATED = f"{PREFIX}sim:created"
+SIM_KILLED = f"{PREFIX}sim:killed"

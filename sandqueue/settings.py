@@ -1,0 +1,134 @@
+"""The one typed settings object. Reads the environment and `.env`; everything else receives it.
+
+Names: `REDIS_URL`, `E2B_API_KEY` and `ANTHROPIC_API_KEY` as the ecosystem spells them, and
+`SANDQUEUE_<FIELD>` for the rest (e.g. `SANDQUEUE_CONCURRENCY=100`). Units are in the names.
+Every field is listed in the README's configuration table; `tests/unit/test_settings.py`
+checks that the table and this class agree.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sandqueue.errors import ConfigError
+
+
+def _alias(name: str) -> AliasChoices:
+    return AliasChoices(f"SANDQUEUE_{name}", name)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SANDQUEUE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=_alias("REDIS_URL"),
+        description="Redis for the broker, results, events and limits",
+    )
+    e2b_api_key: SecretStr | None = Field(
+        None, validation_alias=_alias("E2B_API_KEY"), description="E2B API key (workers)"
+    )
+    anthropic_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=_alias("ANTHROPIC_API_KEY"),
+        description="given to Claude Code inside each sandbox (workers)",
+    )
+    sandbox: Literal["auto", "e2b", "sim"] = Field(
+        "auto", description="sandbox provider; auto = e2b when E2B_API_KEY is set, else sim"
+    )
+    queue: str = Field("sandqueue", description="default queue tasks are sent to / consumed from")
+    concurrency: int = Field(50, ge=1, le=2000, description="tasks in flight per worker process")
+    pool: Literal["threads", "prefork", "solo"] = Field(
+        "threads", description="Celery pool; threads suits tasks that mostly wait"
+    )
+    result_expires_s: int = Field(7 * 86400, ge=60, description="how long results are kept")
+    default_timeout_s: float = Field(
+        1800, gt=0, description="task deadline when a task sets no timeout_s"
+    )
+    max_timeout_s: float = Field(3300, gt=0, description="largest timeout_s a task may ask for")
+    sandbox_lifetime_s: int = Field(
+        3600, gt=0, description="longest sandbox life your E2B plan allows (Hobby 1 h, Pro 24 h)"
+    )
+    sandbox_grace_s: int = Field(
+        60, ge=0, description="sandbox outlives the task deadline by this much, then E2B reaps it"
+    )
+    visibility_timeout_s: int = Field(
+        7200, gt=0, description="Redis broker re-delivers an unacknowledged task after this"
+    )
+    stall_timeout_s: float = Field(
+        300, gt=0, description="stop an agent that prints nothing for this long"
+    )
+    gateway_ready_timeout_s: float = Field(
+        60, gt=0, description="how long to wait for the MCP gateway to answer"
+    )
+    e2b_request_timeout_s: float = Field(60, gt=0, description="timeout of one E2B API request")
+    backoff_scale: float = Field(
+        1.0, ge=0, description="multiplies every retry backoff; 0 turns backoff off (tests)"
+    )
+    template: str | None = Field(
+        None, description="E2B template; unset = the SDK's mcp-gateway template"
+    )
+    sandbox_user: str = Field("user", description="sandbox user that runs Claude Code (not root)")
+    claude_command: str = Field("claude", description="Claude Code executable in the sandbox")
+    sim_latency_s: float = Field(0.5, ge=0, description="sim: how long the scripted agent runs")
+    sim_create_latency_s: float = Field(0.1, ge=0, description="sim: sandbox creation time")
+    log_level: str = Field("INFO", description="worker and CLI log level")
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> Settings:
+        # agent deadline < sandbox lifetime < broker visibility timeout: otherwise E2B kills
+        # a sandbox mid-task, or Redis hands a running task to a second worker.
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ConfigError(
+                f"SANDQUEUE_DEFAULT_TIMEOUT_S ({self.default_timeout_s}) is above "
+                f"SANDQUEUE_MAX_TIMEOUT_S ({self.max_timeout_s}); lower it or raise the maximum"
+            )
+        if self.max_timeout_s >= self.sandbox_lifetime_s:
+            raise ConfigError(
+                f"SANDQUEUE_MAX_TIMEOUT_S ({self.max_timeout_s}) must be below "
+                f"SANDQUEUE_SANDBOX_LIFETIME_S ({self.sandbox_lifetime_s}), the longest a "
+                "sandbox may live on your E2B plan"
+            )
+        if self.sandbox_lifetime_s >= self.visibility_timeout_s:
+            raise ConfigError(
+                f"SANDQUEUE_SANDBOX_LIFETIME_S ({self.sandbox_lifetime_s}) must be below "
+                f"SANDQUEUE_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}), or Redis "
+                "re-delivers running tasks and they run twice"
+            )
+        return self
+
+    @cached_property
+    def provider(self) -> Literal["e2b", "sim"]:
+        """The sandbox provider in force: sim only when asked for or when E2B has no key."""
+        if self.sandbox == "auto":
+            return "e2b" if self.e2b_api_key else "sim"
+        return self.sandbox
+
+    def deadline_for(self, timeout_s: float | None) -> float:
+        """Seconds a task may run, given what it asked for."""
+        asked = timeout_s if timeout_s is not None else self.default_timeout_s
+        return min(asked, self.max_timeout_s)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's validation error into a ConfigError with the fix."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        problems = "; ".join(
+            f"SANDQUEUE_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from e

@@ -1,0 +1,91 @@
+"""One thread per worker process that stops agent runs which stall, overrun or are cancelled.
+
+Celery's time limits do not work in the threads pool, and a thread blocked in the SDK's
+stream cannot be interrupted, so each run registers a `Watch`; the watchdog ticks, and when
+a run has printed nothing for the stall timeout, passed its deadline or been cancelled, it
+records why and kills the command. The blocked thread then returns and reports that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from sandqueue import errors
+
+log = logging.getLogger(__name__)
+
+
+class Watch:
+    def __init__(
+        self,
+        *,
+        stall_timeout_s: float,
+        deadline_at: float,
+        kill: Callable[[], None],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        self.stall_timeout_s = stall_timeout_s
+        self.deadline_at = deadline_at
+        self._kill = kill
+        self._cancelled = cancelled
+        self.last_activity = time.monotonic()
+        self.reason: errors.SandqueueError | None = None
+        self._lock = threading.Lock()
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def trip(self, reason: errors.SandqueueError) -> None:
+        """Stop the run for `reason`; only the first reason counts."""
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+        self._kill()
+
+    def check(self) -> None:
+        if self.reason is not None:
+            return
+        if time.time() >= self.deadline_at:
+            self.trip(errors.DeadlineExceeded("the task's deadline passed while the agent ran"))
+        elif time.monotonic() - self.last_activity >= self.stall_timeout_s:
+            self.trip(errors.AgentStalled(
+                f"the agent printed nothing for {self.stall_timeout_s:.0f}s and was stopped "
+                "(SANDQUEUE_STALL_TIMEOUT_S)"
+            ))
+        elif self._cancelled is not None and self._cancelled():
+            self.trip(errors.Cancelled("the task was cancelled while the agent ran"))
+
+
+class Watchdog:
+    def __init__(self, tick_s: float = 0.25) -> None:
+        self.tick_s = tick_s
+        self._watches: set[Watch] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, w: Watch) -> None:
+        with self._lock:
+            self._watches.add(w)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="sandqueue-watchdog",
+                                                daemon=True)
+                self._thread.start()
+
+    def unwatch(self, w: Watch) -> None:
+        with self._lock:
+            self._watches.discard(w)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.tick_s)
+            with self._lock:
+                watches = list(self._watches)
+            for w in watches:
+                try:
+                    w.check()
+                except Exception:  # a broken check must not stop the others being watched
+                    log.exception("watchdog check failed")

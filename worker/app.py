@@ -1,0 +1,28 @@
+"""The Celery application of a worker: `celery -A worker.app worker` or `sandqueue worker`."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from dotenv import load_dotenv
+
+from sandqueue.celeryconf import celery_config
+from sandqueue.settings import Settings, load_settings
+
+# `${ENV}` references in tasks resolve from the worker's environment, `.env` included.
+load_dotenv(override=False)
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    app = Celery("sandqueue")
+    app.conf.update(celery_config(settings))
+    app.conf.update(worker_pool=settings.pool, worker_concurrency=settings.concurrency)
+    return app
+
+
+app = create_app()
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+import worker.tasks  # noqa: E402,F401  (registers the task on `app`)

@@ -1,0 +1,251 @@
+"""One task, start to result: attempts, each in a fresh sandbox, under one deadline.
+
+Retries live here, not in Celery: each attempt needs a new sandbox anyway, backoff waits
+are cheap in a thread, and the task's deadline must cover all attempts. Only retryable
+errors are retried, and not once the agent has made a tool call (its effects could repeat)
+unless the task opts in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sandqueue import errors
+from sandqueue.contract import (
+    AgentResult,
+    McpServerStatus,
+    TaskMessage,
+    TaskStatus,
+    Timings,
+    ToolCallCount,
+)
+from sandqueue.settings import Settings
+from worker.agent.claude_code import AgentRun, ClaudeCodeAgent
+from worker.agent.stream import Transcript
+from worker.redact import Redactor
+from worker.sandbox.base import SandboxProvider, SandboxSpec
+from worker.secrets import resolve_mcp
+
+log = logging.getLogger(__name__)
+
+SIM_PLACEHOLDER_KEY = "sk-ant-simulated-placeholder"
+"""Given to the simulated agent when no Anthropic key is configured (sim mode only)."""
+
+StateSink = Callable[..., None]
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def _noop(*_: Any, **__: Any) -> None:
+    return None
+
+
+@dataclass
+class TaskContext:
+    task_id: str
+    message: TaskMessage
+    started_at: float
+    deadline_at: float
+    cancelled: Callable[[], bool] | None = None
+    on_state: StateSink = _noop
+    on_event: EventSink = _noop
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class _Progress:
+    """What the attempts so far produced, kept for the result whatever the ending."""
+
+    attempts: int = 0
+    run: AgentRun = field(default_factory=lambda: AgentRun(Transcript()))
+    timings: Timings = field(default_factory=Timings)
+    sandbox_id: str | None = None
+    spent_usd: float = 0.0
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, provider: SandboxProvider, agent: ClaudeCodeAgent,
+                 environ: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.agent = agent
+        self.environ = environ if environ is not None else os.environ
+
+    def run(self, ctx: TaskContext) -> AgentResult:
+        task = ctx.message.task
+        redactor = Redactor()
+        key = self.settings.anthropic_api_key
+        redactor.add(key.get_secret_value() if key else None)
+        progress = _Progress()
+        progress.timings.queued_s = max(0.0, ctx.started_at - ctx.message.submitted_at)
+        try:
+            mcp, secrets = resolve_mcp(task.mcp, self.environ)
+            redactor.add(*secrets)
+            self._attempts(ctx, mcp, progress, redactor)
+        except errors.SandqueueError as e:
+            return self._result(ctx, progress, e, redactor)
+        return self._result(ctx, progress, None, redactor)
+
+    def _attempts(self, ctx: TaskContext, mcp: dict[str, Any], progress: _Progress,
+                  redactor: Redactor) -> None:
+        task = ctx.message.task
+        while True:
+            progress.attempts += 1
+            progress.run = AgentRun(Transcript())
+            ctx.on_state(status=TaskStatus.RUNNING, attempt=progress.attempts)
+            try:
+                self._attempt(ctx, mcp, progress, redactor)
+                return
+            except errors.SandqueueError as e:
+                err = e
+            except Exception as e:  # a bug must end the task, not the worker thread
+                log.exception("task %s: internal error", ctx.task_id)
+                err = errors.SandqueueError(f"internal error: {type(e).__name__}: {e}")
+            finally:
+                progress.spent_usd += float((progress.run.transcript.result or {})
+                                            .get("total_cost_usd") or 0.0)
+            tool_calls = sum(progress.run.transcript.tool_calls.values())
+            if not err.retryable or progress.attempts >= task.retry.max_attempts:
+                raise err
+            if tool_calls and not task.retry.retry_after_side_effects:
+                err.message += (
+                    f" (not retried: the agent had already made {tool_calls} tool call(s), "
+                    "whose effects a retry could repeat; set retry.retry_after_side_effects "
+                    "to allow it)"
+                )
+                raise err
+            delay = self._backoff(task.retry.backoff_s, task.retry.backoff_max_s,
+                                  progress.attempts, err.retry_after_s)
+            if time.time() + delay >= ctx.deadline_at:
+                err.message += " (no time left before the task's deadline for another attempt)"
+                raise err
+            log.info("task %s: attempt %d failed (%s), retrying in %.1fs", ctx.task_id,
+                     progress.attempts, err.category.value, delay)
+            ctx.on_state(status=TaskStatus.RETRYING, error=err.category.value)
+            ctx.on_event({"phase": "retrying", "attempt": progress.attempts,
+                          "error": redactor.text(err.message), "delay_s": round(delay, 2)})
+            if ctx.stop.wait(delay) or (ctx.cancelled is not None and ctx.cancelled()):
+                raise errors.Cancelled("the task was cancelled while waiting to retry")
+
+    def _backoff(self, base: float, cap: float, attempt: int, hint: float | None) -> float:
+        """Exponential with full jitter; a server's Retry-After wins when it is longer."""
+        delay = min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        if hint:
+            delay = max(delay, hint)
+        return delay * self.settings.backoff_scale
+
+    def _attempt(self, ctx: TaskContext, mcp: dict[str, Any], progress: _Progress,
+                 redactor: Redactor) -> None:
+        task = ctx.message.task
+        remaining = ctx.deadline_at - time.time()
+        if remaining <= 0:
+            raise errors.DeadlineExceeded("the task's deadline passed before the attempt began")
+        spec = SandboxSpec(
+            task_id=ctx.task_id,
+            attempt=progress.attempts,
+            # E2B reaps the sandbox a little after the deadline even if this worker dies.
+            lifetime_s=min(self.settings.sandbox_lifetime_s,
+                           math.ceil(remaining) + self.settings.sandbox_grace_s),
+            deadline_at=ctx.deadline_at,
+            template=task.template,
+            mcp=mcp,
+            envs={**task.envs, "ANTHROPIC_API_KEY": self._anthropic_key()},
+            labels=task.labels,
+            request_timeout_s=max(1.0, min(remaining, self.settings.e2b_request_timeout_s)),
+        )
+        t0 = time.monotonic()
+        with self.provider.session(spec) as sandbox:
+            progress.timings.sandbox_create_s = time.monotonic() - t0
+            progress.sandbox_id = sandbox.sandbox_id
+            ctx.on_state(sandbox_id=sandbox.sandbox_id)
+            ctx.on_event({"phase": "sandbox_created", "attempt": progress.attempts,
+                          "sandbox_id": sandbox.sandbox_id})
+            self._check_time(ctx, "creating the sandbox")
+            if mcp:
+                t1 = time.monotonic()
+                wait_s = min(self.settings.gateway_ready_timeout_s,
+                             max(0.0, ctx.deadline_at - time.time()))
+                sandbox.wait_gateway_ready(wait_s)
+                progress.timings.gateway_ready_s = time.monotonic() - t1
+                ctx.on_event({"phase": "gateway_ready"})
+                self._check_time(ctx, "waiting for the MCP gateway")
+            ctx.on_event({"phase": "agent_started"})
+            try:
+                self.agent.run(sandbox, task, deadline_at=ctx.deadline_at, run=progress.run,
+                               with_mcp=bool(mcp), on_event=self._agent_events(ctx, redactor),
+                               cancelled=ctx.cancelled)
+            finally:
+                progress.timings.agent_run_s = progress.run.duration_s
+
+    @staticmethod
+    def _check_time(ctx: TaskContext, phase: str) -> None:
+        if time.time() >= ctx.deadline_at:
+            raise errors.DeadlineExceeded(f"the task's deadline passed while {phase}")
+        if ctx.cancelled is not None and ctx.cancelled():
+            raise errors.Cancelled(f"the task was cancelled while {phase}")
+
+    @staticmethod
+    def _agent_events(ctx: TaskContext, redactor: Redactor) -> EventSink:
+        def sink(event: dict[str, Any]) -> None:
+            kind = event.get("type")
+            if kind == "assistant":
+                for block in (event.get("message") or {}).get("content") or []:
+                    if isinstance(block, dict) and block.get("type") == "tool_use":
+                        ctx.on_event({"phase": "tool_call", "name": block.get("name")})
+                    elif isinstance(block, dict) and block.get("type") == "text":
+                        ctx.on_event({"phase": "agent_text",
+                                      "text": redactor.text(str(block.get("text"))[:2000])})
+        return sink
+
+    def _anthropic_key(self) -> str:
+        key = self.settings.anthropic_api_key
+        if key is not None:
+            return key.get_secret_value()
+        if self.provider.simulated:
+            return SIM_PLACEHOLDER_KEY
+        raise errors.AuthError(
+            "ANTHROPIC_API_KEY is not set on this worker; Claude Code cannot run without it"
+        )
+
+    def _result(self, ctx: TaskContext, progress: _Progress,
+                error: errors.SandqueueError | None, redactor: Redactor) -> AgentResult:
+        transcript = progress.run.transcript
+        final = transcript.result or {}
+        init = transcript.init or {}
+        status = TaskStatus.SUCCEEDED
+        if isinstance(error, errors.DeadlineExceeded):
+            status = TaskStatus.TIMED_OUT
+        elif isinstance(error, errors.Cancelled):
+            status = TaskStatus.CANCELLED
+        elif error is not None:
+            status = TaskStatus.FAILED
+        progress.timings.total_s = time.time() - ctx.started_at
+        result = AgentResult(
+            task_id=ctx.task_id,
+            status=status,
+            result=final.get("result") if final else transcript.last_text,
+            is_error=final.get("is_error"),
+            subtype=final.get("subtype"),
+            num_turns=final.get("num_turns"),
+            total_cost_usd=round(progress.spent_usd, 6) if progress.spent_usd else
+            final.get("total_cost_usd"),
+            usage=final.get("usage") or dict(transcript.usage_so_far),
+            session_id=final.get("session_id") or init.get("session_id"),
+            timings=progress.timings,
+            attempts=progress.attempts,
+            sandbox_id=progress.sandbox_id,
+            mcp_servers=[McpServerStatus(**s) for s in transcript.mcp_servers],
+            tool_calls=[ToolCallCount(name=n, count=c)
+                        for n, c in transcript.tool_calls.most_common()],
+            error=error.to_error() if error is not None else None,
+            simulated=self.provider.simulated,
+            labels=ctx.message.task.labels,
+        )
+        return redactor.model(result)

@@ -1,0 +1,264 @@
+"""The real sandbox provider: E2B cloud sandboxes with the Docker MCP gateway.
+
+The only module that imports `e2b`. It uses the SDK 2.x synchronous API (one worker
+thread per task, each mostly waiting) and translates every SDK exception into the
+`sandqueue.errors` tree with `raise ... from e`, naming what to change where that helps.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import e2b
+import httpx
+
+from sandqueue import errors
+from sandqueue.settings import Settings
+from worker.sandbox.base import (
+    META_APP,
+    CommandResult,
+    LiveSandbox,
+    OutputCallback,
+    RunningCommand,
+    Sandbox,
+    SandboxProvider,
+    SandboxSpec,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = e2b.Sandbox.default_mcp_template
+"""Has Claude Code and the MCP gateway installed; used even for tasks without MCP servers."""
+
+_IDEMPOTENCY_SAFE = re.compile(r"[^a-z0-9-]+")
+
+
+def _idempotency_key(spec: SandboxSpec) -> str:
+    """One key per attempt: the SDK's own retries of a lost create reuse the same sandbox."""
+    return _IDEMPOTENCY_SAFE.sub("-", f"sq-{spec.task_id}-{spec.attempt}".lower())[:255]
+
+
+def translate(e: BaseException, doing: str) -> NoReturn:
+    """Raise the sandqueue error for an SDK (or transport) exception, chained to it."""
+    msg = f"{doing}: {e}"
+    match e:
+        case e2b.AuthenticationException():
+            raise errors.AuthError(
+                f"{doing}: E2B refused the API key ({e}); check E2B_API_KEY"
+            ) from e
+        case e2b.RateLimitException():
+            raise errors.RateLimited(f"{doing}: E2B rate limit ({e})") from e
+        case e2b.ServiceBusyException():
+            raise errors.SandboxUnavailable(f"{doing}: E2B is busy ({e})") from e
+        case e2b.TimeoutException():  # includes SandboxNotRunning/Unreachable
+            raise errors.SandboxUnavailable(msg) from e
+        case e2b.InvalidArgumentException():
+            raise errors.InvalidTask(msg) from e
+        case e2b.NotFoundException():
+            raise errors.InvalidTask(
+                f"{doing}: not found ({e}); check the task's template name"
+            ) from e
+        case e2b.SandboxException() if str(e).startswith("Failed to start MCP gateway"):
+            raise errors.McpConfigError(
+                f"{doing}: the MCP gateway did not start, which usually means a server "
+                f"config is wrong (a bad token or missing key): {e}"
+            ) from e
+        case e2b.SandboxException() if e.status_code in (400, 404, 422):
+            raise errors.InvalidTask(msg) from e
+        case e2b.SandboxException() if e.status_code in (401, 403):
+            raise errors.AuthError(f"{msg}; check E2B_API_KEY") from e
+        case e2b.SandboxException() | httpx.TransportError() | OSError():
+            raise errors.SandboxUnavailable(msg) from e
+        case errors.SandqueueError():
+            raise e
+    raise errors.SandboxUnavailable(f"{doing}: unexpected {type(e).__name__}: {e}") from e
+
+
+@contextmanager
+def _sdk_errors(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except errors.SandqueueError:
+        raise
+    except Exception as e:
+        translate(e, doing)
+
+
+class E2BCommand(RunningCommand):
+    def __init__(
+        self, handle: e2b.CommandHandle, on_stdout: OutputCallback, on_stderr: OutputCallback
+    ) -> None:
+        self._handle = handle
+        self._on_stdout = on_stdout
+        self._on_stderr = on_stderr
+
+    def wait(self) -> int:
+        try:
+            return self._handle.wait(on_stdout=self._on_stdout, on_stderr=self._on_stderr).exit_code
+        except e2b.CommandExitException as e:
+            return e.exit_code
+        except Exception as e:
+            translate(e, "waiting for the agent")
+
+    def kill(self) -> None:
+        try:
+            self._handle.kill()
+        except Exception as e:  # the stream may already be gone; the sandbox kill follows
+            log.warning("could not kill command %s: %s", self._handle.pid, e)
+
+
+class E2BSandbox(Sandbox):
+    simulated = False
+
+    def __init__(self, sdk: e2b.Sandbox, settings: Settings, http: httpx.Client) -> None:
+        self._sdk = sdk
+        self._settings = settings
+        self._http = http
+        self._killed = False
+        self.sandbox_id = sdk.sandbox_id
+
+    def mcp_url(self) -> str:
+        return self._sdk.get_mcp_url()
+
+    def mcp_token(self) -> str:
+        with _sdk_errors("reading the MCP gateway token"):
+            token = self._sdk.get_mcp_token()
+        if not token:
+            raise errors.McpUnavailable("the sandbox has no MCP gateway token")
+        return token
+
+    def wait_gateway_ready(self, timeout_s: float) -> None:
+        """Poll the gateway as Claude Code will reach it, instead of the seed's fixed sleep.
+
+        E2B's proxy answers 502 until the port is open; any answer from the gateway itself
+        (even 4xx for our minimal request) means it listens. 401/403 means it refused the
+        token, which waiting will not fix.
+        """
+        url, token = self.mcp_url(), self.mcp_token()
+        deadline = time.monotonic() + timeout_s
+        delay, last = 0.2, "no answer"
+        body = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
+        headers = {"Authorization": f"Bearer {token}",
+                   "Accept": "application/json, text/event-stream"}
+        while True:
+            try:
+                response = self._http.post(url, json=body, headers=headers,
+                                           timeout=min(5.0, timeout_s))
+                if response.status_code in (401, 403):
+                    raise errors.McpUnavailable(
+                        f"the MCP gateway refused its token (HTTP {response.status_code})"
+                    )
+                if response.status_code < 500:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.HTTPError as e:
+                last = type(e).__name__
+            if time.monotonic() + delay > deadline:
+                raise errors.GatewayTimeout(
+                    f"the MCP gateway did not answer within {timeout_s:.0f}s (last: {last}); "
+                    "raise SANDQUEUE_GATEWAY_READY_TIMEOUT_S if servers start slowly"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def write_file(self, path: str, data: str | bytes) -> None:
+        with _sdk_errors(f"writing {path}"):
+            self._sdk.files.write(path, data, user=self._settings.sandbox_user)
+
+    def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
+        with _sdk_errors("running a command"):
+            try:
+                out = self._sdk.commands.run(cmd, user=self._settings.sandbox_user,
+                                             timeout=timeout_s)
+                return CommandResult(out.exit_code, out.stdout, out.stderr)
+            except e2b.CommandExitException as e:
+                return CommandResult(e.exit_code, e.stdout or "", e.stderr or "")
+
+    def start(
+        self,
+        cmd: str,
+        *,
+        on_stdout: OutputCallback,
+        on_stderr: OutputCallback,
+        timeout_s: float,
+        envs: dict[str, str] | None = None,
+    ) -> RunningCommand:
+        with _sdk_errors("starting the agent"):
+            handle = self._sdk.commands.run(
+                cmd,
+                background=True,
+                envs=envs,
+                user=self._settings.sandbox_user,
+                timeout=timeout_s,
+                retain_output=False,
+            )
+        return E2BCommand(handle, on_stdout, on_stderr)
+
+    def kill(self) -> None:
+        if self._killed:
+            return
+        try:
+            self._sdk.kill()
+            self._killed = True
+        except Exception as e:
+            # The sandbox still dies at its E2B timeout (derived from the task deadline).
+            log.error("could not kill sandbox %s: %s", self.sandbox_id, e)
+
+
+class E2BProvider(SandboxProvider):
+    name = "e2b"
+    simulated = False
+
+    def __init__(self, settings: Settings, http: httpx.Client | None = None,
+                 sdk: type[e2b.Sandbox] = e2b.Sandbox) -> None:
+        if settings.e2b_api_key is None:
+            raise errors.ConfigError(
+                "SANDQUEUE_SANDBOX=e2b needs E2B_API_KEY; get one at e2b.dev/dashboard "
+                "or set SANDQUEUE_SANDBOX=sim to run simulated"
+            )
+        self._settings = settings
+        self._sdk = sdk
+        self._api_key = settings.e2b_api_key.get_secret_value()
+        self._http = http or httpx.Client()
+
+    def _api(self, **extra: Any) -> dict[str, Any]:
+        return {"api_key": self._api_key,
+                "request_timeout": self._settings.e2b_request_timeout_s, **extra}
+
+    def create(self, spec: SandboxSpec) -> Sandbox:
+        template = spec.template or self._settings.template or DEFAULT_TEMPLATE
+        with _sdk_errors("creating the sandbox"):
+            sdk = self._sdk.create(
+                template=template,
+                timeout=spec.lifetime_s,
+                metadata=spec.metadata(),
+                envs=spec.envs,
+                mcp=spec.mcp or None,  # type: ignore[arg-type]
+                idempotency_key=_idempotency_key(spec),
+                **self._api(request_timeout=min(spec.request_timeout_s,
+                                                self._settings.e2b_request_timeout_s)),
+            )
+        return E2BSandbox(sdk, self._settings, self._http)
+
+    def list_live(self) -> list[LiveSandbox]:
+        found: list[LiveSandbox] = []
+        with _sdk_errors("listing sandboxes"):
+            paginator = self._sdk.list(
+                query=e2b.SandboxQuery(metadata={META_APP: "1"}), **self._api()
+            )
+            while paginator.has_next:
+                for info in paginator.next_items():
+                    found.append(LiveSandbox(info.sandbox_id, dict(info.metadata),
+                                             info.started_at))
+        return found
+
+    def kill(self, sandbox_id: str) -> bool:
+        with _sdk_errors(f"killing sandbox {sandbox_id}"):
+            return bool(self._sdk.kill(sandbox_id, **self._api()))
+
+

@@ -1,0 +1,304 @@
+"""A simulated sandbox provider: the whole system runs without cloud accounts.
+
+It implements the same interface as the E2B provider and imitates its semantics: output
+arrives in chunks that split lines, `wait` returns exit codes, kill stops a running
+command. The scripted agent inside speaks Claude Code's stream-json protocol: it checks the
+command line the adapter built (as the CLI would), reads the prompt file, reports the MCP
+gateway it was configured with and echoes what it received. Every result it produces is
+marked simulated.
+
+Behaviour is set per task through the task's `envs` (they become the sandbox's environment):
+
+    SIM_LATENCY_S=2           how long the agent runs (default SANDQUEUE_SIM_LATENCY_S)
+    SIM_CREATE_LATENCY_S=0.5  how long sandbox creation takes
+    SIM_TOOL_CALLS=3          tool calls the agent makes before answering
+    SIM_COST_USD=0.01         the cost the result reports
+    SIM_FAIL=where:what[:n],...  fail the first n attempts (all when n is omitted):
+        create:rate_limit|unavailable|auth|gateway_config|template
+        gateway:timeout|unauthorized
+        agent:hang|silent_exit|is_error|overloaded|rate_limit|auth|mcp_failed|no_tools|crash
+
+Live simulated sandboxes are recorded in Redis (when given a client) so tests, the reaper
+and other processes can see them, as they would list real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shlex
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from sandqueue import errors, keys
+from sandqueue.settings import Settings
+from worker.sandbox.base import (
+    CommandResult,
+    LiveSandbox,
+    OutputCallback,
+    RunningCommand,
+    Sandbox,
+    SandboxProvider,
+    SandboxSpec,
+)
+
+GATEWAY_NAME = "e2b-mcp-gateway"
+
+
+def parse_failures(spec: str) -> dict[tuple[str, str], int | None]:
+    """`create:rate_limit:2,agent:hang` -> {("create","rate_limit"): 2, ("agent","hang"): None}"""
+    out: dict[tuple[str, str], int | None] = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise errors.InvalidTask(f"SIM_FAIL item {item!r} must be where:what[:attempts]")
+        out[(parts[0], parts[1])] = int(parts[2]) if len(parts) == 3 else None
+    return out
+
+
+class _Registry:
+    """Where live sim sandboxes are recorded: Redis when shared, else this process."""
+
+    def __init__(self, client: redis.Redis | None) -> None:
+        self.r = client
+        self.local: dict[str, dict[str, Any]] = {}
+        self.created = 0
+        self.killed = 0
+
+    def add(self, sandbox_id: str, metadata: dict[str, str], end_at: float) -> None:
+        record = {"metadata": metadata, "started_at": time.time(), "end_at": end_at}
+        if self.r is None:
+            self.local[sandbox_id] = record
+            self.created += 1
+            return
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(keys.sim_sandbox(sandbox_id), json.dumps(record),
+                 exat=int(end_at) + 1)
+        pipe.sadd(keys.SIM_LIVE, sandbox_id)
+        pipe.incr(keys.SIM_CREATED)
+        pipe.execute()
+
+    def remove(self, sandbox_id: str) -> bool:
+        if self.r is None:
+            gone = self.local.pop(sandbox_id, None) is not None
+            self.killed += gone
+            return gone
+        pipe = self.r.pipeline(transaction=False)
+        pipe.delete(keys.sim_sandbox(sandbox_id))
+        pipe.srem(keys.SIM_LIVE, sandbox_id)
+        deleted, removed = pipe.execute()
+        if deleted or removed:
+            self.r.incr(keys.SIM_KILLED)
+        return bool(deleted)
+
+    def live(self) -> list[LiveSandbox]:
+        now = time.time()
+        if self.r is None:
+            items = list(self.local.items())
+        else:
+            ids = sorted(m.decode() if isinstance(m, bytes) else m
+                         for m in self.r.smembers(keys.SIM_LIVE))
+            raw = self.r.mget([keys.sim_sandbox(i) for i in ids]) if ids else []
+            items = []
+            for sandbox_id, value in zip(ids, raw, strict=True):
+                if value is None:  # expired like E2B reaps a sandbox at its timeout
+                    self.r.srem(keys.SIM_LIVE, sandbox_id)
+                    continue
+                items.append((sandbox_id, json.loads(value)))
+        return [
+            LiveSandbox(sid, rec["metadata"], datetime.fromtimestamp(rec["started_at"], UTC))
+            for sid, rec in items
+            if rec["end_at"] > now
+        ]
+
+
+class SimCommand(RunningCommand):
+    """A scripted process: `script` yields (delay_s, stream, text) steps, then an exit code."""
+
+    def __init__(self, script: Callable[[SimCommand], int], on_stdout: OutputCallback,
+                 on_stderr: OutputCallback, timeout_s: float) -> None:
+        self._script = script
+        self.on_stdout = on_stdout
+        self.on_stderr = on_stderr
+        self.killed = threading.Event()
+        self.timeout_at = time.monotonic() + timeout_s
+
+    def sleep(self, seconds: float) -> bool:
+        """Wait like a process does; False when killed meanwhile."""
+        timeout = None if seconds == float("inf") else max(0.0, seconds)
+        return not self.killed.wait(timeout)
+
+    def emit(self, text: str, stream: str = "stdout") -> None:
+        """Deliver text in chunks of random size, splitting lines as a network stream does."""
+        sink = self.on_stdout if stream == "stdout" else self.on_stderr
+        i = 0
+        while i < len(text):
+            n = random.randint(1, 64)
+            sink(text[i:i + n])
+            i += n
+
+    def wait(self) -> int:
+        if self.killed.is_set():
+            return 137
+        code = self._script(self)
+        return 137 if self.killed.is_set() else code
+
+    def kill(self) -> None:
+        self.killed.set()
+
+
+class SimSandbox(Sandbox):
+    simulated = True
+
+    def __init__(self, provider: SimProvider, spec: SandboxSpec, attempt_fails: set[tuple[str, str]]):
+        self.sandbox_id = f"sim-{uuid.uuid4().hex[:16]}"
+        self._provider = provider
+        self._spec = spec
+        self._fails = attempt_fails
+        self._token = uuid.uuid4().hex
+        self.files: dict[str, bytes] = {}
+        self.commands: list[SimCommand] = []
+        self._dead = False
+
+    def _fail(self, where: str, what: str) -> bool:
+        return (where, what) in self._fails
+
+    def mcp_url(self) -> str:
+        return f"https://50005-{self.sandbox_id}.sim.invalid/mcp"
+
+    def mcp_token(self) -> str:
+        return self._token
+
+    def wait_gateway_ready(self, timeout_s: float) -> None:
+        self._alive()
+        if self._fail("gateway", "timeout"):
+            raise errors.GatewayTimeout(
+                f"[simulated] the MCP gateway did not answer within {timeout_s:.0f}s"
+            )
+        if self._fail("gateway", "unauthorized"):
+            raise errors.McpUnavailable("[simulated] the MCP gateway refused its token (HTTP 401)")
+
+    def write_file(self, path: str, data: str | bytes) -> None:
+        self._alive()
+        self.files[path] = data.encode() if isinstance(data, str) else bytes(data)
+
+    def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
+        self._alive()
+        return CommandResult(127, "", f"[simulated] {cmd.split()[0]}: command not found\n")
+
+    def start(self, cmd: str, *, on_stdout: OutputCallback, on_stderr: OutputCallback,
+              timeout_s: float, envs: dict[str, str] | None = None) -> RunningCommand:
+        self._alive()
+        from worker.sandbox.sim_agent import ScriptedAgent
+
+        agent = ScriptedAgent(self, cmd, {**self._spec.envs, **(envs or {})})
+        command = SimCommand(agent.script, on_stdout, on_stderr, timeout_s)
+        self.commands.append(command)
+        return command
+
+    def kill(self) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        for command in self.commands:
+            command.kill()
+        self._provider.forget(self.sandbox_id)
+
+    def _alive(self) -> None:
+        if self._dead:
+            raise errors.SandboxUnavailable(
+                f"[simulated] sandbox {self.sandbox_id} was killed or reached its timeout"
+            )
+
+    @property
+    def spec(self) -> SandboxSpec:
+        return self._spec
+
+    def env(self, name: str, default: str | None = None) -> str | None:
+        return self._spec.envs.get(name, default)
+
+    def fails(self, where: str, what: str) -> bool:
+        return self._fail(where, what)
+
+    @property
+    def user(self) -> str:
+        return self._provider.settings.sandbox_user
+
+    @property
+    def default_latency_s(self) -> float:
+        return self._provider.settings.sim_latency_s
+
+
+class SimProvider(SandboxProvider):
+    name = "sim"
+    simulated = True
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.registry = _Registry(client)
+        self._live: dict[str, SimSandbox] = {}
+        self._lock = threading.Lock()
+
+    def create(self, spec: SandboxSpec) -> Sandbox:
+        fails = {
+            key for key, n in parse_failures(spec.envs.get("SIM_FAIL", "")).items()
+            if n is None or spec.attempt <= n
+        }
+        latency = float(spec.envs.get("SIM_CREATE_LATENCY_S",
+                                      self.settings.sim_create_latency_s))
+        time.sleep(latency)
+        for what, exc, msg in (
+            ("rate_limit", errors.RateLimited, "E2B rate limit (429)"),
+            ("unavailable", errors.SandboxUnavailable, "E2B is busy (503)"),
+            ("auth", errors.AuthError, "E2B refused the API key; check E2B_API_KEY"),
+            ("gateway_config", errors.McpConfigError,
+             "Failed to start MCP gateway: invalid server configuration"),
+            ("template", errors.InvalidTask, "template not found"),
+        ):
+            if ("create", what) in fails:
+                raise exc(f"[simulated] creating the sandbox: {msg}")
+        sandbox = SimSandbox(self, spec, fails)
+        with self._lock:
+            self._live[sandbox.sandbox_id] = sandbox
+        self.registry.add(sandbox.sandbox_id, spec.metadata(), time.time() + spec.lifetime_s)
+        return sandbox
+
+    def forget(self, sandbox_id: str) -> None:
+        with self._lock:
+            self._live.pop(sandbox_id, None)
+        self.registry.remove(sandbox_id)
+
+    def list_live(self) -> list[LiveSandbox]:
+        return self.registry.live()
+
+    def kill(self, sandbox_id: str) -> bool:
+        with self._lock:
+            local = self._live.get(sandbox_id)
+        if local is not None:
+            local.kill()
+            return True
+        return self.registry.remove(sandbox_id)
+
+
+def prompt_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def argv_of(cmd: str) -> tuple[list[str], str | None]:
+    """Split the adapter's `cd DIR && exec claude ... < FILE` as bash would."""
+    tokens = shlex.split(cmd)
+    if "exec" in tokens:
+        tokens = tokens[tokens.index("exec") + 1:]
+    stdin = None
+    if "<" in tokens:
+        i = tokens.index("<")
+        stdin = tokens[i + 1] if i + 1 < len(tokens) else None
+        tokens = tokens[:i] + tokens[i + 2:]
+    return tokens, stdin

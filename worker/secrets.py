@@ -1,0 +1,46 @@
+"""Resolve a task's `${ENV}` references from the worker's own environment.
+
+Tokens stay on the workers (their environment or `.env`), so they never travel through
+Redis. Every resolved value, and every inline string value of an MCP config, is returned as
+a secret for the redactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sandqueue import errors
+from sandqueue.catalog import ENV_REF
+
+INLINE_SECRET_MIN_CHARS = 8
+
+
+def resolve_mcp(
+    mcp: dict[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any], list[str]]:
+    secrets: list[str] = []
+
+    def walk(value: Any, where: str) -> Any:
+        if isinstance(value, str):
+            match = ENV_REF.match(value)
+            if match is None:
+                if len(value) >= INLINE_SECRET_MIN_CHARS:
+                    secrets.append(value)
+                return value
+            name = match.group(1)
+            if name not in environ:
+                raise errors.McpConfigError(
+                    f"{where} refers to ${{{name}}}, which is not set in this worker's "
+                    f"environment; set {name} on every worker (environment or .env)"
+                )
+            secrets.append(environ[name])
+            return environ[name]
+        if isinstance(value, dict):
+            return {k: walk(v, f"{where}.{k}") for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    resolved = {name: walk(config, f"mcp.{name}") for name, config in mcp.items()}
+    return resolved, secrets

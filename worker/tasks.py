@@ -1,0 +1,18 @@
+"""The Celery task: thin, like a web view. Decode, run the pipeline, encode the result.
+
+It accepts any arguments and validates them itself, so a malformed message becomes a
+`failed`/`invalid_task` result instead of an exception that Celery would pickle or retry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sandqueue.contract import TASK_NAME
+from worker.app import app
+from worker.runtime import get_runtime
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_agent_task(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    return get_runtime().handle(self.request.id, args, kwargs, worker=self.request.hostname or "")
