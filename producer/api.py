@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from sandqueue import errors, keys
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
+from sandqueue.sealing import Sealer, seal_mcp
 from sandqueue.settings import Settings, load_settings
 from sandqueue.store import TaskStore
 
@@ -119,6 +120,10 @@ class Client:
         return TaskStore(self.redis, self.settings.result_expires_s)
 
     @cached_property
+    def sealer(self) -> Sealer:
+        return Sealer(self.settings.secret_keys)
+
+    @cached_property
     def celery(self) -> Celery:
         app = Celery("sandqueue-producer", set_as_current=False)
         app.conf.update(celery_config(self.settings))
@@ -146,6 +151,9 @@ class Client:
                 f"timeout_s {agent_task.timeout_s:.0f} is above this deployment's maximum "
                 f"({self.settings.max_timeout_s:.0f}s, SANDQUEUE_MAX_TIMEOUT_S)"
             )
+        if agent_task.mcp:
+            agent_task = agent_task.model_copy(
+                update={"mcp": seal_mcp(agent_task.mcp, self.sealer)})
         task_id = task_id or str(uuid.uuid4())
         try:
             if agent_task.idempotency_key:

@@ -64,6 +64,7 @@ class ErrorCategory(StrEnum):
     AGENT_STALLED = "agent_stalled"
     AGENT_NO_RESULT = "agent_no_result"
     AGENT_ERROR = "agent_error"
+    WORKER_LOST = "worker_lost"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     INTERNAL = "internal"

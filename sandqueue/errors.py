@@ -9,7 +9,8 @@
     │   ├── McpUnavailable          Claude Code saw the gateway not connected mcp_unavailable
     │   ├── ModelUnavailable        model API overloaded / 5xx              model_unavailable
     │   ├── AgentStalled            no output for the stall timeout         agent_stalled
-    │   └── AgentNoResult           CLI ended without a result event        agent_no_result
+    │   ├── AgentNoResult           CLI ended without a result event        agent_no_result
+    │   └── WorkerStopping          this worker stops or lost the task's lease worker_lost
     └── PermanentError              retrying cannot help
         ├── InvalidTask             the task fails validation               invalid_task
         ├── AuthError               a key is missing or refused             auth
@@ -78,6 +79,22 @@ class AgentStalled(RetryableError):
 
 class AgentNoResult(RetryableError):
     category = ErrorCategory.AGENT_NO_RESULT
+
+
+class WorkerStopping(RetryableError):
+    """The worker shuts down (or lost the lease): the task goes back to the queue.
+
+    Never stored as a result by the worker that raised it; the next delivery decides, by the
+    side-effect rule, whether the task runs again or ends `failed`/`worker_lost`.
+    """
+
+    category = ErrorCategory.WORKER_LOST
+
+
+class WorkerLost(PermanentError):
+    """A re-delivered task is not re-run because its agent had already made tool calls."""
+
+    category = ErrorCategory.WORKER_LOST
 
 
 class InvalidTask(PermanentError):

@@ -27,3 +27,19 @@ SIM_LIVE = f"{PREFIX}sim:live"
 """Set of live simulated sandbox ids."""
 SIM_CREATED = f"{PREFIX}sim:created"
 SIM_KILLED = f"{PREFIX}sim:killed"
+
+RUNNING = f"{PREFIX}running"
+"""Sorted set: task id -> lease expiry (epoch seconds) of every task a worker is running."""
+RUNNING_OWNERS = f"{PREFIX}running:owner"
+"""Hash: task id -> name of the worker holding its lease."""
+REAPER_LOCK = f"{PREFIX}lock:reaper"
+RECOVER_LOCK = f"{PREFIX}lock:recover"
+
+
+def events(task_id: str) -> str:
+    """Stream: the task's progress events (bounded length, expires with the result)."""
+    return f"{PREFIX}events:{task_id}"
+
+
+CANCELLED = f"{PREFIX}cancelled"
+"""Sorted set: task id -> time cancellation was asked; workers poll it for their tasks."""

@@ -83,6 +83,25 @@ class Settings(BaseSettings):
     sim_latency_s: float = Field(0.5, ge=0, description="sim: how long the scripted agent runs")
     sim_create_latency_s: float = Field(0.1, ge=0, description="sim: sandbox creation time")
     log_level: str = Field("INFO", description="worker and CLI log level")
+    lease_ttl_s: float = Field(
+        15, gt=1, description="a running task's lease; a dead worker's tasks return after this"
+    )
+    recover_interval_s: float = Field(
+        5, gt=0, description="how often workers look for tasks of dead workers"
+    )
+    reap_interval_s: float = Field(
+        60, gt=0, description="how often workers kill sandboxes no task owns any more"
+    )
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="on SIGTERM, running tasks get this long before being handed back"
+    )
+    events_max_len: int = Field(1000, ge=10, description="events kept per task (Redis stream)")
+    secret_keys: str | None = Field(
+        None,
+        description="comma-separated Fernet keys; the first encrypts inline secrets, all "
+        "decrypt (rotation); `sandqueue keygen` makes one",
+        repr=False,
+    )
 
     @model_validator(mode="after")
     def _timeouts_ordered(self) -> Settings:

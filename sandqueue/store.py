@@ -1,13 +1,20 @@
-"""Task records in Redis: the state a producer can ask about while a task is not finished.
+"""Task records and leases in Redis: what a task's state is while it is not finished.
 
-Celery's result backend holds the final `AgentResult`; this hash holds what happens before
-(queued, running, retrying, which attempt, which sandbox) and survives a worker crash, so a
-re-delivered task keeps its original deadline.
+Celery's result backend holds the final `AgentResult`. This module holds what happens
+before, and it survives a worker crash:
+
+- `sq:task:<id>` (hash): status, attempt (counted across deliveries, so each sandbox's
+  metadata names a unique attempt), deadline (kept from the first delivery), tool calls
+  made so far (the side-effect rule reads it after a crash), last text, cost so far.
+- `sq:running` (sorted set): task id -> lease expiry. A worker renews the leases of the
+  tasks it runs every few seconds; a lease that expires means its worker died, and another
+  worker hands the task back to the queue (`worker/leases.py`).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -15,34 +22,143 @@ import redis
 from sandqueue import keys
 from sandqueue.contract import TaskStatus
 
+# Take the lease unless another live owner holds it. KEYS: running, owners.
+# ARGV: task id, me, now, expiry. Returns 1 when taken, 0 when someone else holds it.
+_ACQUIRE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) > tonumber(ARGV[3]) then
+  local owner = redis.call('HGET', KEYS[2], ARGV[1])
+  if owner and owner ~= ARGV[2] then return 0 end
+end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# Renew leases still owned by ARGV[1]. KEYS: running, owners. ARGV: me, expiry, ids...
+# Returns the ids this worker no longer owns (recovered elsewhere while it was cut off).
+_RENEW = """
+local lost = {}
+for i = 3, #ARGV do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[1] then
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+# Remove a lease if it is expired. KEYS: running, owners. ARGV: id, now.
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Begin:
+    """What a delivery finds when it starts."""
+
+    deadline_at: float
+    delivery: int
+    tool_calls: int
+    previous_status: str | None
+    last_text: str | None
+    cost_usd: float
+    cancel_requested: bool
+
 
 class TaskStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.r = client
         self.ttl_s = ttl_s
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._claim = client.register_script(_CLAIM)
 
-    def mark_queued(self, task_id: str, submitted_at: float, pipe: Any = None) -> None:
+    # -- producer side -----------------------------------------------------------------
+    def mark_queued(self, task_id: str, submitted_at: float, pipe: Any = None,
+                    **extra: Any) -> None:
         target = pipe if pipe is not None else self.r.pipeline(transaction=False)
         key = keys.task(task_id)
-        target.hset(key, mapping={"status": TaskStatus.QUEUED.value, "submitted_at": submitted_at})
+        target.hset(key, mapping={"status": TaskStatus.QUEUED.value,
+                                  "submitted_at": submitted_at, **extra})
         target.expire(key, self.ttl_s)
         if pipe is None:
             target.execute()
 
-    def begin(self, task_id: str, deadline_s: float, worker: str) -> tuple[float, int]:
-        """Record a start; returns (deadline_at, delivery) kept from the first delivery."""
+    # -- worker side -------------------------------------------------------------------
+    def begin(self, task_id: str, deadline_s: float, worker: str) -> Begin:
+        """Record a delivery; the deadline is kept from the first one."""
         key = keys.task(task_id)
         now = time.time()
         pipe = self.r.pipeline(transaction=True)
+        pipe.hget(key, "status")
         pipe.hsetnx(key, "started_at", now)
         pipe.hsetnx(key, "deadline_at", now + deadline_s)
         pipe.hincrby(key, "deliveries", 1)
-        pipe.hset(key, mapping={"status": TaskStatus.RUNNING.value, "worker": worker,
-                                "updated_at": now})
+        pipe.hmget(key, "deadline_at", "tool_calls", "last_text", "cost_usd", "cancel")
         pipe.expire(key, self.ttl_s)
-        pipe.hget(key, "deadline_at")
-        out = pipe.execute()
-        return float(out[-1]), int(out[2])
+        status, _, _, delivery, (deadline, calls, text, cost, cancel), _ = pipe.execute()
+        return Begin(
+            deadline_at=float(deadline),
+            delivery=int(delivery),
+            tool_calls=int(calls or 0),
+            previous_status=_s(status) if status else None,
+            last_text=_s(text) if text else None,
+            cost_usd=float(cost or 0.0),
+            cancel_requested=bool(cancel),
+        )
+
+    def next_attempt(self, task_id: str) -> int:
+        return int(self.r.hincrby(keys.task(task_id), "attempt", 1))
+
+    def acquire_lease(self, task_id: str, worker: str, ttl_s: float) -> bool:
+        now = time.time()
+        return bool(self._acquire(keys=[keys.RUNNING, keys.RUNNING_OWNERS],
+                                  args=[task_id, worker, now, now + ttl_s]))
+
+    def renew_leases(self, task_ids: list[str], worker: str, ttl_s: float) -> list[str]:
+        """Extend this worker's leases; returns the ids whose lease it no longer holds."""
+        if not task_ids:
+            return []
+        lost = self._renew(keys=[keys.RUNNING, keys.RUNNING_OWNERS],
+                           args=[worker, time.time() + ttl_s, *task_ids])
+        return [_s(t) for t in lost]
+
+    def claim_expired(self, task_id: str) -> bool:
+        """Take an expired lease away from its (dead) owner; False if it is alive again."""
+        return bool(self._claim(keys=[keys.RUNNING, keys.RUNNING_OWNERS],
+                                args=[task_id, time.time()]))
+
+    def has_live_lease(self, task_id: str) -> bool:
+        score = self.r.zscore(keys.RUNNING, task_id)
+        return score is not None and score > time.time()
+
+    def release_lease(self, task_id: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(keys.RUNNING, task_id)
+        pipe.hdel(keys.RUNNING_OWNERS, task_id)
+        pipe.execute()
+
+    def expired_leases(self, now: float | None = None, limit: int = 100) -> list[str]:
+        now = time.time() if now is None else now
+        return [_s(m) for m in self.r.zrangebyscore(keys.RUNNING, "-inf", now, start=0,
+                                                    num=limit)]
+
+    def record_tool_call(self, task_id: str, name: str) -> None:
+        """Counted as it happens, so the side-effect rule also holds after a crash."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(keys.task(task_id), "tool_calls", 1)
+        pipe.hincrby(keys.task(task_id), f"tool:{name}", 1)
+        pipe.execute()
+
+    def tool_counts(self, record: dict[str, str]) -> dict[str, int]:
+        return {k[5:]: int(v) for k, v in record.items() if k.startswith("tool:")}
 
     def update(self, task_id: str, **fields: Any) -> None:
         key = keys.task(task_id)

@@ -14,7 +14,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from sandqueue.contract import (
     Timings,
     ToolCallCount,
 )
+from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
 from worker.agent.claude_code import AgentRun, ClaudeCodeAgent
 from worker.agent.stream import Transcript
@@ -49,14 +50,35 @@ def _noop(*_: Any, **__: Any) -> None:
 
 @dataclass
 class TaskContext:
+    """One delivery of a task, and the hooks through which the worker observes it."""
+
     task_id: str
     message: TaskMessage
     started_at: float
     deadline_at: float
-    cancelled: Callable[[], bool] | None = None
     on_state: StateSink = _noop
     on_event: EventSink = _noop
+    on_tool_call: Callable[[str], None] = _noop
+    next_attempt: Callable[[], int] | None = None
+    """Attempt numbers counted across deliveries (the store's counter); local if None."""
     stop: threading.Event = field(default_factory=threading.Event)
+    """Set when the worker stops or lost this task's lease: hand the task back."""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    """Set when somebody cancelled the task."""
+    _local_attempts: int = 0
+
+    def interruption(self) -> errors.SandqueueError | None:
+        if self.cancel.is_set():
+            return errors.Cancelled("the task was cancelled")
+        if self.stop.is_set():
+            return errors.WorkerStopping("the worker is stopping; the task goes back to the queue")
+        return None
+
+    def attempt_number(self) -> int:
+        if self.next_attempt is not None:
+            return self.next_attempt()
+        self._local_attempts += 1
+        return self._local_attempts
 
 
 @dataclass
@@ -72,11 +94,12 @@ class _Progress:
 
 class Pipeline:
     def __init__(self, settings: Settings, provider: SandboxProvider, agent: ClaudeCodeAgent,
-                 environ: dict[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None) -> None:
         self.settings = settings
         self.provider = provider
         self.agent = agent
         self.environ = environ if environ is not None else os.environ
+        self.sealer = Sealer(settings.secret_keys)
 
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
@@ -86,9 +109,11 @@ class Pipeline:
         progress = _Progress()
         progress.timings.queued_s = max(0.0, ctx.started_at - ctx.message.submitted_at)
         try:
-            mcp, secrets = resolve_mcp(task.mcp, self.environ)
+            mcp, secrets = resolve_mcp(task.mcp, self.environ, self.sealer)
             redactor.add(*secrets)
             self._attempts(ctx, mcp, progress, redactor)
+        except errors.WorkerStopping:
+            raise  # the worker hands the task back; no result is stored
         except errors.SandqueueError as e:
             return self._result(ctx, progress, e, redactor)
         return self._result(ctx, progress, None, redactor)
@@ -97,7 +122,12 @@ class Pipeline:
                   redactor: Redactor) -> None:
         task = ctx.message.task
         while True:
-            progress.attempts += 1
+            progress.attempts = ctx.attempt_number()
+            if progress.attempts > task.retry.max_attempts:
+                raise errors.WorkerLost(
+                    f"all {task.retry.max_attempts} attempts were used up across deliveries "
+                    "(workers stopped or died while running this task)"
+                )
             progress.run = AgentRun(Transcript())
             ctx.on_state(status=TaskStatus.RUNNING, attempt=progress.attempts)
             try:
@@ -112,6 +142,11 @@ class Pipeline:
                 progress.spent_usd += float((progress.run.transcript.result or {})
                                             .get("total_cost_usd") or 0.0)
             tool_calls = sum(progress.run.transcript.tool_calls.values())
+            if isinstance(err, errors.WorkerStopping | errors.Cancelled):
+                raise err
+            interrupted = ctx.interruption()
+            if interrupted is not None:
+                raise interrupted
             if not err.retryable or progress.attempts >= task.retry.max_attempts:
                 raise err
             if tool_calls and not task.retry.retry_after_side_effects:
@@ -131,8 +166,18 @@ class Pipeline:
             ctx.on_state(status=TaskStatus.RETRYING, error=err.category.value)
             ctx.on_event({"phase": "retrying", "attempt": progress.attempts,
                           "error": redactor.text(err.message), "delay_s": round(delay, 2)})
-            if ctx.stop.wait(delay) or (ctx.cancelled is not None and ctx.cancelled()):
-                raise errors.Cancelled("the task was cancelled while waiting to retry")
+            self._wait(ctx, delay)
+
+    @staticmethod
+    def _wait(ctx: TaskContext, delay: float) -> None:
+        """Sleep before a retry, waking at once for a cancel or a worker stop."""
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            if ctx.stop.wait(min(left, 0.5)) or ctx.cancel.is_set():
+                break
+        reason = ctx.interruption()
+        if reason is not None:
+            raise reason
 
     def _backoff(self, base: float, cap: float, attempt: int, hint: float | None) -> float:
         """Exponential with full jitter; a server's Retry-After wins when it is longer."""
@@ -180,7 +225,7 @@ class Pipeline:
             try:
                 self.agent.run(sandbox, task, deadline_at=ctx.deadline_at, run=progress.run,
                                with_mcp=bool(mcp), on_event=self._agent_events(ctx, redactor),
-                               cancelled=ctx.cancelled)
+                               interrupted=ctx.interruption)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
 
@@ -188,8 +233,10 @@ class Pipeline:
     def _check_time(ctx: TaskContext, phase: str) -> None:
         if time.time() >= ctx.deadline_at:
             raise errors.DeadlineExceeded(f"the task's deadline passed while {phase}")
-        if ctx.cancelled is not None and ctx.cancelled():
-            raise errors.Cancelled(f"the task was cancelled while {phase}")
+        reason = ctx.interruption()
+        if reason is not None:
+            reason.message += f" (while {phase})"
+            raise reason
 
     @staticmethod
     def _agent_events(ctx: TaskContext, redactor: Redactor) -> EventSink:
@@ -198,6 +245,7 @@ class Pipeline:
             if kind == "assistant":
                 for block in (event.get("message") or {}).get("content") or []:
                     if isinstance(block, dict) and block.get("type") == "tool_use":
+                        ctx.on_tool_call(str(block.get("name")))
                         ctx.on_event({"phase": "tool_call", "name": block.get("name")})
                     elif isinstance(block, dict) and block.get("type") == "text":
                         ctx.on_event({"phase": "agent_text",

@@ -1,26 +1,39 @@
-"""Per-process state of a worker: settings, one Redis pool, the provider, the watchdog.
+"""Per-process state of a worker, and the handling of one delivery.
 
-Built lazily on first use, after any fork, and shared by every thread of the pool: threads
-share Redis connections (a pool) instead of opening one each.
+Built lazily on first use (after any fork) and shared by every thread of the pool: threads
+share one Redis pool instead of opening connections each. `handle` is what the Celery task
+calls: decode, de-duplicate deliveries, apply the side-effect rule to re-deliveries, run the
+pipeline under a lease, record and return the result.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from functools import cached_property
 from typing import Any
 
 import redis
+from celery import Celery
+from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
 from sandqueue import errors
-from sandqueue.contract import AgentResult, TaskMessage, TaskStatus
+from sandqueue.contract import (
+    FINAL_STATUSES,
+    AgentResult,
+    TaskMessage,
+    TaskStatus,
+    ToolCallCount,
+)
 from sandqueue.settings import Settings, load_settings
-from sandqueue.store import TaskStore
+from sandqueue.store import Begin, TaskStore
 from worker.agent.claude_code import ClaudeCodeAgent
 from worker.agent.watchdog import Watchdog
+from worker.events import EventLog
+from worker.maintenance import Maintenance
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox import make_provider
 
@@ -31,13 +44,19 @@ def describe_validation_error(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:10]:
         where = ".".join(str(p) for p in err["loc"]) or "message"
-        parts.append(f"{where}: {err['msg']}")
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
 class Runtime:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, celery_app: Celery | None = None,
+                 worker_name: str | None = None) -> None:
         self.settings = settings
+        self.celery_app = celery_app
+        self.worker_name = worker_name or f"{socket.gethostname()}:{id(self):x}"
+        self._active: dict[str, TaskContext] = {}
+        self._lock = threading.Lock()
+        self._maintenance: Maintenance | None = None
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -50,41 +69,138 @@ class Runtime:
         return TaskStore(self.redis, self.settings.result_expires_s)
 
     @cached_property
+    def events(self) -> EventLog:
+        return EventLog(self.redis, self.settings.events_max_len, self.settings.result_expires_s)
+
+    @cached_property
     def pipeline(self) -> Pipeline:
         provider = make_provider(self.settings, self.redis)
         agent = ClaudeCodeAgent(Watchdog(), stall_timeout_s=self.settings.stall_timeout_s,
                                 claude_command=self.settings.claude_command)
         return Pipeline(self.settings, provider, agent)
 
-    def handle(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-               worker: str = "") -> dict[str, Any]:
-        """Decode, run, encode. Never raises: every outcome is an AgentResult dict."""
+    # -- process lifecycle ---------------------------------------------------------------
+    def start_maintenance(self) -> None:
+        with self._lock:
+            if self._maintenance is None:
+                self._maintenance = Maintenance(self)
+            self._maintenance.start()
+
+    def active_contexts(self) -> dict[str, TaskContext]:
+        with self._lock:
+            return dict(self._active)
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        """On SIGTERM: let running tasks finish for the grace period, then hand them back."""
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+
+        def stop_after_grace() -> None:
+            end = time.monotonic() + grace
+            while self.active_contexts() and time.monotonic() < end:
+                time.sleep(0.2)
+            for task_id, ctx in self.active_contexts().items():
+                log.warning("task %s: worker stopping; handing the task back", task_id)
+                ctx.stop.set()
+
+        threading.Thread(target=stop_after_grace, name="sandqueue-shutdown", daemon=True).start()
+
+    # -- one delivery --------------------------------------------------------------------
+    def handle(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Decode, run, encode. Every outcome is an AgentResult dict, except two:
+        a duplicate delivery raises `Ignore` (acknowledged, nothing stored) and a worker
+        stop raises `Reject(requeue=True)` (back on the queue for another worker)."""
         started = time.time()
         try:
-            if kwargs or len(args) != 1:
-                raise errors.InvalidTask(
-                    f"expected one task message argument, got {len(args)} positional and "
-                    f"{len(kwargs)} keyword arguments"
-                )
-            message = TaskMessage.model_validate(args[0])
-        except ValidationError as e:
-            return self._invalid(task_id, started, describe_validation_error(e))
+            message = self._decode(args, kwargs)
         except errors.InvalidTask as e:
             return self._invalid(task_id, started, e.message)
-        deadline_s = self.settings.deadline_for(message.task.timeout_s)
-        deadline_at, delivery = self.store.begin(task_id, deadline_s, worker)
+        self.start_maintenance()
+        task = message.task
+        begin = self.store.begin(task_id, self.settings.deadline_for(task.timeout_s),
+                                 self.worker_name)
+        if begin.previous_status in {s.value for s in FINAL_STATUSES}:
+            log.info("task %s: duplicate delivery of a finished task; ignored", task_id)
+            raise Ignore()
+        if not self.store.acquire_lease(task_id, self.worker_name, self.settings.lease_ttl_s):
+            log.info("task %s: already running on another worker; duplicate ignored", task_id)
+            raise Ignore()
+        ctx = self._context(task_id, message, started, begin)
+        with self._lock:
+            self._active[task_id] = ctx
+        try:
+            result = self._run(ctx, begin)
+        except errors.WorkerStopping:
+            self.store.update(task_id, status=TaskStatus.QUEUED, handed_back_at=time.time())
+            self.store.release_lease(task_id)
+            self.events.publish(task_id, {"phase": "handed_back"})
+            raise Reject("worker stopping", requeue=True) from None
+        finally:
+            with self._lock:
+                self._active.pop(task_id, None)
+        self._finish(task_id, result)
+        return result.model_dump(mode="json")
+
+    @staticmethod
+    def _decode(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskMessage:
+        if kwargs or len(args) != 1:
+            raise errors.InvalidTask(
+                f"expected one task message argument, got {len(args)} positional and "
+                f"{len(kwargs)} keyword arguments"
+            )
+        try:
+            return TaskMessage.model_validate(args[0])
+        except ValidationError as e:
+            raise errors.InvalidTask(describe_validation_error(e)) from e
+
+    def _context(self, task_id: str, message: TaskMessage, started: float,
+                 begin: Begin) -> TaskContext:
         ctx = TaskContext(
             task_id=task_id,
             message=message,
             started_at=started,
-            deadline_at=deadline_at,
+            deadline_at=begin.deadline_at,
             on_state=lambda **fields: self._state(task_id, fields),
+            on_event=lambda event: self.events.publish(task_id, event),
+            on_tool_call=lambda name: self._safe(self.store.record_tool_call, task_id, name),
+            next_attempt=lambda: self.store.next_attempt(task_id),
         )
-        result = self.pipeline.run(ctx)
-        self._finish(task_id, result)
-        log.info("task %s %s after %d attempt(s)%s", task_id, result.status.value,
-                 result.attempts, f" ({result.error.category.value})" if result.error else "")
-        return result.model_dump(mode="json")
+        if begin.cancel_requested:
+            ctx.cancel.set()
+        return ctx
+
+    def _run(self, ctx: TaskContext, begin: Begin) -> AgentResult:
+        task = ctx.message.task
+        self.events.publish(ctx.task_id, {"phase": "started", "delivery": begin.delivery,
+                                          "worker": self.worker_name})
+        if ctx.cancel.is_set():
+            return self._ended(ctx, errors.Cancelled("the task was cancelled before it started"))
+        if begin.delivery > 1 and begin.tool_calls and not task.retry.retry_after_side_effects:
+            return self._ended(ctx, errors.WorkerLost(
+                f"the worker running this task stopped after the agent had made "
+                f"{begin.tool_calls} tool call(s); not run again because their effects could "
+                "repeat (set retry.retry_after_side_effects to allow it)"
+            ), record=self.store.get(ctx.task_id))
+        return self.pipeline.run(ctx)
+
+    def _ended(self, ctx: TaskContext, error: errors.SandqueueError,
+               record: dict[str, str] | None = None) -> AgentResult:
+        """A result for a task that ends without running, keeping recorded progress."""
+        record = record or {}
+        status = TaskStatus.CANCELLED if isinstance(error, errors.Cancelled) else TaskStatus.FAILED
+        result = AgentResult(
+            task_id=ctx.task_id, status=status, error=error.to_error(),
+            result=record.get("last_text"),
+            attempts=int(record.get("attempt") or 0),
+            sandbox_id=record.get("sandbox_id"),
+            tool_calls=[ToolCallCount(name=n, count=c)
+                        for n, c in self.store.tool_counts(record).items()],
+            total_cost_usd=float(record["cost_usd"]) if record.get("cost_usd") else None,
+            simulated=self.pipeline.provider.simulated,
+            labels=ctx.message.task.labels,
+        )
+        result.timings.queued_s = max(0.0, ctx.started_at - ctx.message.submitted_at)
+        result.timings.total_s = time.time() - ctx.started_at
+        return result
 
     def _invalid(self, task_id: str, started: float, why: str) -> dict[str, Any]:
         log.warning("task %s refused: invalid message: %s", task_id, why)
@@ -95,15 +211,25 @@ class Runtime:
         self._finish(task_id, result)
         return result.model_dump(mode="json")
 
-    def _state(self, task_id: str, fields: dict[str, Any]) -> None:
+    def _safe(self, fn: Any, *args: Any) -> None:
         try:
-            self.store.update(task_id, **fields)
-        except redis.RedisError as e:  # progress bookkeeping must not fail the task
-            log.warning("task %s: could not record state: %s", task_id, e)
+            fn(*args)
+        except redis.RedisError as e:  # bookkeeping must not fail the task
+            log.warning("could not record progress: %s", e)
+
+    def _state(self, task_id: str, fields: dict[str, Any]) -> None:
+        self._safe(lambda: self.store.update(task_id, **fields))
 
     def _finish(self, task_id: str, result: AgentResult) -> None:
         self._state(task_id, {"status": result.status,
-                              "error": result.error.category.value if result.error else None})
+                              "error": result.error.category.value if result.error else None,
+                              "cost_usd": result.total_cost_usd})
+        self._safe(self.store.release_lease, task_id)
+        self.events.publish(task_id, {"phase": "result", "status": result.status.value,
+                                      "error": result.error.category.value if result.error
+                                      else None}, final=True)
+        log.info("task %s %s after %d attempt(s)%s", task_id, result.status.value,
+                 result.attempts, f" ({result.error.category.value})" if result.error else "")
 
 
 _lock = threading.Lock()
@@ -114,7 +240,9 @@ def get_runtime() -> Runtime:
     global _runtime
     with _lock:
         if _runtime is None:
-            _runtime = Runtime(load_settings())
+            from worker.app import app
+
+            _runtime = Runtime(load_settings(), app)
         return _runtime
 
 

@@ -1,7 +1,7 @@
 """Resolve a task's `${ENV}` references from the worker's own environment.
 
 Tokens stay on the workers (their environment or `.env`), so they never travel through
-Redis. Every resolved value, and every inline string value of an MCP config, is returned as
+Redis; inline per-task secrets arrive sealed (`sandqueue.sealing`) and are opened here. Every resolved value, and every inline string value of an MCP config, is returned as
 a secret for the redactor.
 """
 
@@ -12,16 +12,22 @@ from typing import Any
 
 from sandqueue import errors
 from sandqueue.catalog import ENV_REF
+from sandqueue.sealing import Sealer, is_sealed
 
 INLINE_SECRET_MIN_CHARS = 8
 
 
 def resolve_mcp(
-    mcp: dict[str, Any], environ: Mapping[str, str]
+    mcp: dict[str, Any], environ: Mapping[str, str], sealer: Sealer | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     secrets: list[str] = []
+    sealer = sealer or Sealer(None)
 
     def walk(value: Any, where: str) -> Any:
+        if is_sealed(value):
+            opened = sealer.unseal(value, where)
+            secrets.append(opened)
+            return opened
         if isinstance(value, str):
             match = ENV_REF.match(value)
             if match is None:

@@ -6,7 +6,10 @@ It accepts any arguments and validates them itself, so a malformed message becom
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from celery import signals
 
 from sandqueue.contract import TASK_NAME
 from worker.app import app
@@ -15,4 +18,18 @@ from worker.runtime import get_runtime
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_agent_task(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return get_runtime().handle(self.request.id, args, kwargs, worker=self.request.hostname or "")
+    return get_runtime().handle(self.request.id, args, kwargs)
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    """Recovery and reaping run even while this worker is idle."""
+    runtime = get_runtime()
+    if sender is not None and getattr(sender, "hostname", None):
+        runtime.worker_name = f"{sender.hostname}/{os.getpid()}"
+    runtime.start_maintenance()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutdown(**_: Any) -> None:
+    get_runtime().shutdown()

@@ -110,7 +110,7 @@ class ClaudeCodeAgent:
         run: AgentRun,
         with_mcp: bool = True,
         on_event: EventSink | None = None,
-        cancelled: Callable[[], bool] | None = None,
+        interrupted: Callable[[], errors.SandqueueError | None] | None = None,
     ) -> AgentRun:
         """Run the agent to its result event, or raise the error that describes the failure.
 
@@ -124,7 +124,7 @@ class ClaudeCodeAgent:
         holder: dict[str, Any] = {}
         watch = Watch(stall_timeout_s=self.stall_timeout_s, deadline_at=deadline_at,
                       kill=lambda: holder["cmd"].kill() if "cmd" in holder else None,
-                      cancelled=cancelled)
+                      interrupted=interrupted)
 
         def handle_line(line: str) -> None:
             event = transcript.feed_line(line)

@@ -2,7 +2,8 @@
 
 Celery's time limits do not work in the threads pool, and a thread blocked in the SDK's
 stream cannot be interrupted, so each run registers a `Watch`; the watchdog ticks, and when
-a run has printed nothing for the stall timeout, passed its deadline or been cancelled, it
+a run has printed nothing for the stall timeout, passed its deadline or been interrupted
+(cancelled, worker stopping), it
 records why and kills the command. The blocked thread then returns and reports that reason.
 """
 
@@ -25,12 +26,12 @@ class Watch:
         stall_timeout_s: float,
         deadline_at: float,
         kill: Callable[[], None],
-        cancelled: Callable[[], bool] | None = None,
+        interrupted: Callable[[], errors.SandqueueError | None] | None = None,
     ) -> None:
         self.stall_timeout_s = stall_timeout_s
         self.deadline_at = deadline_at
         self._kill = kill
-        self._cancelled = cancelled
+        self._interrupted = interrupted
         self.last_activity = time.monotonic()
         self.reason: errors.SandqueueError | None = None
         self._lock = threading.Lock()
@@ -56,8 +57,8 @@ class Watch:
                 f"the agent printed nothing for {self.stall_timeout_s:.0f}s and was stopped "
                 "(SANDQUEUE_STALL_TIMEOUT_S)"
             ))
-        elif self._cancelled is not None and self._cancelled():
-            self.trip(errors.Cancelled("the task was cancelled while the agent ran"))
+        elif self._interrupted is not None and (reason := self._interrupted()) is not None:
+            self.trip(reason)
 
 
 class Watchdog:

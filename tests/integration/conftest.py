@@ -1,0 +1,346 @@
+"""Integration fixtures: a real redis-server, real `sandqueue worker` processes, the real CLI.
+
+Nothing here runs Celery in eager mode or imports the worker into the test process: workers
+are subprocesses (`python -m producer.cli worker ...`) in sim mode, the CLI is a subprocess,
+and the Python API talks to them through Redis exactly as an application would.
+
+- `redis_url` / `rdb`: one redis-server per session (skipped locally when the binary is
+  missing, a failure when the CI variable is set).
+- every test starts from an empty Redis (see `_fresh_redis`) and ends with the assertion
+  that no simulated sandbox is left alive.
+- `worker_factory` (per test) and `module_worker_factory` (per module) start workers and
+  wait for their "ready" log line; their logs are attached to the report of a failing test.
+- `cli` runs `python -m producer.cli ...` and returns (exit code, stdout, stderr).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import redis
+
+from sandqueue import keys
+from sandqueue.localredis import LocalRedis, start_redis
+
+HERE = Path(__file__).parent
+QUEUE = "sandqueue"
+WORKER_READY_TIMEOUT_S = 30.0
+WORKER_STOP_TIMEOUT_S = 15.0
+CLI_TIMEOUT_S = 60.0
+
+# Variables a developer's shell may carry that would change what the product does.
+_SCRUB_PREFIXES = ("SANDQUEUE_", "E2B_", "ANTHROPIC_", "CELERY_")
+_SCRUB_NAMES = {"REDIS_URL", "GH_TOKEN", "GITHUB_TOKEN"}
+
+WORKER_DEFAULTS = {
+    "SANDQUEUE_SANDBOX": "sim",
+    "SANDQUEUE_BACKOFF_SCALE": "0",
+    "SANDQUEUE_SIM_CREATE_LATENCY_S": "0",
+    "SANDQUEUE_SIM_LATENCY_S": "0.05",
+    "SANDQUEUE_STALL_TIMEOUT_S": "2",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+# -- environment ----------------------------------------------------------------------------
+
+def product_env(redis_url: str, overrides: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The environment of a worker or CLI subprocess: clean, sim mode, this test's Redis."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_SCRUB_PREFIXES) and k not in _SCRUB_NAMES}
+    env.update(WORKER_DEFAULTS)
+    env["REDIS_URL"] = redis_url
+    for name, value in (overrides or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = str(value)
+    return env
+
+
+# -- redis ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[LocalRedis]:
+    if shutil.which("redis-server") is None:
+        why = "redis-server is not installed (Debian: apt-get install redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(f"integration tests need a real Redis in CI: {why}")
+        pytest.skip(why)
+    local = start_redis()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: LocalRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=10)
+    yield client
+    client.close()
+
+
+def reset_redis(client: redis.Redis) -> None:
+    """Empty Redis for the next test.
+
+    A FLUSHALL when no worker is running; with a worker shared by a module, everything but
+    kombu's exchange bindings (`_kombu.binding.*`), which the worker declared at start-up and
+    which producers need to route by exchange. No test reads or asserts on those sets.
+    """
+    if not _LIVE_WORKERS:
+        client.flushall()
+        return
+    doomed = [k for k in client.scan_iter(count=1000) if not k.startswith(b"_kombu.binding.")]
+    for i in range(0, len(doomed), 500):
+        client.delete(*doomed[i:i + 500])
+
+
+def _int(value: bytes | None) -> int:
+    return int(value) if value is not None else 0
+
+
+def sim_counts(client: redis.Redis) -> tuple[int, int, int]:
+    """(live, created, killed) simulated sandboxes."""
+    return (client.scard(keys.SIM_LIVE), _int(client.get(keys.SIM_CREATED)),
+            _int(client.get(keys.SIM_KILLED)))
+
+
+def assert_no_live_sandboxes(client: redis.Redis, settle_s: float = 3.0) -> None:
+    """No simulated sandbox is alive and every one created was killed.
+
+    Sandboxes are killed before a result is stored, so this holds as soon as the results
+    are in; `settle_s` only absorbs a task that was still finishing when its test ended.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        live, created, killed = sim_counts(client)
+        if live == 0 and created == killed:
+            return
+        if time.monotonic() > deadline:
+            members = sorted(m.decode() for m in client.smembers(keys.SIM_LIVE))
+            raise AssertionError(
+                f"simulated sandboxes left behind: {live} live {members}, "
+                f"{created} created, {killed} killed"
+            )
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_redis(rdb: redis.Redis) -> Iterator[None]:
+    reset_redis(rdb)
+    yield
+    assert_no_live_sandboxes(rdb)
+
+
+def dump_redis(client: redis.Redis) -> list[tuple[bytes, bytes]]:
+    """Every key with every value it holds, whatever its type, as (key, bytes) pairs."""
+    out: list[tuple[bytes, bytes]] = []
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        values: list[bytes] = [key]
+        if kind == b"string":
+            values.append(client.get(key) or b"")
+        elif kind == b"hash":
+            for k, v in client.hgetall(key).items():
+                values += [k, v]
+        elif kind == b"list":
+            values += client.lrange(key, 0, -1)
+        elif kind == b"set":
+            values += list(client.smembers(key))
+        elif kind == b"zset":
+            values += [member for member, _ in client.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            for entry_id, fields in client.xrange(key):
+                values.append(entry_id)
+                for k, v in fields.items():
+                    values += [k, v]
+        elif kind != b"none":  # expired between SCAN and TYPE is fine; anything else is new
+            raise AssertionError(f"key {key!r} has type {kind!r}, which this dump cannot read")
+        out += [(key, v) for v in values]
+    return out
+
+
+def secret_forms(secret: str) -> list[bytes]:
+    """The secret's bytes, and the parts of its base64 encodings that do not depend on the
+    bytes around it (kombu stores message bodies base64-encoded)."""
+    raw = secret.encode()
+    forms = [raw]
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + raw)
+        start = (shift + 2) // 3 * 4
+        end = (shift + len(raw)) // 3 * 4
+        if end - start >= 16:
+            forms.append(encoded[start:end])
+    return forms
+
+
+def assert_secret_absent(client: redis.Redis, secret: str) -> None:
+    forms = secret_forms(secret)
+    dumped = dump_redis(client)
+    assert dumped, "Redis is empty: the dump is not looking at the right database"
+    leaks = sorted({key.decode(errors="replace") for key, value in dumped
+                    if any(form in value for form in forms)})
+    assert not leaks, f"the secret is stored in Redis under {leaks}"
+
+
+# -- workers --------------------------------------------------------------------------------
+
+@dataclass
+class Worker:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str]
+    queue: str = QUEUE
+    _log_file: Any = field(default=None, repr=False)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM (Celery's warm shutdown), then SIGKILL if it does not end in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log_file is not None:
+            self._log_file.close()
+        return self.proc.returncode
+
+
+_LIVE_WORKERS: list[Worker] = []
+"""Workers currently running, whose logs a failing test's report gets."""
+
+
+class WorkerPool:
+    def __init__(self, redis_url: str, workdir: Path) -> None:
+        self.redis_url = redis_url
+        self.workdir = workdir
+        self.workers: list[Worker] = []
+
+    def start(self, concurrency: int = 4, *, queue: str | None = None,
+              env: dict[str, str | None] | None = None) -> Worker:
+        name = f"sqit-{uuid.uuid4().hex[:8]}"
+        log_path = self.workdir / f"{name}.log"
+        log_file = log_path.open("wb")
+        worker_env = product_env(self.redis_url, env)
+        argv = [sys.executable, "-m", "producer.cli", "worker", "--concurrency",
+                str(concurrency), "--loglevel", "INFO", "-n", f"{name}@%h"]
+        if queue:
+            argv += ["-Q", queue]
+        # cwd: an empty directory, so no developer `.env` is loaded by the worker.
+        proc = subprocess.Popen(argv, env=worker_env, cwd=self.workdir, stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        worker = Worker(name, proc, log_path, worker_env, queue or QUEUE, log_file)
+        self.workers.append(worker)
+        _LIVE_WORKERS.append(worker)
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        while f"{name}@" not in (text := worker.log()) or " ready." not in text:
+            if not worker.alive():
+                pytest.fail(f"worker {name} exited with {proc.returncode} before it was "
+                            f"ready:\n{text}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"worker {name} not ready after {WORKER_READY_TIMEOUT_S:.0f}s:\n"
+                            f"{text}")
+            time.sleep(0.05)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+            if worker in _LIVE_WORKERS:
+                _LIVE_WORKERS.remove(worker)
+
+
+StartWorker = Callable[..., Worker]
+
+
+@pytest.fixture
+def worker_factory(redis_url: str, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[StartWorker]:
+    """Start workers for one test: `worker_factory(concurrency=4, queue=None, env={...})`."""
+    pool = WorkerPool(redis_url, tmp_path_factory.mktemp("worker"))
+    yield pool.start
+    pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_worker_factory(redis_url: str, tmp_path_factory: pytest.TempPathFactory
+                          ) -> Iterator[StartWorker]:
+    """Like `worker_factory`, for workers shared by the tests of one module."""
+    pool = WorkerPool(redis_url, tmp_path_factory.mktemp("worker"))
+    yield pool.start
+    pool.stop_all()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and report.when in ("setup", "call"):
+        for worker in _LIVE_WORKERS:
+            state = "running" if worker.alive() else f"exited {worker.proc.returncode}"
+            report.sections.append((f"worker {worker.name} log ({state})", worker.log()[-30000:]))
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+class CliResult(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+RunCli = Callable[..., CliResult]
+
+
+def run_cli(redis_url: str, *args: str, stdin: str | bytes | None = None,
+            env: dict[str, str | None] | None = None, cwd: Path | str | None = None,
+            timeout: float = CLI_TIMEOUT_S) -> CliResult:
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    proc = subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args], input=data,
+        stdin=None if data is not None else subprocess.DEVNULL,
+        capture_output=True, env=product_env(redis_url, env), cwd=cwd, timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout.decode("utf-8", errors="replace"),
+                     proc.stderr.decode("utf-8", errors="replace"))
+
+
+@pytest.fixture
+def cli(redis_url: str, tmp_path: Path) -> RunCli:
+    """`cli("submit", "hi", "--wait")` -> CliResult(code, out, err), run in an empty dir."""
+
+    def run(*args: str, **kwargs: Any) -> CliResult:
+        kwargs.setdefault("cwd", tmp_path)
+        return run_cli(redis_url, *args, **kwargs)
+
+    return run

@@ -1,0 +1,61 @@
+"""Crash safety: leases on running tasks, and handing a dead worker's tasks back.
+
+The Redis broker re-delivers an unacknowledged task only after its visibility timeout, which
+must exceed the longest task (hours), or tasks run twice. So a task that a `kill -9`ed
+worker was running would sit for hours. Instead, each worker renews a short lease on every
+task it runs (`sq:running`), and every worker periodically looks at the broker's
+unacknowledged deliveries: one older than a lease whose task holds no live lease belongs to
+a dead worker, and is put back on its queue (kombu's own restore, so the message is moved,
+not copied, and the visibility timeout will not deliver it a second time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from celery import Celery
+
+from sandqueue.contract import TaskStatus
+from sandqueue.store import TaskStore
+
+if TYPE_CHECKING:
+    from kombu.transport.redis import Channel
+
+log = logging.getLogger(__name__)
+
+
+def _task_id(raw: bytes | str) -> str | None:
+    try:
+        message = json.loads(raw)[0]
+        return str(message["headers"]["id"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def recover_orphans(app: Celery, store: TaskStore, lease_ttl_s: float,
+                    limit: int = 200) -> list[str]:
+    """Put back on their queues the deliveries of workers that died. Returns task ids."""
+    recovered: list[str] = []
+    with app.connection_for_write() as conn:
+        channel: Channel = conn.default_channel  # type: ignore[assignment]
+        client = channel.client
+        older_than = time.time() - 2 * lease_ttl_s
+        tags = client.zrangebyscore(channel.unacked_index_key, "-inf", older_than,
+                                    start=0, num=limit)
+        for tag in tags:
+            raw = client.hget(channel.unacked_key, tag)
+            task_id = _task_id(raw) if raw is not None else None
+            if task_id is None:
+                continue
+            if store.has_live_lease(task_id):
+                continue  # alive: a long task on a healthy worker
+            store.claim_expired(task_id)
+            channel.qos.restore_by_tag(tag, client=client, leftmost=True)
+            store.update(task_id, status=TaskStatus.QUEUED, recovered_at=time.time())
+            recovered.append(task_id)
+            log.warning("task %s: its worker stopped renewing the lease; put back on the queue",
+                        task_id)
+    return recovered
