@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from sandqueue import errors, keys
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
+from sandqueue.events import EventLog
 from sandqueue.sealing import Sealer, seal_mcp
 from sandqueue.settings import Settings, load_settings
 from sandqueue.store import TaskStore
@@ -77,6 +79,32 @@ class TaskHandle:
         except (redis.RedisError, OperationalError) as e:
             raise _redis_error(e, self.client.settings) from e
 
+    def cancel(self) -> None:
+        """Ask for cancellation: a queued task never starts; a running one stops within
+        seconds, its sandbox killed, and ends `cancelled` with its partial output."""
+        try:
+            pipe = self.client.redis.pipeline(transaction=False)
+            pipe.zadd(keys.CANCELLED, {self.id: time.time()})
+            pipe.hset(keys.task(self.id), "cancel", 1)
+            pipe.execute()
+        except redis.RedisError as e:
+            raise _redis_error(e, self.client.settings) from e
+
+    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """The task's progress events in order, live, ending with the `result` event."""
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def expired() -> bool:
+            if end is not None and time.monotonic() > end:
+                return True
+            # The stream may have expired or been trimmed while the result is there.
+            return self.client.celery.AsyncResult(self.id).ready()
+
+        try:
+            yield from self.client.events.follow(self.id, stop=expired)
+        except (redis.RedisError, OperationalError) as e:
+            raise _redis_error(e, self.client.settings) from e
+
     def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> AgentResult:
         """Block until the task ends; raise WaitTimeout after `timeout` seconds."""
         try:
@@ -120,6 +148,10 @@ class Client:
         return TaskStore(self.redis, self.settings.result_expires_s)
 
     @cached_property
+    def events(self) -> EventLog:
+        return EventLog(self.redis, self.settings.events_max_len, self.settings.result_expires_s)
+
+    @cached_property
     def sealer(self) -> Sealer:
         return Sealer(self.settings.secret_keys)
 
@@ -161,7 +193,10 @@ class Client:
                 if existing is not None:
                     return TaskHandle(self, existing, duplicate=True)
             message = TaskMessage(task=agent_task, submitted_at=time.time())
-            self.store.mark_queued(task_id, message.submitted_at)
+            pipe = self.redis.pipeline(transaction=False)
+            self.store.mark_queued(task_id, message.submitted_at, pipe)
+            self.events.publish(task_id, {"phase": "queued"}, pipe=pipe)
+            pipe.execute()
             self.celery.send_task(
                 TASK_NAME,
                 args=[message.model_dump(mode="json", exclude_defaults=True)],

@@ -226,9 +226,11 @@ def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
         render.print_json({"id": task_id, "status": state.value, **info})
     else:
         render.out.print(f"{task_id} {state.value}")
-        for key in ("attempt", "sandbox_id", "worker", "error"):
+        for key in ("attempt", "sandbox_id", "worker", "error", "tool_calls", "cost_usd"):
             if info.get(key):
                 render.out.print(f"  {key}: {info[key]}")
+        if info.get("cancel") and not state.is_final:
+            render.out.print("  cancel requested")
     if state is TaskStatus.UNKNOWN:
         render.err.print(f"no task {task_id} is known (wrong id, or its record expired)")
         sys.exit(EXIT_USAGE)
@@ -255,6 +257,100 @@ def result(ctx: click.Context, task_id: str, wait: bool, wait_timeout: float | N
         sys.exit(EXIT_USAGE if state is TaskStatus.UNKNOWN else EXIT_PENDING)
     _show(outcome, as_json)
     sys.exit(_exit_for(outcome))
+
+
+@cli.command()
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def cancel(ctx: click.Context, task_ids: tuple[str, ...], as_json: bool) -> None:
+    """Cancel tasks: queued ones never start, running ones stop within seconds."""
+    client = _client(ctx)
+    unknown = []
+    for task_id in task_ids:
+        handle = client.get(task_id)
+        if not handle.info():
+            unknown.append(task_id)
+            continue
+        handle.cancel()
+    if as_json:
+        render.print_json({"cancelled": [t for t in task_ids if t not in unknown],
+                           "unknown": unknown})
+    else:
+        for task_id in task_ids:
+            render.out.print(f"{task_id} {'unknown' if task_id in unknown else 'cancel requested'}")
+    if unknown:
+        sys.exit(EXIT_USAGE)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Give up after N seconds (exit 4).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+@click.pass_context
+@handle_errors
+def watch(ctx: click.Context, task_id: str, timeout_s: float | None, as_json: bool) -> None:
+    """Follow a task's progress live, like tail -f; exit with its result."""
+    handle = _client(ctx).get(task_id)
+    if not handle.info() and handle.result() is None:
+        render.err.print(f"no task {task_id} is known (wrong id, or its record expired)")
+        sys.exit(EXIT_USAGE)
+    ended = False
+    for event in handle.events(timeout=timeout_s):
+        ended = ended or event.get("phase") == "result"
+        if as_json:
+            render.print_json(event)
+        else:
+            render.print_event(event)
+    # The result event is published just before the result itself is stored.
+    outcome = handle.wait(timeout=30) if ended else handle.result()
+    if outcome is None:
+        render.err.print(f"{task_id} has not finished: {handle.status().value}")
+        sys.exit(EXIT_PENDING)
+    if as_json:
+        render.print_json({"phase": "final", "result": outcome.model_dump(mode="json")})
+    else:
+        render.print_result(outcome)
+    sys.exit(_exit_for(outcome))
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only say what would be killed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def reap(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
+    """Kill sandboxes that no running task owns (finished, superseded, past deadline, or
+    whose worker died). Workers also do this periodically."""
+    from worker.reaper import reap as reap_sandboxes
+    from worker.sandbox import make_provider
+
+    client = _client(ctx)
+    provider = make_provider(client.settings, client.redis)
+    try:
+        verdicts = reap_sandboxes(provider, client.store, client.settings, dry_run=dry_run)
+    except errors.SandqueueError as e:
+        render.err.print(f"[red]error:[/] {e.message}")
+        sys.exit(EXIT_UNREACHABLE)
+    doomed = [v for v in verdicts if v.reason]
+    if as_json:
+        render.print_json({"dry_run": dry_run, "live": len(verdicts),
+                           "sandboxes": [v.to_dict() for v in verdicts]})
+        return
+    render.out.print(f"{len(verdicts)} live sandbox(es), {len(doomed)} "
+                     f"{'to kill' if dry_run else 'killed'}")
+    for v in doomed:
+        render.out.print(f"  {v.sandbox_id} (task {v.task_id}): {v.reason}")
+
+
+@cli.command()
+def keygen() -> None:
+    """Print a new key for SANDQUEUE_SECRET_KEYS (encrypts inline per-task secrets)."""
+    from sandqueue.sealing import generate_key
+
+    render.out.print(generate_key())
 
 
 # -- worker -------------------------------------------------------------------------------

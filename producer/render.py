@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -31,6 +32,17 @@ _STYLE = {
 def print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+def print_event(event: dict[str, Any]) -> None:
+    """One progress event as a line: time, phase, the interesting fields."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(float(event.get("ts", time.time()))))
+    phase = str(event.get("phase", "?"))
+    details = {k: v for k, v in event.items() if k not in {"ts", "phase"} and v is not None}
+    text = " ".join(f"{k}={v}" for k, v in details.items())
+    if phase == "agent_text":
+        text = str(details.get("text", ""))[:300].replace("\n", " ")
+    out.print(f"[dim]{stamp}[/] [bold]{escape(phase)}[/] {escape(text)}")
 
 
 def _fmt_s(value: float | None) -> str:

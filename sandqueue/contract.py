@@ -128,7 +128,8 @@ class AgentTask(BaseModel):
     @field_validator("append_system_prompt")
     @classmethod
     def _system_prompt_size(cls, value: str | None) -> str | None:
-        if value is not None and len(value.encode("utf-8", "surrogatepass")) > MAX_SYSTEM_PROMPT_BYTES:
+        size = len(value.encode("utf-8", "surrogatepass")) if value is not None else 0
+        if size > MAX_SYSTEM_PROMPT_BYTES:
             raise ValueError(f"append_system_prompt is over {MAX_SYSTEM_PROMPT_BYTES} bytes")
         return value
 

@@ -28,11 +28,11 @@ from sandqueue.contract import (
     TaskStatus,
     ToolCallCount,
 )
+from sandqueue.events import EventLog
 from sandqueue.settings import Settings, load_settings
 from sandqueue.store import Begin, TaskStore
 from worker.agent.claude_code import ClaudeCodeAgent
 from worker.agent.watchdog import Watchdog
-from worker.events import EventLog
 from worker.maintenance import Maintenance
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox import make_provider

@@ -1,8 +1,9 @@
-"""Resolve a task's `${ENV}` references from the worker's own environment.
+"""Resolve a task's `${ENV}` references and sealed values on the worker.
 
 Tokens stay on the workers (their environment or `.env`), so they never travel through
-Redis; inline per-task secrets arrive sealed (`sandqueue.sealing`) and are opened here. Every resolved value, and every inline string value of an MCP config, is returned as
-a secret for the redactor.
+Redis; inline per-task secrets arrive sealed (`sandqueue.sealing`) and are opened here.
+Every resolved value, and every inline string value of an MCP config, is returned as a
+secret for the redactor.
 """
 
 from __future__ import annotations

@@ -157,7 +157,8 @@ class SimCommand(RunningCommand):
 class SimSandbox(Sandbox):
     simulated = True
 
-    def __init__(self, provider: SimProvider, spec: SandboxSpec, attempt_fails: set[tuple[str, str]]):
+    def __init__(self, provider: SimProvider, spec: SandboxSpec,
+                 attempt_fails: set[tuple[str, str]]) -> None:
         self.sandbox_id = f"sim-{uuid.uuid4().hex[:16]}"
         self._provider = provider
         self._spec = spec

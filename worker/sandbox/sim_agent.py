@@ -49,6 +49,16 @@ class ScriptedAgent:
                 opts["flags"].add(arg)
             else:
                 raise CliError(f"error: unexpected argument {arg!r} (prompt must come on stdin)")
+        self._check_flags(opts)
+        if stdin_path is None or stdin_path not in self.sandbox.files:
+            raise CliError(f"bash: {stdin_path}: No such file or directory")
+        opts["prompt"] = self.sandbox.files[stdin_path]
+        config_path = opts.get("--mcp-config")
+        if config_path is not None:
+            opts["mcp_config"] = self._mcp_config(config_path)
+        return opts
+
+    def _check_flags(self, opts: dict[str, Any]) -> None:
         if "-p" not in opts["flags"]:
             raise CliError("error: this simulated CLI only runs headless (-p)")
         if opts.get("--output-format") == "stream-json" and "--verbose" not in opts["flags"]:
@@ -57,18 +67,14 @@ class ScriptedAgent:
         if "--dangerously-skip-permissions" in opts["flags"] and self.sandbox.user == "root":
             raise CliError("--dangerously-skip-permissions cannot be used with root/sudo "
                            "privileges for security reasons")
-        if stdin_path is None or stdin_path not in self.sandbox.files:
-            raise CliError(f"bash: {stdin_path}: No such file or directory")
-        opts["prompt"] = self.sandbox.files[stdin_path]
-        config_path = opts.get("--mcp-config")
-        if config_path is not None:
-            if config_path not in self.sandbox.files:
-                raise CliError(f"Error: MCP config file not found: {config_path}")
-            try:
-                opts["mcp_config"] = json.loads(self.sandbox.files[config_path])["mcpServers"]
-            except (ValueError, KeyError) as e:
-                raise CliError(f"Error: invalid MCP config {config_path}: {e}") from e
-        return opts
+
+    def _mcp_config(self, path: str) -> dict[str, Any]:
+        if path not in self.sandbox.files:
+            raise CliError(f"Error: MCP config file not found: {path}")
+        try:
+            return dict(json.loads(self.sandbox.files[path])["mcpServers"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CliError(f"Error: invalid MCP config {path}: {e}") from e
 
     # -- the run -------------------------------------------------------------------------
     def script(self, proc: SimCommand) -> int:
@@ -169,7 +175,8 @@ class ScriptedAgent:
             "type": "result", "subtype": subtype, "is_error": is_error,
             "duration_ms": 1, "num_turns": turns, "result": text,
             "session_id": self.session_id, "total_cost_usd": cost,
-            "usage": {"input_tokens": 50 + 100 * (turns - 1), "output_tokens": 30 + 20 * (turns - 1)},
+            "usage": {"input_tokens": 50 + 100 * (turns - 1),
+                      "output_tokens": 30 + 20 * (turns - 1)},
         }))
         return 0
 

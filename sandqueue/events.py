@@ -1,0 +1,73 @@
+"""Progress events of a task, published to a Redis Stream as they happen.
+
+Producers publish `queued`; workers every later phase (sandbox created, gateway ready, agent
+started, each tool call, agent text, retrying, result).
+
+`sandqueue watch ID` and `TaskHandle.events()` read the same stream. It is bounded
+(`SANDQUEUE_EVENTS_MAX_LEN`) and expires with the result. Callers pass redacted content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from sandqueue import keys
+
+log = logging.getLogger(__name__)
+
+
+class EventLog:
+    def __init__(self, client: redis.Redis, max_len: int, ttl_s: int) -> None:
+        self.r = client
+        self.max_len = max_len
+        self.ttl_s = ttl_s
+
+    def publish(self, task_id: str, event: dict[str, Any], *, final: bool = False,
+                pipe: Any = None) -> None:
+        """Append one event. Progress reporting must never fail the task: errors are logged."""
+        key = keys.events(task_id)
+        payload = {"ts": f"{time.time():.3f}", "data": json.dumps(event, default=str)}
+        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        target.xadd(key, payload, maxlen=self.max_len, approximate=True)
+        target.expire(key, self.ttl_s)
+        if pipe is not None:
+            return
+        try:
+            target.execute()
+        except redis.RedisError as e:
+            log.warning("task %s: could not publish event: %s", task_id, e)
+
+    def follow(self, task_id: str, *, block_s: float = 1.0,
+               stop: Any = None) -> Iterator[dict[str, Any]]:
+        """Events from the first, live, until the result event (or `stop()` says so)."""
+        key = keys.events(task_id)
+        last = "0-0"
+        stopping = False
+        while True:
+            # Once told to stop, one last read without blocking drains what is left.
+            block = None if stopping else int(block_s * 1000)
+            answer = self.r.xread({key: last}, count=100, block=block)
+            for _, entries in answer or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = _decode(fields)
+                    yield event
+                    if event.get("phase") == "result":
+                        return
+            if stopping and not answer:
+                return
+            stopping = stopping or (stop is not None and stop())
+
+
+def _decode(fields: dict[Any, Any]) -> dict[str, Any]:
+    data = fields.get(b"data", fields.get("data"))
+    ts = fields.get(b"ts", fields.get("ts"))
+    event: dict[str, Any] = json.loads(data)
+    event.setdefault("ts", float(ts))
+    return event
