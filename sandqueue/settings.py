@@ -95,6 +95,18 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         30, ge=0, description="on SIGTERM, running tasks get this long before being handed back"
     )
+    max_live_sandboxes: int | None = Field(
+        None, ge=1, description="sandboxes alive at once, fleet-wide; unset = 20 with e2b "
+        "(Hobby plan; Pro 100), unlimited in sim"
+    )
+    max_creates_per_s: float | None = Field(
+        None, gt=0, description="sandbox creations per second, fleet-wide; unset = 1 with e2b "
+        "(Hobby; Pro 5), unlimited in sim"
+    )
+    key_limits: str | None = Field(
+        None, description="running tasks per key, e.g. label.tenant=5,credential=2,"
+        "anthropic_key=50"
+    )
     events_max_len: int = Field(1000, ge=10, description="events kept per task (Redis stream)")
     secret_keys: str | None = Field(
         None,
@@ -132,6 +144,18 @@ class Settings(BaseSettings):
         if self.sandbox == "auto":
             return "e2b" if self.e2b_api_key else "sim"
         return self.sandbox
+
+    @property
+    def live_sandbox_limit(self) -> int | None:
+        if self.max_live_sandboxes is not None:
+            return self.max_live_sandboxes
+        return 20 if self.provider == "e2b" else None
+
+    @property
+    def create_rate_limit(self) -> float | None:
+        if self.max_creates_per_s is not None:
+            return self.max_creates_per_s
+        return 1.0 if self.provider == "e2b" else None
 
     def deadline_for(self, timeout_s: float | None) -> float:
         """Seconds a task may run, given what it asked for."""

@@ -53,7 +53,8 @@ def recover_orphans(app: Celery, store: TaskStore, lease_ttl_s: float,
             if store.has_live_lease(task_id):
                 continue  # alive: a long task on a healthy worker
             store.claim_expired(task_id)
-            channel.qos.restore_by_tag(tag, client=client, leftmost=True)
+            # rightmost: consumed next (the queue is LPUSHed and BRPOPed), it waited enough.
+            channel.qos.restore_by_tag(tag, client=client, leftmost=False)
             store.update(task_id, status=TaskStatus.QUEUED, recovered_at=time.time())
             recovered.append(task_id)
             log.warning("task %s: its worker stopped renewing the lease; put back on the queue",

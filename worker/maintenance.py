@@ -63,6 +63,7 @@ class Maintenance:
 
     def renew_leases(self) -> None:
         active = self.rt.active_contexts()
+        self.rt.limiter.renew()
         lost = self.rt.store.renew_leases(list(active), self.rt.worker_name,
                                           self.rt.settings.lease_ttl_s)
         for task_id in lost:

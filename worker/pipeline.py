@@ -31,6 +31,7 @@ from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
 from worker.agent.claude_code import AgentRun, ClaudeCodeAgent
 from worker.agent.stream import Transcript
+from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import SandboxProvider, SandboxSpec
 from worker.secrets import resolve_mcp
@@ -94,10 +95,12 @@ class _Progress:
 
 class Pipeline:
     def __init__(self, settings: Settings, provider: SandboxProvider, agent: ClaudeCodeAgent,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None,
+                 limiter: Limiter | None = None) -> None:
         self.settings = settings
         self.provider = provider
         self.agent = agent
+        self.limiter = limiter
         self.environ = environ if environ is not None else os.environ
         self.sealer = Sealer(settings.secret_keys)
 
@@ -205,6 +208,24 @@ class Pipeline:
             labels=task.labels,
             request_timeout_s=max(1.0, min(remaining, self.settings.e2b_request_timeout_s)),
         )
+        holder = f"{ctx.task_id}:{progress.attempts}"
+        try:
+            if self.limiter is not None:
+                self.limiter.acquire(holder, self.limiter.sandbox_slots(), rate=True,
+                                     until=ctx.deadline_at, interrupted=ctx.stop)
+                self._check_time(ctx, "waiting for a sandbox slot")
+            self._in_sandbox(ctx, spec, progress, redactor, bool(mcp))
+        except errors.RateLimited as e:
+            if self.limiter is not None:
+                self.limiter.slow_down(e.retry_after_s)
+            raise
+        finally:
+            if self.limiter is not None:
+                self.limiter.release(holder)
+
+    def _in_sandbox(self, ctx: TaskContext, spec: SandboxSpec, progress: _Progress,
+                    redactor: Redactor, with_mcp: bool) -> None:
+        task = ctx.message.task
         t0 = time.monotonic()
         with self.provider.session(spec) as sandbox:
             progress.timings.sandbox_create_s = time.monotonic() - t0
@@ -213,7 +234,7 @@ class Pipeline:
             ctx.on_event({"phase": "sandbox_created", "attempt": progress.attempts,
                           "sandbox_id": sandbox.sandbox_id})
             self._check_time(ctx, "creating the sandbox")
-            if mcp:
+            if with_mcp:
                 t1 = time.monotonic()
                 wait_s = min(self.settings.gateway_ready_timeout_s,
                              max(0.0, ctx.deadline_at - time.time()))
@@ -224,7 +245,7 @@ class Pipeline:
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.agent.run(sandbox, task, deadline_at=ctx.deadline_at, run=progress.run,
-                               with_mcp=bool(mcp), on_event=self._agent_events(ctx, redactor),
+                               with_mcp=with_mcp, on_event=self._agent_events(ctx, redactor),
                                interrupted=ctx.interruption)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s

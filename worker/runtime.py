@@ -9,6 +9,7 @@ pipeline under a lease, record and return the result.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -33,9 +34,11 @@ from sandqueue.settings import Settings, load_settings
 from sandqueue.store import Begin, TaskStore
 from worker.agent.claude_code import ClaudeCodeAgent
 from worker.agent.watchdog import Watchdog
+from worker.limits import WAKE, Limiter
 from worker.maintenance import Maintenance
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox import make_provider
+from worker.secrets import resolve_mcp
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +76,15 @@ class Runtime:
         return EventLog(self.redis, self.settings.events_max_len, self.settings.result_expires_s)
 
     @cached_property
+    def limiter(self) -> Limiter:
+        return Limiter(self.redis, self.settings)
+
+    @cached_property
     def pipeline(self) -> Pipeline:
         provider = make_provider(self.settings, self.redis)
         agent = ClaudeCodeAgent(Watchdog(), stall_timeout_s=self.settings.stall_timeout_s,
                                 claude_command=self.settings.claude_command)
-        return Pipeline(self.settings, provider, agent)
+        return Pipeline(self.settings, provider, agent, limiter=self.limiter)
 
     # -- process lifecycle ---------------------------------------------------------------
     def start_maintenance(self) -> None:
@@ -115,6 +122,36 @@ class Runtime:
         except errors.InvalidTask as e:
             return self._invalid(task_id, started, e.message)
         self.start_maintenance()
+        slots_holder = self._take_key_slots(task_id, message)
+        try:
+            return self._deliver(task_id, message, started)
+        finally:
+            if slots_holder:
+                self.limiter.release(slots_holder)
+
+    def _take_key_slots(self, task_id: str, message: TaskMessage) -> str | None:
+        """Per-key limits (tenant, credential, ...): wait a moment for a slot, else step
+        aside to the back of the queue so tasks of other keys run meanwhile. Checked
+        before the task's deadline starts: waiting in line does not eat into it."""
+        if not self.limiter.key_limits:
+            return None
+        try:
+            _, secrets = resolve_mcp(message.task.mcp, os.environ, self.pipeline.sealer)
+        except errors.SandqueueError:
+            secrets = []  # the pipeline reports the configuration error itself
+        slots = self.limiter.task_slots(message.task, secrets)
+        holder = f"task:{task_id}"
+        if not slots:
+            return None
+        end = time.monotonic() + 2.0
+        while (wait_s := self.limiter.try_acquire(holder, slots, rate=False)) > 0:
+            if time.monotonic() + min(wait_s, 0.5) > end:
+                self._state(task_id, {"status": TaskStatus.QUEUED, "throttled_at": time.time()})
+                raise Reject("over a per-key limit; back of the queue", requeue=True)
+            self.redis.blpop([WAKE], timeout=0.5)
+        return holder
+
+    def _deliver(self, task_id: str, message: TaskMessage, started: float) -> dict[str, Any]:
         task = message.task
         begin = self.store.begin(task_id, self.settings.deadline_for(task.timeout_s),
                                  self.worker_name)
