@@ -1,0 +1,49 @@
+"""The README is a contract with users: its settings table and commands must stay true."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from producer.cli import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _settings_table_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("settings_table",
+                                                  ROOT / "scripts" / "settings_table.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_settings_table_matches_the_settings_class() -> None:
+    """Given the Settings class, the README's table is exactly what the script renders."""
+    module = _settings_table_module()
+    readme = (ROOT / "README.md").read_text()
+    assert module.render(readme) == readme, "run: python scripts/settings_table.py --write"
+
+
+def test_every_cli_command_in_the_readme_exists() -> None:
+    readme = (ROOT / "README.md").read_text()
+    used = set(re.findall(r"^sandqueue ([a-z]+)", readme, flags=re.M))
+    assert used, "the README shows no sandqueue commands"
+    runner = CliRunner()
+    for command in sorted(used):
+        outcome = runner.invoke(cli, [command, "--help"])
+        assert outcome.exit_code == 0, f"sandqueue {command} --help failed: {outcome.output}"
+
+
+def test_readme_names_exactly_two_setup_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("## ", 1)[0]
+    commands = re.findall(r"^make (\w+)", quick, flags=re.M)
+    assert commands == ["demo", "test"]
+    makefile = (ROOT / "Makefile").read_text()
+    for target in commands:
+        assert re.search(rf"^{target}:", makefile, flags=re.M), target
