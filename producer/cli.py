@@ -83,9 +83,11 @@ def read_prompt(prompt: str | None) -> str:
     if prompt.startswith("@"):
         path = Path(prompt[1:])
         try:
-            return path.read_text(encoding="utf-8")
+            return path.read_bytes().decode("utf-8")  # byte-exact: no newline translation
         except OSError as e:
             raise errors.InvalidTask(f"cannot read prompt file {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise errors.InvalidTask(f"prompt file {path} is not UTF-8 text ({e.reason})") from e
     return prompt
 
 

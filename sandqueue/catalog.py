@@ -15,11 +15,11 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
 """A whole config value of the form `${NAME}`: read NAME from the worker's environment."""
 
 GITHUB_PREFIX = "github/"
-GITHUB_NAME = re.compile(r"^github/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+GITHUB_NAME = re.compile(r"^github/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+\Z")
 GITHUB_KEYS = {"run_cmd": "str", "install_cmd": "str", "envs": "dict"}
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {

@@ -23,7 +23,7 @@ TASK_NAME = "sandqueue.run_agent_task"
 MAX_PROMPT_BYTES = 256 * 1024
 MAX_SYSTEM_PROMPT_BYTES = 64 * 1024
 MAX_TIMEOUT_S = 24 * 3600
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 RESERVED_ENVS = frozenset({"ANTHROPIC_API_KEY", "E2B_API_KEY", "HOME", "PATH", "USER"})
 """Sandbox variables the worker sets itself; a task may not override them."""
 

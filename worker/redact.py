@@ -7,6 +7,7 @@ back, and an SDK error may quote a header. Values are replaced wherever they occ
 from __future__ import annotations
 
 from collections.abc import Iterable
+from enum import Enum
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -36,10 +37,13 @@ class Redactor:
         return value
 
     def deep(self, value: Any) -> Any:
+        """Redact string values; keys and enum members are structure, not data."""
+        if isinstance(value, Enum):
+            return value
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
-            return {self.deep(k): self.deep(v) for k, v in value.items()}
+            return {k: self.deep(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self.deep(v) for v in value]
         return value
@@ -47,4 +51,4 @@ class Redactor:
     def model(self, model: M) -> M:
         if not self._secrets:
             return model
-        return type(model).model_validate(self.deep(model.model_dump(mode="json")))
+        return type(model).model_validate(self.deep(model.model_dump()))

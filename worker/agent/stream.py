@@ -22,6 +22,7 @@ class LineBuffer:
         self._partial: list[str] = []
         self._partial_len = 0
         self._max = max_line_chars
+        self._discarding = False
         self.dropped_lines = 0
 
     def feed(self, chunk: str) -> list[str]:
@@ -32,7 +33,10 @@ class LineBuffer:
             if nl < 0:
                 break
             self._append(chunk[start:nl])
-            lines.append(self._take())
+            if self._discarding:  # the end of an overlong line: drop it whole
+                self._discarding = False
+            else:
+                lines.append(self._take())
             start = nl + 1
         if start < len(chunk):
             self._append(chunk[start:])
@@ -40,13 +44,17 @@ class LineBuffer:
 
     def close(self) -> list[str]:
         """The last line when the stream ended without a newline."""
-        if not self._partial:
+        if self._discarding or not self._partial:
+            self._discarding = False
             return []
         return [self._take()]
 
     def _append(self, text: str) -> None:
+        if self._discarding:
+            return
         if self._partial_len + len(text) > self._max:
             self._partial, self._partial_len = [], 0
+            self._discarding = True
             self.dropped_lines += 1
             return
         self._partial.append(text)

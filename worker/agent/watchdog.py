@@ -54,7 +54,7 @@ class Watch:
             self.trip(errors.DeadlineExceeded("the task's deadline passed while the agent ran"))
         elif time.monotonic() - self.last_activity >= self.stall_timeout_s:
             self.trip(errors.AgentStalled(
-                f"the agent printed nothing for {self.stall_timeout_s:.0f}s and was stopped "
+                f"the agent printed nothing for {self.stall_timeout_s:g}s and was stopped "
                 "(SANDQUEUE_STALL_TIMEOUT_S)"
             ))
         elif self._interrupted is not None and (reason := self._interrupted()) is not None:
