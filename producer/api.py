@@ -174,9 +174,8 @@ class Client:
         except ValidationError as e:
             raise errors.InvalidTask(_describe(e)) from e
 
-    def submit(self, task: AgentTask | str | dict[str, Any], /, *, queue: str | None = None,
-               task_id: str | None = None, **fields: Any) -> TaskHandle:
-        """Validate and enqueue one task. Raises InvalidTask or RedisUnavailable."""
+    def prepare(self, task: AgentTask | str | dict[str, Any], **fields: Any) -> AgentTask:
+        """Validate a task for this deployment and seal its inline secrets."""
         agent_task = self.build(task, **fields)
         if agent_task.timeout_s is not None and agent_task.timeout_s > self.settings.max_timeout_s:
             raise errors.InvalidTask(
@@ -186,34 +185,72 @@ class Client:
         if agent_task.mcp:
             agent_task = agent_task.model_copy(
                 update={"mcp": seal_mcp(agent_task.mcp, self.sealer)})
-        task_id = task_id or str(uuid.uuid4())
+        return agent_task
+
+    def submit(self, task: AgentTask | str | dict[str, Any], /, *, queue: str | None = None,
+               task_id: str | None = None, **fields: Any) -> TaskHandle:
+        """Validate and enqueue one task. Raises InvalidTask or RedisUnavailable."""
+        agent_task = self.prepare(task, **fields)
+        return self.submit_many([agent_task], queue=queue,
+                                task_ids=[task_id] if task_id else None)[0]
+
+    def submit_many(self, tasks: list[AgentTask], *, queue: str | None = None,
+                    task_ids: list[str] | None = None, chunk: int = 1000) -> list[TaskHandle]:
+        """Enqueue prepared tasks in pipelined chunks: a few Redis round trips per chunk
+        instead of several per task. Tasks whose idempotency key is already bound come
+        back as the earlier task's handle (`duplicate`)."""
+        ids = task_ids or [str(uuid.uuid4()) for _ in tasks]
+        if len(ids) != len(tasks):
+            raise ValueError("task_ids must match tasks one to one")
+        handles: list[TaskHandle] = []
         try:
-            if agent_task.idempotency_key:
-                existing = self._claim_key(agent_task.idempotency_key, task_id)
-                if existing is not None:
-                    return TaskHandle(self, existing, duplicate=True)
-            message = TaskMessage(task=agent_task, submitted_at=time.time())
-            pipe = self.redis.pipeline(transaction=False)
-            self.store.mark_queued(task_id, message.submitted_at, pipe)
-            self.events.publish(task_id, {"phase": "queued"}, pipe=pipe)
-            pipe.execute()
-            self.celery.send_task(
-                TASK_NAME,
-                args=[message.model_dump(mode="json", exclude_defaults=True)],
-                task_id=task_id,
-                queue=queue or self.settings.queue,
-            )
+            for start in range(0, len(tasks), chunk):
+                handles += self._submit_chunk(tasks[start:start + chunk],
+                                              ids[start:start + chunk], queue)
         except (redis.RedisError, OperationalError) as e:
             raise _redis_error(e, self.settings) from e
-        return TaskHandle(self, task_id)
+        return handles
 
-    def _claim_key(self, key: str, task_id: str) -> str | None:
-        """Atomically bind an idempotency key to a task id; the earlier id if already bound."""
-        name = keys.idempotency(key)
-        if self.redis.set(name, task_id, nx=True, ex=self.settings.result_expires_s):
-            return None
-        existing = self.redis.get(name)
-        return existing.decode() if isinstance(existing, bytes) else existing
+    def _submit_chunk(self, tasks: list[AgentTask], ids: list[str],
+                      queue: str | None) -> list[TaskHandle]:
+        earlier = self._claim_keys(tasks, ids)
+        now = time.time()
+        fresh = [(t, i) for t, i in zip(tasks, ids, strict=True) if i not in earlier]
+        pipe = self.redis.pipeline(transaction=False)
+        for _, task_id in fresh:
+            self.store.mark_queued(task_id, now, pipe)
+            self.events.publish(task_id, {"phase": "queued"}, pipe=pipe)
+        pipe.execute()
+        with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2000):
+            for task, task_id in fresh:
+                message = TaskMessage(task=task, submitted_at=now)
+                self.celery.send_task(
+                    TASK_NAME,
+                    args=[message.model_dump(mode="json", exclude_defaults=True)],
+                    task_id=task_id,
+                    queue=queue or self.settings.queue,
+                    producer=producer,
+                )
+        return [TaskHandle(self, earlier[i], duplicate=True) if i in earlier
+                else TaskHandle(self, i) for i in ids]
+
+    def _claim_keys(self, tasks: list[AgentTask], ids: list[str]) -> dict[str, str]:
+        """Bind idempotency keys to task ids atomically (SET NX); {new id: earlier id} for
+        keys that were bound already, also by a racing producer."""
+        keyed = [(t.idempotency_key, i) for t, i in zip(tasks, ids, strict=True)
+                 if t.idempotency_key]
+        if not keyed:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for key, task_id in keyed:
+            pipe.set(keys.idempotency(key), task_id, nx=True, ex=self.settings.result_expires_s)
+        taken = pipe.execute()
+        lost = [(key, task_id) for (key, task_id), ok in zip(keyed, taken, strict=True) if not ok]
+        if not lost:
+            return {}
+        bound = self.redis.mget([keys.idempotency(key) for key, _ in lost])
+        return {task_id: (b.decode() if isinstance(b, bytes) else str(b))
+                for (_, task_id), b in zip(lost, bound, strict=True)}
 
     def get(self, task_id: str) -> TaskHandle:
         return TaskHandle(self, task_id)

@@ -65,6 +65,7 @@ class ErrorCategory(StrEnum):
     AGENT_NO_RESULT = "agent_no_result"
     AGENT_ERROR = "agent_error"
     WORKER_LOST = "worker_lost"
+    BUDGET_EXCEEDED = "budget_exceeded"
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     INTERNAL = "internal"

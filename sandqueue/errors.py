@@ -16,6 +16,7 @@
         ├── AuthError               a key is missing or refused             auth
         ├── McpConfigError          bad MCP config, unresolvable ${ENV}     mcp_config
         ├── AgentError              the agent reported an error result      agent_error
+        ├── BudgetExceeded          the task's max_cost_usd was reached     budget_exceeded
         ├── DeadlineExceeded        the task's timeout_s ran out            timeout
         └── Cancelled               somebody cancelled the task             cancelled
 
@@ -111,6 +112,10 @@ class McpConfigError(PermanentError):
 
 class AgentError(PermanentError):
     category = ErrorCategory.AGENT_ERROR
+
+
+class BudgetExceeded(PermanentError):
+    category = ErrorCategory.BUDGET_EXCEEDED
 
 
 class DeadlineExceeded(PermanentError):

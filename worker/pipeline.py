@@ -142,8 +142,7 @@ class Pipeline:
                 log.exception("task %s: internal error", ctx.task_id)
                 err = errors.SandqueueError(f"internal error: {type(e).__name__}: {e}")
             finally:
-                progress.spent_usd += float((progress.run.transcript.result or {})
-                                            .get("total_cost_usd") or 0.0)
+                progress.spent_usd += progress.run.cost_usd
             tool_calls = sum(progress.run.transcript.tool_calls.values())
             if isinstance(err, errors.WorkerStopping | errors.Cancelled):
                 raise err
@@ -245,7 +244,8 @@ class Pipeline:
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.agent.run(sandbox, task, deadline_at=ctx.deadline_at, run=progress.run,
-                               with_mcp=with_mcp, on_event=self._agent_events(ctx, redactor),
+                               with_mcp=with_mcp,
+                               on_event=self._agent_events(ctx, redactor, progress),
                                interrupted=ctx.interruption)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
@@ -260,10 +260,11 @@ class Pipeline:
             raise reason
 
     @staticmethod
-    def _agent_events(ctx: TaskContext, redactor: Redactor) -> EventSink:
+    def _agent_events(ctx: TaskContext, redactor: Redactor, progress: _Progress) -> EventSink:
         def sink(event: dict[str, Any]) -> None:
             kind = event.get("type")
             if kind == "assistant":
+                ctx.on_state(cost_usd=round(progress.spent_usd + progress.run.cost_usd, 6))
                 for block in (event.get("message") or {}).get("content") or []:
                     if isinstance(block, dict) and block.get("type") == "tool_use":
                         ctx.on_tool_call(str(block.get("name")))
@@ -303,8 +304,7 @@ class Pipeline:
             is_error=final.get("is_error"),
             subtype=final.get("subtype"),
             num_turns=final.get("num_turns"),
-            total_cost_usd=round(progress.spent_usd, 6) if progress.spent_usd else
-            final.get("total_cost_usd"),
+            total_cost_usd=round(progress.spent_usd, 6) if progress.spent_usd else None,
             usage=final.get("usage") or dict(transcript.usage_so_far),
             session_id=final.get("session_id") or init.get("session_id"),
             timings=progress.timings,

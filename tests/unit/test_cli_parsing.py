@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,19 @@ class _Sent:
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     def send_task(self, name: str, **kwargs: Any) -> None:
+        kwargs.pop("producer", None)
         self.calls.append({"name": name, **kwargs})
+
+    @contextmanager
+    def producer_or_acquire(self) -> Iterator[Any]:
+        """Celery's pipelined publishing: a producer whose batch() groups sends."""
+
+        class _Producer:
+            @contextmanager
+            def batch(self, max_size: int) -> Iterator[None]:
+                yield
+
+        yield _Producer()
 
 
 @dataclass

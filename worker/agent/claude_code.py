@@ -21,6 +21,7 @@ from typing import Any
 
 from sandqueue import errors
 from sandqueue.contract import AgentTask
+from worker.agent.pricing import estimate_usd
 from worker.agent.stream import LineBuffer, Transcript
 from worker.agent.watchdog import Watch, Watchdog
 from worker.sandbox.base import Sandbox
@@ -73,6 +74,8 @@ class AgentRun:
 
     transcript: Transcript
     exit_code: int | None = None
+    cost_usd: float = 0.0
+    """Estimated from usage while running; the result event's figure once it arrives."""
     duration_s: float = 0.0
     stderr_tail: str = ""
 
@@ -118,83 +121,114 @@ class ClaudeCodeAgent:
         (tool calls made, last text) whatever this raises.
         """
         self.prepare(sandbox, task, with_mcp)
-        lines = LineBuffer()
-        stderr_tail: deque[str] = deque(maxlen=50)
-        transcript = run.transcript
         holder: dict[str, Any] = {}
         watch = Watch(stall_timeout_s=self.stall_timeout_s, deadline_at=deadline_at,
                       kill=lambda: holder["cmd"].kill() if "cmd" in holder else None,
                       interrupted=interrupted)
-
-        def handle_line(line: str) -> None:
-            event = transcript.feed_line(line)
-            if event is None:
-                return
-            if with_mcp and event.get("type") == "system" and event.get("subtype") == "init":
-                problem = self._mcp_problem(transcript)
-                if problem:
-                    watch.trip(errors.McpUnavailable(problem))
-            if on_event is not None:
-                on_event(event)
-
-        def on_stdout(chunk: str) -> None:
-            watch.touch()
-            for line in lines.feed(chunk):
-                handle_line(line)
-
-        def on_stderr(chunk: str) -> None:
-            watch.touch()
-            stderr_tail.append(chunk)
-
+        stream = _StreamSink(run, task, watch, with_mcp, on_event)
         started = time.monotonic()
         remaining = max(1.0, deadline_at - time.time())
         cmd = build_command(task, self.claude_command, with_mcp)
-        holder["cmd"] = sandbox.start(cmd, on_stdout=on_stdout, on_stderr=on_stderr,
-                                      timeout_s=remaining + 5, envs=None)
+        holder["cmd"] = sandbox.start(cmd, on_stdout=stream.on_stdout,
+                                      on_stderr=stream.on_stderr, timeout_s=remaining + 5)
         self.watchdog.watch(watch)
         try:
-            exit_code = holder["cmd"].wait()
+            run.exit_code = holder["cmd"].wait()
         finally:
             self.watchdog.unwatch(watch)
             run.duration_s = time.monotonic() - started
-            run.stderr_tail = "".join(stderr_tail)[-4000:]
-        for line in lines.close():
-            handle_line(line)
-        run.exit_code = exit_code
+            stream.close()
         if watch.reason is not None:
             raise watch.reason
-        self._judge(run)
+        _judge(run)
         return run
 
-    @staticmethod
-    def _mcp_problem(transcript: Transcript) -> str | None:
-        servers = {s["name"]: s["status"] for s in transcript.mcp_servers}
-        status = servers.get(GATEWAY_NAME)
-        if status is None:
-            return f"Claude Code did not list the MCP gateway ({GATEWAY_NAME}) at start"
-        if status != "connected":
-            return f"the MCP gateway is {status!r} in Claude Code, not connected"
-        prefix = f"mcp__{GATEWAY_NAME}__"
-        if not any(tool.startswith(prefix) for tool in transcript.tools):
-            return "the MCP gateway connected but none of its tools registered"
-        return None
 
-    @staticmethod
-    def _judge(run: AgentRun) -> None:
-        result = run.transcript.result
-        if result is None:
-            said = run.stderr_tail.strip()[-500:] or "nothing on stderr"
-            kind = classify_failure(said) if run.stderr_tail.strip() else errors.AgentNoResult
-            if kind is errors.AgentError:
-                kind = errors.AgentNoResult
-            raise kind(
-                f"Claude Code exited with code {run.exit_code} without a result event ({said})"
-            )
-        if result.get("is_error") or result.get("subtype") not in (None, "success"):
-            text = str(result.get("result") or result.get("subtype") or "error")
-            kind = classify_failure(text)
-            if result.get("subtype") == "error_max_turns":
-                kind = errors.AgentError
-            subtype = result.get("subtype")
-            how = f" ({subtype})" if subtype not in (None, "success") else ""
-            raise kind(f"the agent ended with an error{how}: {text[:1000]}")
+
+class _StreamSink:
+    """Receives the agent's output chunks and acts on what they say, as they arrive."""
+
+    def __init__(self, run: AgentRun, task: AgentTask, watch: Watch, with_mcp: bool,
+                 on_event: EventSink | None) -> None:
+        self.run = run
+        self.task = task
+        self.watch = watch
+        self.with_mcp = with_mcp
+        self.on_event = on_event
+        self.lines = LineBuffer()
+        self.stderr_tail: deque[str] = deque(maxlen=50)
+
+    def on_stdout(self, chunk: str) -> None:
+        self.watch.touch()
+        for line in self.lines.feed(chunk):
+            self._line(line)
+
+    def on_stderr(self, chunk: str) -> None:
+        self.watch.touch()
+        self.stderr_tail.append(chunk)
+
+    def close(self) -> None:
+        for line in self.lines.close():
+            self._line(line)
+        self.run.stderr_tail = "".join(self.stderr_tail)[-4000:]
+        final_cost = (self.run.transcript.result or {}).get("total_cost_usd")
+        if isinstance(final_cost, int | float):
+            self.run.cost_usd = float(final_cost)
+
+    def _line(self, line: str) -> None:
+        transcript = self.run.transcript
+        event = transcript.feed_line(line)
+        if event is None:
+            return
+        if event.get("type") == "assistant":
+            self._count_cost()
+        if self.with_mcp and event.get("type") == "system" and event.get("subtype") == "init":
+            problem = _mcp_problem(transcript)
+            if problem:
+                self.watch.trip(errors.McpUnavailable(problem))
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _count_cost(self) -> None:
+        transcript = self.run.transcript
+        self.run.cost_usd = estimate_usd((transcript.init or {}).get("model"),
+                                         transcript.usage_so_far)
+        cap = self.task.max_cost_usd
+        if cap is not None and self.run.cost_usd >= cap:
+            self.watch.trip(errors.BudgetExceeded(
+                f"the agent was stopped at an estimated ${self.run.cost_usd:.4f}, over the "
+                f"task's max_cost_usd (${cap:g})"
+            ))
+
+
+def _mcp_problem(transcript: Transcript) -> str | None:
+    servers = {s["name"]: s["status"] for s in transcript.mcp_servers}
+    status = servers.get(GATEWAY_NAME)
+    if status is None:
+        return f"Claude Code did not list the MCP gateway ({GATEWAY_NAME}) at start"
+    if status != "connected":
+        return f"the MCP gateway is {status!r} in Claude Code, not connected"
+    prefix = f"mcp__{GATEWAY_NAME}__"
+    if not any(tool.startswith(prefix) for tool in transcript.tools):
+        return "the MCP gateway connected but none of its tools registered"
+    return None
+
+
+def _judge(run: AgentRun) -> None:
+    result = run.transcript.result
+    if result is None:
+        said = run.stderr_tail.strip()[-500:] or "nothing on stderr"
+        kind = classify_failure(said) if run.stderr_tail.strip() else errors.AgentNoResult
+        if kind is errors.AgentError:
+            kind = errors.AgentNoResult
+        raise kind(
+            f"Claude Code exited with code {run.exit_code} without a result event ({said})"
+        )
+    if result.get("is_error") or result.get("subtype") not in (None, "success"):
+        text = str(result.get("result") or result.get("subtype") or "error")
+        kind = classify_failure(text)
+        if result.get("subtype") == "error_max_turns":
+            kind = errors.AgentError
+        subtype = result.get("subtype")
+        how = f" ({subtype})" if subtype not in (None, "success") else ""
+        raise kind(f"the agent ended with an error{how}: {text[:1000]}")
