@@ -82,13 +82,7 @@ class TaskHandle:
     def cancel(self) -> None:
         """Ask for cancellation: a queued task never starts; a running one stops within
         seconds, its sandbox killed, and ends `cancelled` with its partial output."""
-        try:
-            pipe = self.client.redis.pipeline(transaction=False)
-            pipe.zadd(keys.CANCELLED, {self.id: time.time()})
-            pipe.hset(keys.task(self.id), "cancel", 1)
-            pipe.execute()
-        except redis.RedisError as e:
-            raise _redis_error(e, self.client.settings) from e
+        self.client.cancel_many([self.id])
 
     def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The task's progress events in order, live, ending with the `result` event."""
@@ -254,6 +248,22 @@ class Client:
 
     def get(self, task_id: str) -> TaskHandle:
         return TaskHandle(self, task_id)
+
+    def cancel_many(self, task_ids: list[str]) -> int:
+        """Ask for cancellation of many tasks in one round trip."""
+        if not task_ids:
+            return 0
+        try:
+            now = time.time()
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zadd(keys.CANCELLED, dict.fromkeys(task_ids, now))
+            for task_id in task_ids:
+                pipe.hset(keys.task(task_id), "cancel", 1)
+                pipe.expire(keys.task(task_id), self.settings.result_expires_s)
+            pipe.execute()
+        except redis.RedisError as e:
+            raise _redis_error(e, self.settings) from e
+        return len(task_ids)
 
 
 def _describe(e: ValidationError) -> str:

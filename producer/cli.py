@@ -11,6 +11,7 @@ Every option that has an environment variable says so in `--help`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -353,6 +354,138 @@ def keygen() -> None:
     from sandqueue.sealing import generate_key
 
     render.out.print(generate_key())
+
+
+# -- batch --------------------------------------------------------------------------------
+
+@cli.group()
+def batch() -> None:
+    """Run one prompt against many inputs (JSONL or CSV), with progress and resume."""
+
+
+@batch.command("run")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Results file (JSONL, one line per input, appended as tasks complete).")
+@click.option("--prompt-template", help="Prompt with {column} fields (CSV rows, JSONL fields).")
+@click.option("--batch-id", help="Name the batch (default: derived from the file and options).")
+@click.option("--mcp", "mcp_names", multiple=True, metavar="NAME")
+@click.option("--mcp-config", "mcp_settings", multiple=True, metavar="NAME.KEY=VALUE")
+@click.option("--model")
+@click.option("--max-turns", type=click.IntRange(1))
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1))
+@click.option("--env", "envs", multiple=True, metavar="KEY=VALUE")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE")
+@click.option("--max-task-cost", "max_cost_usd", type=click.FloatRange(min=0, min_open=True),
+              help="Per-task budget in USD: stops that task's agent.")
+@click.option("--max-cost", "batch_max_cost", type=float,
+              help="Batch budget in USD: stop submitting and cancel queued tasks past it.")
+@click.option("--max-failures", type=click.IntRange(0),
+              help="Stop submitting and cancel queued tasks after more failures than this.")
+@click.option("--retry-failed", is_flag=True, help="On resume, run failed inputs again.")
+@click.option("--queue", envvar="SANDQUEUE_QUEUE", show_envvar=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
+@click.option("--no-progress", is_flag=True, help="No live progress bar.")
+@click.pass_context
+@handle_errors
+def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template: str | None,
+              batch_id: str | None, mcp_names: tuple[str, ...], mcp_settings: tuple[str, ...],
+              envs: tuple[str, ...], labels: tuple[str, ...], batch_max_cost: float | None,
+              max_failures: int | None, retry_failed: bool, queue: str | None, as_json: bool,
+              no_progress: bool, **fields: Any) -> None:
+    """Run a batch; run the same command again to resume it."""
+    from producer.batch import Batch, BatchRunner, derive_batch_id, load_inputs
+
+    client = _client(ctx)
+    defaults: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    mcp = parse_mcp(mcp_names, mcp_settings)
+    for name, value in (("mcp", mcp), ("envs", parse_pairs(envs, "--env")),
+                        ("labels", parse_pairs(labels, "--label"))):
+        if value:
+            defaults[name] = value
+    inputs = load_inputs(file, prepare=client.prepare, defaults=defaults,
+                         template=prompt_template)
+    batch_id = batch_id or derive_batch_id(file, defaults, prompt_template)
+    runner = BatchRunner(Batch(client, batch_id), inputs, out=out, queue=queue,
+                         max_cost_usd=batch_max_cost, max_failures=max_failures,
+                         retry_failed=retry_failed)
+    render.err.print(f"batch {batch_id}: {len(inputs)} inputs"
+                     + (f", results to {out}" if out else ""))
+    with render.BatchProgress(len(inputs), enabled=not no_progress) as bar:
+        runner.on_progress = bar.update
+        progress = runner.run(source=str(file))
+    summary = progress.summary(batch_id, out)
+    if as_json:
+        render.print_json(summary)
+    else:
+        render.print_batch_summary(summary)
+    sys.exit(EXIT_OK if progress.failed == 0 and progress.stopped is None else EXIT_FAILED)
+
+
+@batch.command("status")
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def batch_status(ctx: click.Context, batch_id: str, as_json: bool) -> None:
+    """Counts by status and cost so far, from any machine."""
+    from producer.batch import Batch
+
+    b = Batch(_client(ctx), batch_id)
+    if not b.exists():
+        render.err.print(f"no batch {batch_id} is known")
+        sys.exit(EXIT_USAGE)
+    counts = b.counts()
+    if as_json:
+        render.print_json(counts)
+        return
+    render.out.print(f"batch {batch_id} ({counts.get('status')}, {counts.get('total')} inputs, "
+                     f"${counts['cost_usd']:.4f})")
+    for status_name, n in sorted(counts["by_status"].items()):
+        render.out.print(f"  {status_name}: {n}")
+
+
+@batch.command("results")
+@click.argument("batch_id")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write JSONL here instead of stdout.")
+@click.pass_context
+@handle_errors
+def batch_results(ctx: click.Context, batch_id: str, out: Path | None) -> None:
+    """The results of finished inputs as JSONL, in input order, from any machine."""
+    from producer.batch import Batch
+
+    b = Batch(_client(ctx), batch_id)
+    if not b.exists():
+        render.err.print(f"no batch {batch_id} is known")
+        sys.exit(EXIT_USAGE)
+    items = b.items()
+    results = b.results(list(items.values()))
+    sink = out.open("w", encoding="utf-8") if out else sys.stdout
+    try:
+        for n, key in enumerate(b.input_keys()):
+            task_id = items.get(key)
+            if task_id in results:
+                line = {"id": key, "index": n, **results[task_id].model_dump(mode="json")}
+                sink.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if out:
+            sink.close()
+
+
+@batch.command("cancel")
+@click.argument("batch_id")
+@click.pass_context
+@handle_errors
+def batch_cancel(ctx: click.Context, batch_id: str) -> None:
+    """Cancel every unfinished task of a batch."""
+    from producer.batch import Batch
+
+    b = Batch(_client(ctx), batch_id)
+    if not b.exists():
+        render.err.print(f"no batch {batch_id} is known")
+        sys.exit(EXIT_USAGE)
+    render.out.print(f"cancel requested for {b.cancel()} task(s) of batch {batch_id}")
 
 
 # -- worker -------------------------------------------------------------------------------

@@ -82,3 +82,70 @@ def print_result(result: AgentResult) -> None:
     if result.result:
         out.print(Panel(Text(result.result), title="agent result", title_align="left"),
                   soft_wrap=False)
+
+
+class BatchProgress:
+    """A live progress bar for batches: done / failed / running / queued, cost, rate, ETA."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.enabled = enabled and err.is_terminal
+        self._bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                             TextColumn("eta"), TimeRemainingColumn(), console=err,
+                             transient=False)
+        self._task = self._bar.add_task("batch", total=total, detail="")
+        self._last_line = 0.0
+
+    def __enter__(self) -> BatchProgress:
+        if self.enabled:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+    def update(self, p: Any) -> None:
+        elapsed = max(1e-6, time.monotonic() - p.started)
+        detail = (f"[green]{p.done} ok[/] [red]{p.failed} failed[/] {p.running} running "
+                  f"{p.queued} queued ${p.cost_usd:.4f} {p.finished / elapsed:.1f}/s")
+        if self.enabled:
+            self._bar.update(self._task, completed=p.finished, detail=detail)
+        elif time.monotonic() - self._last_line > 10:  # a log line now and then, not a bar
+            self._last_line = time.monotonic()
+            err.print(f"{p.finished}/{p.total} " + detail, markup=True)
+
+
+def print_batch_summary(summary: dict[str, Any]) -> None:
+    table = Table(title=f"batch {summary['batch_id']}", show_header=True)
+    table.add_column("status")
+    table.add_column("count", justify="right")
+    for status, n in sorted(summary["by_status"].items()):
+        table.add_row(status, str(n))
+    if summary.get("unsubmitted"):
+        table.add_row("not submitted", str(summary["unsubmitted"]))
+    out.print(table)
+    if summary["by_error"]:
+        errs = Table(title="errors by category")
+        errs.add_column("category")
+        errs.add_column("count", justify="right")
+        for category, n in sorted(summary["by_error"].items(), key=lambda kv: -kv[1]):
+            errs.add_row(category, str(n))
+        out.print(errs)
+    out.print(f"total {summary['total']}  cost ${summary['cost_usd']:.4f}  "
+              f"duration p50 {summary['duration_p50_s']}s p95 {summary['duration_p95_s']}s  "
+              f"elapsed {summary['elapsed_s']}s")
+    if summary.get("stopped"):
+        out.print(f"[bold yellow]stopped early:[/] {escape(summary['stopped'])}; queued tasks "
+                  "were cancelled")
+    if summary.get("out"):
+        out.print(f"results: {summary['out']}")
