@@ -134,6 +134,11 @@ class ClaudeCodeAgent:
         self.watchdog.watch(watch)
         try:
             run.exit_code = holder["cmd"].wait()
+        except errors.SandqueueError as e:
+            # A stream that breaks while being stopped reports the stop, not the break.
+            if watch.reason is not None:
+                raise watch.reason from e
+            raise
         finally:
             self.watchdog.unwatch(watch)
             run.duration_s = time.monotonic() - started

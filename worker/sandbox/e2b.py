@@ -7,8 +7,8 @@ thread per task, each mostly waiting) and translates every SDK exception into th
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,12 +35,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = e2b.Sandbox.default_mcp_template
 """Has Claude Code and the MCP gateway installed; used even for tasks without MCP servers."""
 
-_IDEMPOTENCY_SAFE = re.compile(r"[^a-z0-9-]+")
-
-
 def _idempotency_key(spec: SandboxSpec) -> str:
-    """One key per attempt: the SDK's own retries of a lost create reuse the same sandbox."""
-    return _IDEMPOTENCY_SAFE.sub("-", f"sq-{spec.task_id}-{spec.attempt}".lower())[:255]
+    """One key per task attempt: the SDK's own retries of a lost create get the same
+    sandbox back, while another attempt (or task) never does. Hashed so that any task id
+    fits E2B's rule (1-255 lowercase letters, digits, hyphens) without two colliding."""
+    digest = hashlib.sha256(spec.task_id.encode()).hexdigest()[:40]
+    return f"sq-{digest}-{spec.attempt}"
 
 
 def translate(e: BaseException, doing: str) -> NoReturn:
