@@ -102,9 +102,15 @@ class TaskHandle:
     def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> AgentResult:
         """Block until the task ends; raise WaitTimeout after `timeout` seconds."""
         try:
+            self.client.redis.ping()  # fail fast and clearly, not after the backend's retries
             value = self.client.celery.AsyncResult(self.id).get(
                 timeout=timeout, interval=poll_s, propagate=False
             )
+        except RuntimeError as e:
+            # Celery's result consumer gives up reconnecting with a bare RuntimeError.
+            if isinstance(e.__cause__, redis.RedisError | OperationalError):
+                raise _redis_error(e.__cause__, self.client.settings) from e
+            raise
         except CeleryTimeout as e:
             raise WaitTimeout(
                 f"task {self.id} did not finish within {timeout:.0f}s; it keeps running, "

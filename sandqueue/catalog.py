@@ -45,11 +45,20 @@ def server_names() -> list[str]:
 
 
 def closest(name: str, choices: list[str], n: int = 3) -> list[str]:
-    """Closest names, case-insensitively, so `github` suggests `githubOfficial`."""
+    """Closest names, case-insensitively: names extending the typo's stem first (so
+    `githubb` and `github` suggest `githubOfficial`), then difflib's similar names."""
     lowered = {c.lower(): c for c in choices}
-    hits = difflib.get_close_matches(name.lower(), list(lowered), n=n, cutoff=0.5)
-    prefix = [c for c in choices if c.lower().startswith(name.lower()) and c not in hits]
-    return ([lowered[h] for h in hits] + prefix)[:n]
+    stem = name.lower().rstrip("0123456789")
+    stem = stem[:-1] if len(stem) > 3 else stem
+    prefixed = sorted((c for c in choices if c.lower().startswith(stem) and c.lower() != stem),
+                      key=lambda c: (len(c), c))
+    similar = [lowered[h] for h in difflib.get_close_matches(name.lower(), list(lowered), n=n,
+                                                             cutoff=0.5)]
+    ranked: list[str] = []
+    for c in similar[:1] + prefixed + similar[1:]:
+        if c not in ranked:
+            ranked.append(c)
+    return ranked[:n]
 
 
 def _check_value(server: str, key: str, value: Any, type_name: str) -> None:

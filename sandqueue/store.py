@@ -101,9 +101,10 @@ class TaskStore:
         pipe.hsetnx(key, "started_at", now)
         pipe.hsetnx(key, "deadline_at", now + deadline_s)
         pipe.hincrby(key, "deliveries", 1)
+        pipe.hset(key, mapping={"worker": worker, "updated_at": now})
         pipe.hmget(key, "deadline_at", "tool_calls", "last_text", "cost_usd", "cancel")
         pipe.expire(key, self.ttl_s)
-        status, _, _, delivery, (deadline, calls, text, cost, cancel), _ = pipe.execute()
+        status, _, _, delivery, _, (deadline, calls, text, cost, cancel), _ = pipe.execute()
         return Begin(
             deadline_at=float(deadline),
             delivery=int(delivery),

@@ -9,6 +9,7 @@ from dotenv import load_dotenv
 
 from sandqueue.celeryconf import celery_config
 from sandqueue.settings import Settings, load_settings
+from worker import guards
 
 # `${ENV}` references in tasks resolve from the worker's environment, `.env` included.
 load_dotenv(override=False)
@@ -22,6 +23,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
+guards.install()
 app = create_app()
 logging.getLogger("httpx").setLevel(logging.WARNING)
 

@@ -241,10 +241,15 @@ class Runtime:
 
     def _invalid(self, task_id: str, started: float, why: str) -> dict[str, Any]:
         log.warning("task %s refused: invalid message: %s", task_id, why)
+        result = self.invalid_result(task_id, why)
+        result["timings"]["total_s"] = time.time() - started
+        return result
+
+    def invalid_result(self, task_id: str, why: str) -> dict[str, Any]:
+        """The stored answer to a message that is not a valid task: data, never a pickle."""
         err = errors.InvalidTask(f"invalid task message: {why}")
         result = AgentResult(task_id=task_id, status=TaskStatus.FAILED, error=err.to_error(),
                              simulated=self.settings.provider == "sim")
-        result.timings.total_s = time.time() - started
         self._finish(task_id, result)
         return result.model_dump(mode="json")
 

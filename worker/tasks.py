@@ -16,7 +16,8 @@ from worker.app import app
 from worker.runtime import get_runtime
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+          Strategy="worker.guards:guarded_strategy")
 def run_agent_task(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return get_runtime().handle(self.request.id, args, kwargs)
 

@@ -109,7 +109,7 @@ def reset_redis(client: redis.Redis) -> None:
     kombu's exchange bindings (`_kombu.binding.*`), which the worker declared at start-up and
     which producers need to route by exchange. No test reads or asserts on those sets.
     """
-    if not _LIVE_WORKERS:
+    if not any(w.alive() for w in _LIVE_WORKERS):
         client.flushall()
         return
     doomed = [k for k in client.scan_iter(count=1000) if not k.startswith(b"_kombu.binding.")]
@@ -215,6 +215,8 @@ class Worker:
     env: dict[str, str]
     queue: str = QUEUE
     _log_file: Any = field(default=None, repr=False)
+    log_mark: int = 0
+    """Length of the log when the current test began (set by tests that need it)."""
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -241,13 +243,15 @@ _LIVE_WORKERS: list[Worker] = []
 
 
 class WorkerPool:
+    """Starts workers (`pool(concurrency=4, queue=None, env={...})`) and stops them all."""
+
     def __init__(self, redis_url: str, workdir: Path) -> None:
         self.redis_url = redis_url
         self.workdir = workdir
         self.workers: list[Worker] = []
 
-    def start(self, concurrency: int = 4, *, queue: str | None = None,
-              env: dict[str, str | None] | None = None) -> Worker:
+    def __call__(self, concurrency: int = 4, *, queue: str | None = None,
+                 env: dict[str, str | None] | None = None) -> Worker:
         name = f"sqit-{uuid.uuid4().hex[:8]}"
         log_path = self.workdir / f"{name}.log"
         log_file = log_path.open("wb")
@@ -273,31 +277,35 @@ class WorkerPool:
             time.sleep(0.05)
         return worker
 
+    def discard(self, worker: Worker) -> None:
+        """Stop a worker and stop reporting its log (e.g. one a test has killed)."""
+        worker.stop()
+        if worker in _LIVE_WORKERS:
+            _LIVE_WORKERS.remove(worker)
+
     def stop_all(self) -> None:
         for worker in self.workers:
-            worker.stop()
-            if worker in _LIVE_WORKERS:
-                _LIVE_WORKERS.remove(worker)
+            self.discard(worker)
 
 
-StartWorker = Callable[..., Worker]
+StartWorker = WorkerPool
 
 
 @pytest.fixture
 def worker_factory(redis_url: str, tmp_path_factory: pytest.TempPathFactory
-                   ) -> Iterator[StartWorker]:
+                   ) -> Iterator[WorkerPool]:
     """Start workers for one test: `worker_factory(concurrency=4, queue=None, env={...})`."""
     pool = WorkerPool(redis_url, tmp_path_factory.mktemp("worker"))
-    yield pool.start
+    yield pool
     pool.stop_all()
 
 
 @pytest.fixture(scope="module")
 def module_worker_factory(redis_url: str, tmp_path_factory: pytest.TempPathFactory
-                          ) -> Iterator[StartWorker]:
+                          ) -> Iterator[WorkerPool]:
     """Like `worker_factory`, for workers shared by the tests of one module."""
     pool = WorkerPool(redis_url, tmp_path_factory.mktemp("worker"))
-    yield pool.start
+    yield pool
     pool.stop_all()
 
 

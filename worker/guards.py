@@ -1,0 +1,90 @@
+"""Malformed broker messages must not take a worker down.
+
+Celery and kombu treat some malformations as unrecoverable: an empty JSON body crashes the
+task strategy, and a queue entry that is not a kombu envelope crashes the consumer loop.
+Either way the worker exits, and with acks_late the same message then crashes every
+worker that takes it next. These guards refuse such messages instead: logged, moved to the
+`sq:deadletter` list for inspection, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery.worker import strategy as celery_strategy
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
+from sandqueue import keys
+
+log = logging.getLogger(__name__)
+
+DEADLETTER = f"{keys.PREFIX}deadletter"
+
+
+def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Celery's default strategy, but a message it cannot even parse is rejected, not fatal."""
+    handler = celery_strategy.default(task, app, consumer, **kwargs)
+
+    def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any,
+                             **kw: Any) -> Any:
+        try:
+            return handler(message, body, ack, reject, callbacks, **kw)
+        except Exception as e:
+            task_id = (getattr(message, "headers", None) or {}).get("id")
+            log.error("refused a malformed message for %s (task id %s): %s: %s",
+                      task.name, task_id, type(e).__name__, e)
+            if task_id:
+                from worker.runtime import get_runtime
+
+                result = get_runtime().invalid_result(str(task_id),
+                                                      f"unreadable message ({type(e).__name__})")
+                task.backend.store_result(task_id, result, "SUCCESS")
+            try:
+                message.reject(requeue=False)
+            except Exception as reject_error:  # already gone; nothing more to do
+                log.warning("could not reject the malformed message: %s", reject_error)
+            return None
+
+    return task_message_handler
+
+
+class GuardedChannel(kombu_redis.Channel):
+    """Moves queue entries that are not kombu envelopes to the dead-letter list."""
+
+    def _brpop_read(self, **options: Any) -> bool:
+        try:
+            try:
+                dest_item = self.client.parse_response(self.client.connection, "BRPOP",
+                                                       **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest_item:
+                raise kombu_redis.Empty()
+            dest, item = dest_item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            try:
+                payload = json.loads(bytes_to_str(item))
+                if not isinstance(payload, dict) or not isinstance(payload.get("properties"),
+                                                                   dict):
+                    raise ValueError("not a kombu message envelope")
+            except (ValueError, TypeError, UnicodeDecodeError) as e:
+                log.error("moved a malformed entry of queue %s to %s: %s", dest, DEADLETTER, e)
+                self.client.lpush(DEADLETTER, item)
+                self.client.ltrim(DEADLETTER, 0, 9999)
+                raise kombu_redis.Empty() from None
+            self.connection._deliver(payload, dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+
+def install() -> None:
+    """Use the guarded channel for every Redis connection of this (worker) process."""
+    kombu_redis.Transport.Channel = GuardedChannel
