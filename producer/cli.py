@@ -542,10 +542,11 @@ def check(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         render.print_json(report)
     else:
+        styles = {"ok": ("ok", "green"), "warn": ("warn", "yellow"), "fail": ("FAIL", "red")}
         for item in report["checks"]:
-            mark = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]",
-                    "fail": "[red]FAIL[/]"}[item["state"]]
-            render.out.print(f"{mark:>14}  {item['name']}: {item['detail']}")
+            label, style = styles[item["state"]]
+            render.out.print(f"[{style}]{label:>4}[/]  {item['name']}: "
+                             f"{render.escape(item['detail'])}")
     sys.exit(report["exit_code"])
 
 

@@ -37,6 +37,7 @@ class Maintenance:
             (s.reap_interval_s, self.reap),
         ]
         self._due = [0.0] * len(self._duties)
+        self._polls = 0
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -74,6 +75,10 @@ class Maintenance:
                 ctx.stop.set()
 
     def poll_cancellations(self) -> None:
+        self._polls += 1
+        if self._polls % 600 == 1:  # about every ten minutes: forget old cancellations
+            horizon = time.time() - self.rt.settings.result_expires_s
+            self.rt.redis.zremrangebyscore(keys.CANCELLED, "-inf", horizon)
         active = self.rt.active_contexts()
         if not active:
             return
