@@ -182,7 +182,7 @@ class Pipeline:
             raise reason
 
     def _backoff(self, base: float, cap: float, attempt: int, hint: float | None) -> float:
-        """Exponential with full jitter; a server's Retry-After wins when it is longer."""
+        """Exponential, jittered to 50-100%, capped; a server's Retry-After wins when longer."""
         delay = min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
         if hint:
             delay = max(delay, hint)
