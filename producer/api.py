@@ -158,7 +158,12 @@ class Client:
     @cached_property
     def celery(self) -> Celery:
         app = Celery("sandqueue-producer", set_as_current=False)
-        app.conf.update(celery_config(self.settings))
+        config = celery_config(self.settings)
+        # kombu pipelines a publish batch only when redis-py will not retry it on its own
+        # (a retried pipeline could publish twice); producers fail fast instead.
+        config["broker_transport_options"] = {**config["broker_transport_options"],
+                                              "retry_on_timeout": False}
+        app.conf.update(config)
         app.conf.update(broker_connection_retry=False, broker_connection_max_retries=0)
         return app
 

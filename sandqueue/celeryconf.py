@@ -40,6 +40,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_socket_timeout": 30,
         "redis_retry_on_timeout": True,
         "result_backend_thread_safe": True,
+        # redis-py caps a pool at 100 connections by default: too few for a worker running
+        # hundreds of threads.
+        "redis_max_connections": max(100, settings.concurrency * 2 + 20),
         "result_expires": settings.result_expires_s,
         "result_extended": False,
         "task_default_queue": settings.queue,

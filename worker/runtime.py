@@ -63,9 +63,13 @@ class Runtime:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=5,
-                                    socket_timeout=30, retry_on_timeout=True,
-                                    health_check_interval=25)
+        # One pool for all threads, sized for them (redis-py's default of 100 connections
+        # fails at high concurrency); a thread waits for a free connection, never errors.
+        pool = redis.BlockingConnectionPool.from_url(
+            self.settings.redis_url, max_connections=self.settings.concurrency * 2 + 20,
+            timeout=30, socket_connect_timeout=5, socket_timeout=30, retry_on_timeout=True,
+            health_check_interval=25)
+        return redis.Redis(connection_pool=pool)
 
     @cached_property
     def store(self) -> TaskStore:
