@@ -28,8 +28,7 @@ class EventLog:
         self.max_len = max_len
         self.ttl_s = ttl_s
 
-    def publish(self, task_id: str, event: dict[str, Any], *, final: bool = False,
-                pipe: Any = None) -> None:
+    def publish(self, task_id: str, event: dict[str, Any], *, pipe: Any = None) -> None:
         """Append one event. Progress reporting must never fail the task: errors are logged."""
         key = keys.events(task_id)
         payload = {"ts": f"{time.time():.3f}", "data": json.dumps(event, default=str)}

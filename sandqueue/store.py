@@ -22,6 +22,36 @@ import redis
 from sandqueue import keys
 from sandqueue.contract import TaskStatus
 
+# A delivery begins, in one round trip. KEYS: task, running, owners.
+# ARGV: task id, worker, now, deadline_s, ttl_s, lease expiry.
+# {"final", status} for a finished task; {"busy", owner} while another worker holds a live
+# lease; else takes the lease, counts the delivery and the first attempt, and returns
+# {"ok", delivery, attempt, deadline_at, tool_calls, last_text, cost_usd, cancel}.
+_BEGIN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'succeeded' or status == 'failed' or status == 'timed_out'
+   or status == 'cancelled' then
+  return {'final', status}
+end
+local now = tonumber(ARGV[3])
+local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if score and tonumber(score) > now then
+  local owner = redis.call('HGET', KEYS[3], ARGV[1])
+  if owner and owner ~= ARGV[2] then return {'busy', owner} end
+end
+redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'deadline_at', tostring(now + tonumber(ARGV[4])))
+local delivery = redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'status', 'running', 'updated_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+local v = redis.call('HMGET', KEYS[1], 'deadline_at', 'tool_calls', 'last_text', 'cost_usd',
+                     'cancel')
+return {'ok', delivery, attempt, v[1], v[2] or '', v[3] or '', v[4] or '', v[5] or ''}
+"""
+
 # Take the lease unless another live owner holds it. KEYS: running, owners.
 # ARGV: task id, me, now, expiry. Returns 1 when taken, 0 when someone else holds it.
 _ACQUIRE = """
@@ -65,17 +95,26 @@ class Begin:
 
     deadline_at: float
     delivery: int
+    attempt: int
+    """The first attempt number of this delivery, already counted."""
     tool_calls: int
-    previous_status: str | None
     last_text: str | None
     cost_usd: float
     cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class NotMine:
+    """This delivery must not run: the task finished, or another live worker runs it."""
+
+    reason: str
 
 
 class TaskStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.r = client
         self.ttl_s = ttl_s
+        self._begin = client.register_script(_BEGIN)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._claim = client.register_script(_CLAIM)
@@ -92,27 +131,27 @@ class TaskStore:
             target.execute()
 
     # -- worker side -------------------------------------------------------------------
-    def begin(self, task_id: str, deadline_s: float, worker: str) -> Begin:
-        """Record a delivery; the deadline is kept from the first one."""
-        key = keys.task(task_id)
+    def begin(self, task_id: str, deadline_s: float, worker: str,
+              lease_ttl_s: float) -> Begin | NotMine:
+        """Start a delivery under a lease; the deadline is kept from the first delivery."""
         now = time.time()
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hget(key, "status")
-        pipe.hsetnx(key, "started_at", now)
-        pipe.hsetnx(key, "deadline_at", now + deadline_s)
-        pipe.hincrby(key, "deliveries", 1)
-        pipe.hset(key, mapping={"worker": worker, "updated_at": now})
-        pipe.hmget(key, "deadline_at", "tool_calls", "last_text", "cost_usd", "cancel")
-        pipe.expire(key, self.ttl_s)
-        status, _, _, delivery, _, (deadline, calls, text, cost, cancel), _ = pipe.execute()
+        out = self._begin(keys=[keys.task(task_id), keys.RUNNING, keys.RUNNING_OWNERS],
+                          args=[task_id, worker, now, deadline_s, self.ttl_s,
+                                now + lease_ttl_s])
+        verdict = _s(out[0])
+        if verdict == "final":
+            return NotMine(f"the task has already finished ({_s(out[1])})")
+        if verdict == "busy":
+            return NotMine(f"the task is running on {_s(out[1])}")
+        delivery, attempt, deadline, calls, text, cost, cancel = out[1:]
         return Begin(
             deadline_at=float(deadline),
             delivery=int(delivery),
-            tool_calls=int(calls or 0),
-            previous_status=_s(status) if status else None,
-            last_text=_s(text) if text else None,
-            cost_usd=float(cost or 0.0),
-            cancel_requested=bool(cancel),
+            attempt=int(attempt),
+            tool_calls=int(_s(calls) or 0),
+            last_text=_s(text) or None,
+            cost_usd=float(_s(cost) or 0.0),
+            cancel_requested=bool(_s(cancel)),
         )
 
     def next_attempt(self, task_id: str) -> int:
@@ -140,11 +179,12 @@ class TaskStore:
         score = self.r.zscore(keys.RUNNING, task_id)
         return score is not None and score > time.time()
 
-    def release_lease(self, task_id: str) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.zrem(keys.RUNNING, task_id)
-        pipe.hdel(keys.RUNNING_OWNERS, task_id)
-        pipe.execute()
+    def release_lease(self, task_id: str, pipe: Any = None) -> None:
+        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        target.zrem(keys.RUNNING, task_id)
+        target.hdel(keys.RUNNING_OWNERS, task_id)
+        if pipe is None:
+            target.execute()
 
     def expired_leases(self, now: float | None = None, limit: int = 100) -> list[str]:
         now = time.time() if now is None else now
@@ -161,15 +201,17 @@ class TaskStore:
     def tool_counts(self, record: dict[str, str]) -> dict[str, int]:
         return {k[5:]: int(v) for k, v in record.items() if k.startswith("tool:")}
 
-    def update(self, task_id: str, **fields: Any) -> None:
+    def update(self, task_id: str, pipe: Any = None, **fields: Any) -> None:
+        """Set fields (None values are skipped); into `pipe` when given, else at once."""
         key = keys.task(task_id)
         values = {k: (v.value if isinstance(v, TaskStatus) else v) for k, v in fields.items()
                   if v is not None}
         values["updated_at"] = time.time()
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(key, mapping=values)
-        pipe.expire(key, self.ttl_s)
-        pipe.execute()
+        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
+        target.hset(key, mapping=values)
+        target.expire(key, self.ttl_s)
+        if pipe is None:
+            target.execute()
 
     def get(self, task_id: str) -> dict[str, str]:
         raw = self.r.hgetall(keys.task(task_id))

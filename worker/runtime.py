@@ -23,7 +23,6 @@ from pydantic import ValidationError
 
 from sandqueue import errors
 from sandqueue.contract import (
-    FINAL_STATUSES,
     AgentResult,
     TaskMessage,
     TaskStatus,
@@ -31,7 +30,7 @@ from sandqueue.contract import (
 )
 from sandqueue.events import EventLog
 from sandqueue.settings import Settings, load_settings
-from sandqueue.store import Begin, TaskStore
+from sandqueue.store import Begin, NotMine, TaskStore
 from worker.agent.claude_code import ClaudeCodeAgent
 from worker.agent.watchdog import Watchdog
 from worker.limits import WAKE, Limiter
@@ -39,6 +38,7 @@ from worker.maintenance import Maintenance
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox import make_provider
 from worker.secrets import resolve_mcp
+from worker.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,10 @@ class Runtime:
         return TaskStore(self.redis, self.settings.result_expires_s)
 
     @cached_property
+    def writer(self) -> WriteBehind:
+        return WriteBehind(self.redis)
+
+    @cached_property
     def events(self) -> EventLog:
         return EventLog(self.redis, self.settings.events_max_len, self.settings.result_expires_s)
 
@@ -85,7 +89,7 @@ class Runtime:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        provider = make_provider(self.settings, self.redis)
+        provider = make_provider(self.settings, self.redis, self.writer)
         agent = ClaudeCodeAgent(Watchdog(), stall_timeout_s=self.settings.stall_timeout_s,
                                 claude_command=self.settings.claude_command)
         return Pipeline(self.settings, provider, agent, limiter=self.limiter)
@@ -158,12 +162,9 @@ class Runtime:
     def _deliver(self, task_id: str, message: TaskMessage, started: float) -> dict[str, Any]:
         task = message.task
         begin = self.store.begin(task_id, self.settings.deadline_for(task.timeout_s),
-                                 self.worker_name)
-        if begin.previous_status in {s.value for s in FINAL_STATUSES}:
-            log.info("task %s: duplicate delivery of a finished task; ignored", task_id)
-            raise Ignore()
-        if not self.store.acquire_lease(task_id, self.worker_name, self.settings.lease_ttl_s):
-            log.info("task %s: already running on another worker; duplicate ignored", task_id)
+                                 self.worker_name, self.settings.lease_ttl_s)
+        if isinstance(begin, NotMine):
+            log.info("task %s: duplicate delivery ignored: %s", task_id, begin.reason)
             raise Ignore()
         ctx = self._context(task_id, message, started, begin)
         with self._lock:
@@ -171,9 +172,12 @@ class Runtime:
         try:
             result = self._run(ctx, begin)
         except errors.WorkerStopping:
-            self.store.update(task_id, status=TaskStatus.QUEUED, handed_back_at=time.time())
-            self.store.release_lease(task_id)
-            self.events.publish(task_id, {"phase": "handed_back"})
+            self._write(lambda p: (
+                self.store.update(task_id, p, status=TaskStatus.QUEUED,
+                                  handed_back_at=time.time()),
+                self.store.release_lease(task_id, p),
+                self.events.publish(task_id, {"phase": "handed_back"}, pipe=p)))
+            self.writer.sync()
             raise Reject("worker stopping", requeue=True) from None
         finally:
             with self._lock:
@@ -195,15 +199,22 @@ class Runtime:
 
     def _context(self, task_id: str, message: TaskMessage, started: float,
                  begin: Begin) -> TaskContext:
+        first_attempt = [begin.attempt]  # counted by begin; later ones by the store
+
+        def next_attempt() -> int:
+            return first_attempt.pop() if first_attempt else self.store.next_attempt(task_id)
+
         ctx = TaskContext(
             task_id=task_id,
             message=message,
             started_at=started,
             deadline_at=begin.deadline_at,
             on_state=lambda **fields: self._state(task_id, fields),
-            on_event=lambda event: self.events.publish(task_id, event),
+            on_event=lambda event: self._write(
+                lambda p: self.events.publish(task_id, event, pipe=p)),
+            # Durable at once: after a crash the side-effect rule depends on it.
             on_tool_call=lambda name: self._safe(self.store.record_tool_call, task_id, name),
-            next_attempt=lambda: self.store.next_attempt(task_id),
+            next_attempt=next_attempt,
         )
         if begin.cancel_requested:
             ctx.cancel.set()
@@ -211,19 +222,19 @@ class Runtime:
 
     def _run(self, ctx: TaskContext, begin: Begin) -> AgentResult:
         task = ctx.message.task
-        self.events.publish(ctx.task_id, {"phase": "started", "delivery": begin.delivery,
-                                          "worker": self.worker_name})
+        ctx.on_event({"phase": "started", "delivery": begin.delivery, "worker": self.worker_name})
         if ctx.cancel.is_set():
-            return self._ended(ctx, errors.Cancelled("the task was cancelled before it started"))
+            return self._ended(ctx, begin,
+                               errors.Cancelled("the task was cancelled before it started"))
         if begin.delivery > 1 and begin.tool_calls and not task.retry.retry_after_side_effects:
-            return self._ended(ctx, errors.WorkerLost(
+            return self._ended(ctx, begin, errors.WorkerLost(
                 f"the worker running this task stopped after the agent had made "
                 f"{begin.tool_calls} tool call(s); not run again because their effects could "
                 "repeat (set retry.retry_after_side_effects to allow it)"
             ), record=self.store.get(ctx.task_id))
         return self.pipeline.run(ctx)
 
-    def _ended(self, ctx: TaskContext, error: errors.SandqueueError,
+    def _ended(self, ctx: TaskContext, begin: Begin, error: errors.SandqueueError,
                record: dict[str, str] | None = None) -> AgentResult:
         """A result for a task that ends without running, keeping recorded progress."""
         record = record or {}
@@ -231,7 +242,7 @@ class Runtime:
         result = AgentResult(
             task_id=ctx.task_id, status=status, error=error.to_error(),
             result=record.get("last_text"),
-            attempts=int(record.get("attempt") or 0),
+            attempts=begin.attempt - 1,  # begin counted one that never ran
             sandbox_id=record.get("sandbox_id"),
             tool_calls=[ToolCallCount(name=n, count=c)
                         for n, c in self.store.tool_counts(record).items()],
@@ -263,17 +274,23 @@ class Runtime:
         except redis.RedisError as e:  # bookkeeping must not fail the task
             log.warning("could not record progress: %s", e)
 
+    def _write(self, write: Any) -> None:
+        self.writer.submit(write)
+
     def _state(self, task_id: str, fields: dict[str, Any]) -> None:
-        self._safe(lambda: self.store.update(task_id, **fields))
+        self._write(lambda p: self.store.update(task_id, p, **fields))
 
     def _finish(self, task_id: str, result: AgentResult) -> None:
-        self._state(task_id, {"status": result.status,
-                              "error": result.error.category.value if result.error else None,
-                              "cost_usd": result.total_cost_usd})
-        self._safe(self.store.release_lease, task_id)
-        self.events.publish(task_id, {"phase": "result", "status": result.status.value,
-                                      "error": result.error.category.value if result.error
-                                      else None}, final=True)
+        """Final state, lease and `result` event, visible before the result is stored."""
+        category = result.error.category.value if result.error else None
+        self._write(lambda p: (
+            self.store.update(task_id, p, status=result.status, error=category,
+                              cost_usd=result.total_cost_usd),
+            self.store.release_lease(task_id, p),
+            self.events.publish(task_id, {"phase": "result", "status": result.status.value,
+                                          "error": category}, pipe=p)))
+        if not self.writer.sync():
+            log.warning("task %s: progress writes are behind (is Redis slow?)", task_id)
         log.info("task %s %s after %d attempt(s)%s", task_id, result.status.value,
                  result.attempts, f" ({result.error.category.value})" if result.error else "")
 

@@ -46,25 +46,18 @@ def test_reaper_kills_orphans_and_spares_running_tasks() -> None:
     provider, store, settings = _setup()
     # Given: a healthy running task (live lease), a finished task, a superseded attempt,
     # a task whose worker died (no lease), and one past its deadline.
-    store.begin("running", 600, "w1")
-    store.next_attempt("running")
-    store.acquire_lease("running", "w1", 60)
+    store.begin("running", 600, "w1", lease_ttl_s=60)  # attempt 1 under a live lease
     healthy = _sandbox(provider, "running")
-    store.begin("done", 600, "w1")
+    store.begin("done", 600, "w1", lease_ttl_s=60)
     store.update("done", status="succeeded")
     finished = _sandbox(provider, "done")
-    store.begin("retry", 600, "w1")
+    store.begin("retry", 600, "w1", lease_ttl_s=60)
     store.next_attempt("retry")
-    store.next_attempt("retry")
-    store.acquire_lease("retry", "w1", 60)
     superseded = _sandbox(provider, "retry", attempt=1)
     current = _sandbox(provider, "retry", attempt=2)
-    store.begin("dead", 600, "w-dead")
-    store.next_attempt("dead")
+    store.begin("dead", 600, "w-dead", lease_ttl_s=-1)  # its worker stopped renewing
     lost = _sandbox(provider, "dead")
-    store.begin("late", 600, "w1")
-    store.next_attempt("late")
-    store.acquire_lease("late", "w1", 60)
+    store.begin("late", 600, "w1", lease_ttl_s=60)
     late = _sandbox(provider, "late", deadline_in_s=-(settings.sandbox_grace_s + 5))
     _age(provider, 60)
 
@@ -86,8 +79,7 @@ def test_reaper_kills_orphans_and_spares_running_tasks() -> None:
 def test_a_young_sandbox_is_not_reaped_before_its_lease_could_exist() -> None:
     """A sandbox created a moment ago whose lease is not visible yet is left alone."""
     provider, store, settings = _setup()
-    store.begin("new", 600, "w1")
-    store.next_attempt("new")
+    store.begin("new", 600, "w1", lease_ttl_s=-1)
     sid = _sandbox(provider, "new")
     assert [v.reason for v in reap(provider, store, settings) if v.sandbox_id == sid] == [None]
 

@@ -109,8 +109,7 @@ def test_a_delivery_while_another_worker_holds_the_lease_is_ignored() -> None:
 def test_redelivery_after_tool_calls_ends_worker_lost_with_partial_progress() -> None:
     """Given a first delivery that made a tool call and died, the next one does not re-run it."""
     rt = _runtime()
-    rt.store.begin("t5", 600, "dead-worker")
-    rt.store.next_attempt("t5")
+    rt.store.begin("t5", 600, "dead-worker", lease_ttl_s=-1)  # it died: its lease expired
     rt.store.record_tool_call("t5", "mcp__e2b-mcp-gateway__github_create_issue")
     rt.store.update("t5", last_text="opened issue #12")
     result = AgentResult.model_validate(rt.handle("t5", (_message(),), {}))
@@ -118,12 +117,13 @@ def test_redelivery_after_tool_calls_ends_worker_lost_with_partial_progress() ->
     assert result.error is not None and result.error.category.value == "worker_lost"
     assert result.tool_calls[0].name.endswith("create_issue")
     assert result.result == "opened issue #12"
+    assert result.attempts == 1, "the first delivery's attempt, not a phantom one"
     assert _sandboxes_created(rt) == 0
 
 
 def test_redelivery_after_tool_calls_runs_again_when_the_task_opts_in() -> None:
     rt = _runtime()
-    rt.store.begin("t6", 600, "dead-worker")
+    rt.store.begin("t6", 600, "dead-worker", lease_ttl_s=-1)
     rt.store.record_tool_call("t6", "Bash")
     message = _message(retry={"retry_after_side_effects": True})
     result = AgentResult.model_validate(rt.handle("t6", (message,), {}))

@@ -9,9 +9,11 @@ if TYPE_CHECKING:
 
     from sandqueue.settings import Settings
     from worker.sandbox.base import SandboxProvider
+    from worker.writebehind import WriteBehind
 
 
-def make_provider(settings: Settings, redis_client: redis.Redis | None = None) -> SandboxProvider:
+def make_provider(settings: Settings, redis_client: redis.Redis | None = None,
+                  writer: WriteBehind | None = None) -> SandboxProvider:
     """The provider settings ask for. Only the E2B module imports `e2b`."""
     if settings.provider == "e2b":
         from worker.sandbox.e2b import E2BProvider
@@ -19,4 +21,4 @@ def make_provider(settings: Settings, redis_client: redis.Redis | None = None) -
         return E2BProvider(settings)
     from worker.sandbox.sim import SimProvider
 
-    return SimProvider(settings, redis_client)
+    return SimProvider(settings, redis_client, writer)

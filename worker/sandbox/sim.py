@@ -48,6 +48,7 @@ from worker.sandbox.base import (
     SandboxProvider,
     SandboxSpec,
 )
+from worker.writebehind import WriteBehind
 
 GATEWAY_NAME = "e2b-mcp-gateway"
 
@@ -64,13 +65,25 @@ def parse_failures(spec: str) -> dict[tuple[str, str], int | None]:
 
 
 class _Registry:
-    """Where live sim sandboxes are recorded: Redis when shared, else this process."""
+    """Where live sim sandboxes are recorded: Redis when shared, else this process.
 
-    def __init__(self, client: redis.Redis | None) -> None:
+    With a `writer` (the worker's write-behind), recording costs no round trip of its own."""
+
+    def __init__(self, client: redis.Redis | None, writer: WriteBehind | None = None) -> None:
         self.r = client
+        self.writer = writer
         self.local: dict[str, dict[str, Any]] = {}
         self.created = 0
         self.killed = 0
+
+    def _send(self, write: Callable[[Any], None]) -> None:
+        assert self.r is not None
+        if self.writer is not None:
+            self.writer.submit(write)
+            return
+        pipe = self.r.pipeline(transaction=False)
+        write(pipe)
+        pipe.execute()
 
     def add(self, sandbox_id: str, metadata: dict[str, str], end_at: float) -> None:
         record = {"metadata": metadata, "started_at": time.time(), "end_at": end_at}
@@ -78,12 +91,26 @@ class _Registry:
             self.local[sandbox_id] = record
             self.created += 1
             return
-        pipe = self.r.pipeline(transaction=False)
-        pipe.set(keys.sim_sandbox(sandbox_id), json.dumps(record),
-                 exat=int(end_at) + 1)
-        pipe.sadd(keys.SIM_LIVE, sandbox_id)
-        pipe.incr(keys.SIM_CREATED)
-        pipe.execute()
+
+        def write(pipe: Any) -> None:
+            pipe.set(keys.sim_sandbox(sandbox_id), json.dumps(record), exat=int(end_at) + 1)
+            pipe.sadd(keys.SIM_LIVE, sandbox_id)
+            pipe.incr(keys.SIM_CREATED)
+
+        self._send(write)
+
+    def remove_own(self, sandbox_id: str) -> None:
+        """A sandbox this process created and now kills (known alive: count it)."""
+        if self.r is None:
+            self.remove(sandbox_id)
+            return
+
+        def write(pipe: Any) -> None:
+            pipe.delete(keys.sim_sandbox(sandbox_id))
+            pipe.srem(keys.SIM_LIVE, sandbox_id)
+            pipe.incr(keys.SIM_KILLED)
+
+        self._send(write)
 
     def remove(self, sandbox_id: str) -> bool:
         if self.r is None:
@@ -241,9 +268,10 @@ class SimProvider(SandboxProvider):
     name = "sim"
     simulated = True
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis | None = None,
+                 writer: WriteBehind | None = None) -> None:
         self.settings = settings
-        self.registry = _Registry(client)
+        self.registry = _Registry(client, writer)
         self._live: dict[str, SimSandbox] = {}
         self._lock = threading.Lock()
 
@@ -274,7 +302,7 @@ class SimProvider(SandboxProvider):
     def forget(self, sandbox_id: str) -> None:
         with self._lock:
             self._live.pop(sandbox_id, None)
-        self.registry.remove(sandbox_id)
+        self.registry.remove_own(sandbox_id)
 
     def list_live(self) -> list[LiveSandbox]:
         return self.registry.live()
