@@ -166,6 +166,28 @@ class _Sent:
         kwargs.pop("producer", None)
         self.calls.append({"name": name, **kwargs})
 
+    @property
+    def amqp(self) -> Any:
+        """Celery's message layer as the pipelined publisher uses it: route, build, send."""
+        calls = self.calls
+
+        class _Router:
+            def route(self, options: dict[str, Any], *_: Any) -> dict[str, Any]:
+                return {"queue": options["queue"]}
+
+        class _Amqp:
+            router = _Router()
+
+            def create_task_message(self, task_id: str, name: str, args: list[Any],
+                                    kwargs: dict[str, Any], **_: Any) -> dict[str, Any]:
+                return {"name": name, "args": args, "task_id": task_id}
+
+            def send_task_message(self, producer: Any, name: str, message: dict[str, Any],
+                                  **options: Any) -> None:
+                calls.append({**message, **options})
+
+        return _Amqp()
+
     @contextmanager
     def producer_or_acquire(self) -> Iterator[Any]:
         """Celery's pipelined publishing: a producer whose batch() groups sends."""
