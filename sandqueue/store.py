@@ -79,6 +79,16 @@ end
 return lost
 """
 
+# Remove a lease held by ARGV[2]. KEYS: running, owners. ARGV: id, me.
+_RELEASE = """
+if redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[2] then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 # Remove a lease if it is expired. KEYS: running, owners. ARGV: id, now.
 _CLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -116,6 +126,7 @@ class TaskStore:
         self.ttl_s = ttl_s
         self._begin = client.register_script(_BEGIN)
         self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._claim = client.register_script(_CLAIM)
 
@@ -179,12 +190,10 @@ class TaskStore:
         score = self.r.zscore(keys.RUNNING, task_id)
         return score is not None and score > time.time()
 
-    def release_lease(self, task_id: str, pipe: Any = None) -> None:
-        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
-        target.zrem(keys.RUNNING, task_id)
-        target.hdel(keys.RUNNING_OWNERS, task_id)
-        if pipe is None:
-            target.execute()
+    def release_lease(self, task_id: str, worker: str, pipe: Any = None) -> None:
+        """Give the lease up, if this worker still holds it (another may have taken over)."""
+        self._release(keys=[keys.RUNNING, keys.RUNNING_OWNERS], args=[task_id, worker],
+                      client=pipe if pipe is not None else self.r)
 
     def expired_leases(self, now: float | None = None, limit: int = 100) -> list[str]:
         now = time.time() if now is None else now

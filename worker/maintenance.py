@@ -72,6 +72,7 @@ class Maintenance:
             if ctx is not None and not ctx.stop.is_set():
                 log.warning("task %s: lease lost (another worker took the task over); "
                             "stopping this run", task_id)
+                ctx.lease_lost.set()
                 ctx.stop.set()
 
     def poll_cancellations(self) -> None:

@@ -66,6 +66,8 @@ class TaskContext:
     """Set when the worker stops or lost this task's lease: hand the task back."""
     cancel: threading.Event = field(default_factory=threading.Event)
     """Set when somebody cancelled the task."""
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+    """Set (with `stop`) when another worker took the task over."""
     _local_attempts: int = 0
 
     def interruption(self) -> errors.SandqueueError | None:

@@ -172,10 +172,15 @@ class Runtime:
         try:
             result = self._run(ctx, begin)
         except errors.WorkerStopping:
+            if ctx.lease_lost.is_set():
+                # Another worker took the task over (its message was already put back).
+                log.warning("task %s: lease lost; this run stops, the task lives on", task_id)
+                self.writer.sync()
+                raise Ignore() from None
             self._write(lambda p: (
                 self.store.update(task_id, p, status=TaskStatus.QUEUED,
                                   handed_back_at=time.time()),
-                self.store.release_lease(task_id, p),
+                self.store.release_lease(task_id, self.worker_name, p),
                 self.events.publish(task_id, {"phase": "handed_back"}, pipe=p)))
             self.writer.sync()
             raise Reject("worker stopping", requeue=True) from None
@@ -286,7 +291,7 @@ class Runtime:
         self._write(lambda p: (
             self.store.update(task_id, p, status=result.status, error=category,
                               cost_usd=result.total_cost_usd),
-            self.store.release_lease(task_id, p),
+            self.store.release_lease(task_id, self.worker_name, p),
             self.events.publish(task_id, {"phase": "result", "status": result.status.value,
                                           "error": category}, pipe=p)))
         if not self.writer.sync():

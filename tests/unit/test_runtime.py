@@ -163,3 +163,32 @@ def test_max_cost_usd_stops_the_agent() -> None:
     assert result.total_cost_usd is not None and result.total_cost_usd >= 0.001
     assert time.monotonic() - t0 < 0.3 * 6 / 7 + 1
     assert rt.pipeline.provider.list_live() == []
+
+
+def test_a_run_whose_lease_was_taken_over_stops_without_touching_the_new_owner() -> None:
+    """Given a worker cut off from Redis long enough for another to take its task over,
+    when it notices (lease renewal), its run stops and the new owner's lease is left alone."""
+    import threading
+
+    from worker.maintenance import Maintenance
+
+    rt = _runtime()
+    outcome: dict[str, Any] = {}
+
+    def deliver() -> None:
+        try:
+            outcome["value"] = rt.handle("t10", (_message(envs={"SIM_LATENCY_S": "5"}),), {})
+        except Ignore:
+            outcome["ignored"] = True
+
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    deadline = time.time() + 5
+    while "t10" not in rt.active_contexts() and time.time() < deadline:
+        time.sleep(0.01)
+    rt.redis.hset(keys.RUNNING_OWNERS, "t10", "other-worker")  # recovered elsewhere
+    Maintenance(rt).renew_leases()
+    thread.join(5)
+    assert outcome == {"ignored": True}
+    assert rt.redis.hget(keys.RUNNING_OWNERS, "t10") == b"other-worker"
+    assert rt.pipeline.provider.list_live() == []
