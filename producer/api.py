@@ -238,12 +238,15 @@ class Client:
         amqp = self.celery.amqp
         route = amqp.router.route({"queue": queue}, TASK_NAME, (), {}, None)
         with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2000):
+            if route.get("queue") is not None:
+                producer.maybe_declare(route["queue"])  # once, not per message
             for task, task_id in tasks:
                 body = TaskMessage(task=task, submitted_at=now).model_dump(
                     mode="json", exclude_defaults=True)
                 message = amqp.create_task_message(
                     task_id, TASK_NAME, [body], {}, argsrepr="(agent task)", kwargsrepr="{}")
-                amqp.send_task_message(producer, TASK_NAME, message, **dict(route))
+                amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False,
+                                       **dict(route))
 
     def _claim_keys(self, tasks: list[AgentTask], ids: list[str]) -> dict[str, str]:
         """Bind idempotency keys to task ids atomically (SET NX); {new id: earlier id} for

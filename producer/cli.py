@@ -506,12 +506,15 @@ def batch_cancel(ctx: click.Context, batch_id: str) -> None:
 def worker(ctx: click.Context, concurrency: int | None, queues: str | None, pool: str | None,
            loglevel: str, hostname: str | None, celery_args: tuple[str, ...]) -> None:
     """Start a worker (a Celery worker with sandqueue's pool and options)."""
-    redis_url = ctx.obj["overrides"].get("redis_url")
-    if redis_url:
-        os.environ["REDIS_URL"] = redis_url
+    # The worker's settings (pool sizes, Celery's pool) are read from the environment when
+    # worker.app is imported: flags must be in it first, or Celery's defaults win.
+    for name, value in (("REDIS_URL", ctx.obj["overrides"].get("redis_url")),
+                        ("SANDQUEUE_CONCURRENCY", concurrency), ("SANDQUEUE_POOL", pool)):
+        if value:
+            os.environ[name] = str(value)
     settings = load_settings()
-    concurrency = concurrency or settings.concurrency
-    pool = pool or settings.pool
+    concurrency = settings.concurrency
+    pool = settings.pool
     queues = queues or settings.queue
     if settings.provider == "e2b" and settings.anthropic_api_key is None:
         raise errors.ConfigError(

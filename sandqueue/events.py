@@ -28,10 +28,15 @@ class EventLog:
         self.max_len = max_len
         self.ttl_s = ttl_s
 
+    @staticmethod
+    def entry(event: dict[str, Any]) -> dict[str, str]:
+        """The stream entry of one event: its time and its JSON."""
+        return {"ts": f"{time.time():.3f}", "data": json.dumps(event, default=str)}
+
     def publish(self, task_id: str, event: dict[str, Any], *, pipe: Any = None) -> None:
         """Append one event. Progress reporting must never fail the task: errors are logged."""
         key = keys.events(task_id)
-        payload = {"ts": f"{time.time():.3f}", "data": json.dumps(event, default=str)}
+        payload = self.entry(event)
         target = pipe if pipe is not None else self.r.pipeline(transaction=False)
         target.xadd(key, payload, maxlen=self.max_len, approximate=True)
         target.expire(key, self.ttl_s)

@@ -210,12 +210,18 @@ class TaskStore:
     def tool_counts(self, record: dict[str, str]) -> dict[str, int]:
         return {k[5:]: int(v) for k, v in record.items() if k.startswith("tool:")}
 
-    def update(self, task_id: str, pipe: Any = None, **fields: Any) -> None:
-        """Set fields (None values are skipped); into `pipe` when given, else at once."""
-        key = keys.task(task_id)
+    @staticmethod
+    def values(**fields: Any) -> dict[str, Any]:
+        """Record fields as stored: None skipped, statuses by value, `updated_at` stamped."""
         values = {k: (v.value if isinstance(v, TaskStatus) else v) for k, v in fields.items()
                   if v is not None}
         values["updated_at"] = time.time()
+        return values
+
+    def update(self, task_id: str, pipe: Any = None, **fields: Any) -> None:
+        """Set fields (None values are skipped); into `pipe` when given, else at once."""
+        key = keys.task(task_id)
+        values = self.values(**fields)
         target = pipe if pipe is not None else self.r.pipeline(transaction=False)
         target.hset(key, mapping=values)
         target.expire(key, self.ttl_s)

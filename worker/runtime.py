@@ -21,7 +21,7 @@ from celery import Celery
 from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
-from sandqueue import errors
+from sandqueue import errors, keys
 from sandqueue.contract import (
     AgentResult,
     TaskMessage,
@@ -177,11 +177,9 @@ class Runtime:
                 log.warning("task %s: lease lost; this run stops, the task lives on", task_id)
                 self.writer.sync()
                 raise Ignore() from None
-            self._write(lambda p: (
-                self.store.update(task_id, p, status=TaskStatus.QUEUED,
-                                  handed_back_at=time.time()),
-                self.store.release_lease(task_id, self.worker_name, p),
-                self.events.publish(task_id, {"phase": "handed_back"}, pipe=p)))
+            self._state(task_id, {"status": TaskStatus.QUEUED, "handed_back_at": time.time()})
+            self.writer.submit(lambda p: self.store.release_lease(task_id, self.worker_name, p))
+            self._event(task_id, {"phase": "handed_back"})
             self.writer.sync()
             raise Reject("worker stopping", requeue=True) from None
         finally:
@@ -215,8 +213,7 @@ class Runtime:
             started_at=started,
             deadline_at=begin.deadline_at,
             on_state=lambda **fields: self._state(task_id, fields),
-            on_event=lambda event: self._write(
-                lambda p: self.events.publish(task_id, event, pipe=p)),
+            on_event=lambda event: self._event(task_id, event),
             # Durable at once: after a crash the side-effect rule depends on it.
             on_tool_call=lambda name: self._safe(self.store.record_tool_call, task_id, name),
             next_attempt=next_attempt,
@@ -279,21 +276,22 @@ class Runtime:
         except redis.RedisError as e:  # bookkeeping must not fail the task
             log.warning("could not record progress: %s", e)
 
-    def _write(self, write: Any) -> None:
-        self.writer.submit(write)
-
     def _state(self, task_id: str, fields: dict[str, Any]) -> None:
-        self._write(lambda p: self.store.update(task_id, p, **fields))
+        self.writer.hset(keys.task(task_id), self.store.values(**fields),
+                         self.settings.result_expires_s)
+
+    def _event(self, task_id: str, event: dict[str, Any]) -> None:
+        self.writer.xadd(keys.events(task_id), self.events.entry(event),
+                         self.settings.events_max_len, self.settings.result_expires_s)
 
     def _finish(self, task_id: str, result: AgentResult) -> None:
         """Final state, lease and `result` event, visible before the result is stored."""
         category = result.error.category.value if result.error else None
-        self._write(lambda p: (
-            self.store.update(task_id, p, status=result.status, error=category,
-                              cost_usd=result.total_cost_usd),
-            self.store.release_lease(task_id, self.worker_name, p),
-            self.events.publish(task_id, {"phase": "result", "status": result.status.value,
-                                          "error": category}, pipe=p)))
+        self._state(task_id, {"status": result.status, "error": category,
+                              "cost_usd": result.total_cost_usd})
+        self.writer.submit(lambda p: self.store.release_lease(task_id, self.worker_name, p))
+        self._event(task_id, {"phase": "result", "status": result.status.value,
+                              "error": category})
         if not self.writer.sync():
             log.warning("task %s: progress writes are behind (is Redis slow?)", task_id)
         log.info("task %s %s after %d attempt(s)%s", task_id, result.status.value,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +23,12 @@ Write = Callable[[Any], None]
 
 
 class WriteBehind:
-    def __init__(self, client: redis.Redis, tick_s: float = 0.02, max_batch: int = 2000) -> None:
+    def __init__(self, client: redis.Redis, tick_s: float = 0.02) -> None:
         self.r = client
         self.tick_s = tick_s
-        self.max_batch = max_batch
-        self._queue: deque[tuple[int, Write]] = deque()
+        self._queue: list[Write] = []
+        self._hsets: dict[str, dict[str, Any]] = {}
+        self._expires: dict[str, int] = {}
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
         self._wake = threading.Event()
@@ -36,16 +36,38 @@ class WriteBehind:
         self._flushed = 0
         self._thread: threading.Thread | None = None
 
-    def submit(self, write: Write) -> int:
+    def submit(self, write: Write) -> None:
+        """Queue arbitrary commands (added to the next pipeline in order)."""
         with self._lock:
-            self._seq += 1
-            self._queue.append((self._seq, write))
-            seq = self._seq
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="sandqueue-writer",
-                                                daemon=True)
-                self._thread.start()
-        return seq
+            self._queue.append(write)
+            self._queued()
+
+    def hset(self, key: str, mapping: dict[str, Any], ttl_s: int) -> None:
+        """Set hash fields; updates of one key between two flushes merge into one HSET."""
+        with self._lock:
+            pending = self._hsets.get(key)
+            if pending is not None:
+                pending.update(mapping)
+            else:
+                merged = dict(mapping)
+                self._hsets[key] = merged
+                self._queue.append(lambda p: p.hset(key, mapping=merged))
+            self._expires[key] = ttl_s
+            self._queued()
+
+    def xadd(self, key: str, fields: dict[str, Any], max_len: int, ttl_s: int) -> None:
+        """Append to a stream (bounded); its expiry is set once per flush."""
+        with self._lock:
+            self._queue.append(lambda p: p.xadd(key, fields, maxlen=max_len, approximate=True))
+            self._expires[key] = ttl_s
+            self._queued()
+
+    def _queued(self) -> None:
+        self._seq += 1
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="sandqueue-writer",
+                                            daemon=True)
+            self._thread.start()
 
     def sync(self, timeout_s: float = 10.0) -> bool:
         """Wait until every write submitted before this call has been sent."""
@@ -64,20 +86,23 @@ class WriteBehind:
             self._drain()
 
     def _drain(self) -> None:
-        while True:
-            with self._lock:
-                batch = [self._queue.popleft()
-                         for _ in range(min(len(self._queue), self.max_batch))]
-            if not batch:
+        with self._lock:
+            if not self._queue:
                 return
-            pipe = self.r.pipeline(transaction=False)
-            for _, write in batch:
-                write(pipe)
-            try:
-                pipe.execute()
-            except redis.RedisError as e:
-                # Progress is informative: log and move on rather than stall every task.
-                log.warning("could not write %d progress update(s): %s", len(batch), e)
-            with self._done:
-                self._flushed = batch[-1][0]
-                self._done.notify_all()
+            batch, self._queue = self._queue, []
+            expires, self._expires = self._expires, {}
+            self._hsets = {}
+            upto = self._seq
+        pipe = self.r.pipeline(transaction=False)
+        for write in batch:
+            write(pipe)
+        for key, ttl_s in expires.items():
+            pipe.expire(key, ttl_s)
+        try:
+            pipe.execute()
+        except redis.RedisError as e:
+            # Progress is informative: log and move on rather than stall every task.
+            log.warning("could not write %d progress update(s): %s", len(batch), e)
+        with self._done:
+            self._flushed = upto
+            self._done.notify_all()

@@ -197,6 +197,9 @@ class _Sent:
             def batch(self, max_size: int) -> Iterator[None]:
                 yield
 
+            def maybe_declare(self, queue: Any) -> None:
+                return None
+
         yield _Producer()
 
 
