@@ -1,0 +1,1 @@
+"""sandqueue benchmarks: `python -m bench` (see bench/README.md)."""
