@@ -52,8 +52,39 @@ def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Calla
     return task_message_handler
 
 
+class GuardedQoS(kombu_redis.QoS):
+    """Restoring unacknowledged messages when the connection closes must not be fatal.
+
+    When Redis goes away, Celery closes the connection, and kombu then tries to put the
+    worker's unacknowledged messages back on the queue over that very connection, which
+    has already been released: an AttributeError that ends the worker ("Unrecoverable
+    error") instead of letting it reconnect. Those messages stay in Redis's unacked hash;
+    the tasks keep running here, and if this worker dies, sandqueue's recovery
+    (`worker/leases.py`) puts them back.
+    """
+
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        try:
+            super().restore_unacked_once(stderr)
+        except Exception as e:
+            log.warning("could not put unacknowledged messages back (%s: %s); recovery of "
+                        "dead workers' tasks will", type(e).__name__, e)
+
+    def ack(self, delivery_tag: Any) -> None:
+        """A task that finishes after its channel died cannot be acknowledged on it. Its
+        result is stored; the message stays in the unacked hash until recovery re-queues it,
+        and that delivery is ignored because the task has finished."""
+        try:
+            super().ack(delivery_tag)
+        except AttributeError as e:
+            log.warning("could not acknowledge %s on a closed channel (%s); the finished "
+                        "task's message will be recovered and ignored", delivery_tag, e)
+
+
 class GuardedChannel(kombu_redis.Channel):
     """Moves queue entries that are not kombu envelopes to the dead-letter list."""
+
+    QoS = GuardedQoS
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
