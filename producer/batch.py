@@ -349,13 +349,20 @@ class BatchRunner:
         pending = self._resume(written)
         followed = set(pending.values())
         todo = [i for i in self.inputs if i.key not in written and i.key not in followed]
-        pending.update(self.batch.submit(todo, queue=self.queue, stop=self._over_budget))
+        pending.update(self.batch.submit(todo, queue=self.queue, stop=self._should_stop))
         if self._over_budget():
             self._stop(pending)
         self._follow(pending)
-        if self.progress.stopped is None:
+        if self.progress.stopped is None and self.batch.meta().get("status") == "running":
             self.batch.set_status("done")
         return self.progress
+
+    def _should_stop(self) -> bool:
+        """Between submission chunks: a budget ran out, or the batch was cancelled."""
+        if self.batch.meta().get("status") == "cancelled":
+            self.progress.stopped = self.progress.stopped or "the batch was cancelled"
+            return True
+        return self._over_budget()
 
     # -- resume ----------------------------------------------------------------------------
     def _read_out(self) -> dict[str, dict[str, Any]]:
