@@ -40,6 +40,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_socket_timeout": 30,
         "redis_retry_on_timeout": True,
         "result_backend_thread_safe": True,
+        # A task that finishes while Redis is down keeps its result: storing it is retried
+        # (backoff up to 10 s) instead of being dropped.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 60,
         # redis-py caps a pool at 100 connections by default: too few for a worker running
         # hundreds of threads.
         "redis_max_connections": max(100, settings.concurrency * 2 + 20),

@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from sandqueue.contract import TaskStatus
+from sandqueue.contract import FINAL_STATUSES, TaskStatus
 from sandqueue.store import TaskStore
 
 if TYPE_CHECKING:
     from kombu.transport.redis import Channel
 
 log = logging.getLogger(__name__)
+
+FINAL = {s.value for s in FINAL_STATUSES}
 
 
 def _task_id(raw: bytes | str) -> str | None:
@@ -52,6 +54,16 @@ def recover_orphans(app: Celery, store: TaskStore, lease_ttl_s: float,
                 continue
             if store.has_live_lease(task_id):
                 continue  # alive: a long task on a healthy worker
+            status = store.get(task_id).get("status")
+            if status in FINAL or client.exists(app.backend.get_key_for_task(task_id)):
+                # It finished, but its worker could not acknowledge the message (Redis was
+                # down): drop the message, never run the task again.
+                client.pipeline().hdel(channel.unacked_key, tag).zrem(
+                    channel.unacked_index_key, tag).execute()
+                store.claim_expired(task_id)
+                log.info("task %s: finished, but its message was never acknowledged; dropped",
+                         task_id)
+                continue
             store.claim_expired(task_id)
             # rightmost: consumed next (the queue is LPUSHed and BRPOPed), it waited enough.
             channel.qos.restore_by_tag(tag, client=client, leftmost=False)

@@ -1,9 +1,11 @@
 """Progress writes of all of a worker's tasks, batched into one Redis pipeline per tick.
 
-Events and state fields are informative: a few milliseconds of delay costs nothing, while a
-round trip per write made Redis I/O the worker's main cost (see BENCHMARKS.md). One thread
-drains a FIFO of write closures into a pipeline every `tick_s`, so each task's writes keep
-their order. Writes the guarantees depend on (leases, attempt numbers, tool calls) do not go
+Events and state fields tolerate a few milliseconds of delay, while a round trip per write
+made Redis I/O the worker's main cost (see BENCHMARKS.md). One thread drains a FIFO of
+write closures into a pipeline every `tick_s`, so each task's writes keep their order;
+updates of one hash between two flushes merge into one HSET. A batch that fails (Redis
+down) is kept and retried, so final states and lease releases land once Redis is back.
+Writes the guarantees depend on at once (leases, attempt numbers, tool calls) do not go
 through here; `sync()` makes everything queued so far visible before a result is stored.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +38,7 @@ class WriteBehind:
         self._seq = 0
         self._flushed = 0
         self._thread: threading.Thread | None = None
+        self._failures = 0
 
     def submit(self, write: Write) -> None:
         """Queue arbitrary commands (added to the next pipeline in order)."""
@@ -101,8 +105,18 @@ class WriteBehind:
         try:
             pipe.execute()
         except redis.RedisError as e:
-            # Progress is informative: log and move on rather than stall every task.
-            log.warning("could not write %d progress update(s): %s", len(batch), e)
+            # Keep them, in order, ahead of anything newer, and try again after a pause:
+            # final states and lease releases must land once Redis is back.
+            log.warning("could not write %d progress update(s), will retry: %s",
+                        len(batch), e)
+            with self._lock:
+                self._queue = batch + self._queue
+                self._expires = {**expires, **self._expires}
+                self._failures += 1
+                pause = min(2.0, 0.1 * 2 ** self._failures)
+            time.sleep(pause)
+            return
         with self._done:
+            self._failures = 0
             self._flushed = upto
             self._done.notify_all()

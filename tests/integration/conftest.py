@@ -11,11 +11,16 @@ and the Python API talks to them through Redis exactly as an application would.
 - `worker_factory` (per test) and `module_worker_factory` (per module) start workers and
   wait for their "ready" log line; their logs are attached to the report of a failing test.
 - `cli` runs `python -m producer.cli ...` and returns (exit code, stdout, stderr).
+- `api_client` is the Python API on the session's Redis; `aof_redis` a second, append-only
+  redis-server a test may take down and bring back (`down()`, `up()`, `restart()`), and
+  `aof_worker_factory` starts workers on it.
+- `wait_until`, `task_record` and `task_events` poll and read a task's state in Redis.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import signal
@@ -31,8 +36,10 @@ from typing import Any, NamedTuple
 import pytest
 import redis
 
+from producer.api import Client
 from sandqueue import keys
 from sandqueue.localredis import LocalRedis, start_redis
+from sandqueue.settings import Settings
 
 HERE = Path(__file__).parent
 QUEUE = "sandqueue"
@@ -205,6 +212,108 @@ def assert_secret_absent(client: redis.Redis, secret: str) -> None:
     assert not leaks, f"the secret is stored in Redis under {leaks}"
 
 
+class RestartableRedis:
+    """A redis-server of its own with append-only persistence, which a test takes down and
+    brings back up on the same port and data (`down()`, `up()`, `restart()`)."""
+
+    def __init__(self) -> None:
+        self.local = start_redis(appendonly=True)
+        self.url = self.local.url
+        assert self.local._proc is not None
+        self._args = self.local._proc.args
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_connect_timeout=2, socket_timeout=10)
+
+    def down(self) -> None:
+        """SIGTERM: Redis writes its append-only file and exits."""
+        proc = self.local._proc
+        assert proc is not None
+        proc.terminate()
+        proc.wait(10)
+
+    def up(self, timeout_s: float = 10.0) -> None:
+        self.local._proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL)
+        wait_until(lambda: _pings(self.url), timeout_s, "redis-server to come back up")
+
+    def restart(self) -> None:
+        self.local.restart()
+
+    def stop(self) -> None:
+        self.local.stop()
+
+
+def _pings(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def aof_redis(redis_server: LocalRedis) -> Iterator[RestartableRedis]:
+    """A second redis-server, append-only, for tests that restart Redis under workers (the
+    session's server is not restarted: other tests share it)."""
+    server = RestartableRedis()
+    yield server
+    server.stop()
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 10.0,
+               what: str | Callable[[], str] = "", interval_s: float = 0.05) -> Any:
+    """Poll until `predicate()` is truthy and return that value; fail after `timeout_s`
+    naming `what` (a callable is called then, to describe the state at the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            described = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout_s}s waiting for "
+                                 f"{described or predicate}")
+        time.sleep(interval_s)
+    return value
+
+
+def task_record(client: redis.Redis, task_id: str) -> dict[str, str]:
+    """The task's `sq:task:<id>` hash, decoded."""
+    return {k.decode(): v.decode() for k, v in client.hgetall(keys.task(task_id)).items()}
+
+
+def task_events(client: redis.Redis, task_id: str) -> list[dict[str, Any]]:
+    """The task's progress events as published (each with its `ts` as a float)."""
+    events = []
+    for _, fields in client.xrange(keys.events(task_id)):
+        event = json.loads(fields[b"data"])
+        event.setdefault("ts", float(fields[b"ts"]))
+        events.append(event)
+    return events
+
+
+def make_client(redis_url: str, **settings: Any) -> Client:
+    """A producer `Client` for this Redis (settings from the environment, no `.env`)."""
+    return Client(Settings(_env_file=None, redis_url=redis_url, **settings))  # type: ignore[call-arg]
+
+
+def close_client(client: Client) -> None:
+    if "celery" in client.__dict__:
+        client.celery.close()
+    if "redis" in client.__dict__:
+        client.redis.close()
+
+
+@pytest.fixture
+def api_client(redis_url: str) -> Iterator[Client]:
+    """The Python API, as an application uses it, on the session's Redis."""
+    client = make_client(redis_url)
+    yield client
+    close_client(client)
+
+
 # -- workers --------------------------------------------------------------------------------
 
 @dataclass
@@ -296,6 +405,15 @@ def worker_factory(redis_url: str, tmp_path_factory: pytest.TempPathFactory
                    ) -> Iterator[WorkerPool]:
     """Start workers for one test: `worker_factory(concurrency=4, queue=None, env={...})`."""
     pool = WorkerPool(redis_url, tmp_path_factory.mktemp("worker"))
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def aof_worker_factory(aof_redis: RestartableRedis, tmp_path_factory: pytest.TempPathFactory
+                       ) -> Iterator[WorkerPool]:
+    """Like `worker_factory`, for workers on `aof_redis`."""
+    pool = WorkerPool(aof_redis.url, tmp_path_factory.mktemp("aof-worker"))
     yield pool
     pool.stop_all()
 

@@ -1,0 +1,278 @@
+"""Batches through the real CLI and workers: a thousand inputs, a crash of the batch command
+and its resume, bad input files, budgets, status / results from another process and
+`--retry-failed`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.integration.conftest import (
+    QUEUE,
+    RunCli,
+    StartWorker,
+    Worker,
+    product_env,
+    sim_counts,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+SMALL_QUEUE = "sqit-batch-one"
+"""Consumed by a worker running one task at a time: most of a batch stays queued."""
+BATCH_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def worker(module_worker_factory: StartWorker) -> Worker:
+    return module_worker_factory(concurrency=100)
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(module_worker_factory: StartWorker) -> Worker:
+    return module_worker_factory(concurrency=1, queue=SMALL_QUEUE)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def count_lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def new_batch_id() -> str:
+    return f"sqit-{uuid.uuid4().hex[:12]}"
+
+
+# -- a thousand inputs ------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("worker")
+def test_a_thousand_inputs_give_one_result_line_each(cli: RunCli, rdb: redis.Redis,
+                                                    tmp_path: Path) -> None:
+    ids = [f"in-{i:04d}" for i in range(1000)]
+    source = write_jsonl(tmp_path / "inputs.jsonl", [
+        {"id": key, "prompt": f"Triage item {key}", "envs": {"SIM_LATENCY_S": "0.2"}}
+        for key in ids])
+    out = tmp_path / "results.jsonl"
+    started = time.monotonic()
+    code, stdout, err = cli("batch", "run", str(source), "--out", str(out), "--json",
+                            "--no-progress", timeout=BATCH_TIMEOUT_S)
+    elapsed = time.monotonic() - started
+    print(f"\n1000-task batch on one worker (concurrency 100): {elapsed:.1f}s")
+    assert code == 0, err[-3000:]
+    summary = json.loads(stdout)
+    lines = read_results(out)
+    assert len(lines) == 1000
+    assert sorted(line["id"] for line in lines) == ids
+    assert Counter(line["status"] for line in lines) == {"succeeded": 1000}
+    assert len({line["task_id"] for line in lines}) == 1000
+    assert summary["total"] == 1000
+    assert summary["by_status"] == {"succeeded": 1000}
+    assert summary["by_error"] == {}
+    assert summary["unsubmitted"] == 0
+    assert summary["stopped"] is None
+    assert summary["out"] == str(out)
+    assert summary["cost_usd"] == pytest.approx(1000 * 0.0042, rel=1e-6)
+    assert summary["duration_p50_s"] >= 0.2
+    assert sim_counts(rdb) == (0, 1000, 1000)
+
+
+# -- crash of the batch command, then resume ------------------------------------------------
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_batch_killed_midway_resumes_without_running_anything_twice(
+    cli: RunCli, rdb: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    total = 30
+    source = write_jsonl(tmp_path / "inputs.jsonl", [
+        {"id": f"k{i}", "prompt": f"Item {i}", "envs": {"SIM_LATENCY_S": "0.1"}}
+        for i in range(total)])
+    out = tmp_path / "results.jsonl"
+    argv = ("batch", "run", str(source), "--out", str(out), "--queue", SMALL_QUEUE, "--json",
+            "--no-progress")
+    with (tmp_path / "first.log").open("wb") as log:
+        first = subprocess.Popen([sys.executable, "-m", "producer.cli", *argv],
+                                 env=product_env(redis_url), cwd=tmp_path,
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: count_lines(out) >= total * 0.3 or first.poll() is not None, 60,
+                   "30% of the results")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    written = count_lines(out)
+    print(f"\nbatch command killed with {written}/{total} results written")
+    assert first.returncode == -signal.SIGKILL, "the batch ended before it could be killed"
+    assert written < total
+
+    code, stdout, err = cli(*argv, timeout=BATCH_TIMEOUT_S)
+    assert code == 0, err[-3000:]
+    lines = read_results(out)
+    assert sorted(line["id"] for line in lines) == sorted(f"k{i}" for i in range(total))
+    assert Counter(line["status"] for line in lines) == {"succeeded": total}
+    assert json.loads(stdout)["by_status"] == {"succeeded": total}
+    assert sim_counts(rdb) == (0, total, total), "some input ran twice"
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+def test_bad_lines_are_all_reported_and_nothing_is_submitted(
+    cli: RunCli, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    source = tmp_path / "inputs.jsonl"
+    source.write_text("\n".join([
+        json.dumps({"id": "a", "prompt": "good one"}),
+        '{"id": "b", "prompt": "cut short',                          # line 2: not JSON
+        json.dumps({"id": "c", "prompt": "good two"}),
+        json.dumps({"id": "d", "prompt": "   "}),                    # line 4: empty prompt
+        json.dumps({"id": "e", "prompt": "good three"}),
+        json.dumps({"id": "f", "prompt": "hi", "envs": {"1BAD": "x"}}),  # line 6: bad env name
+        json.dumps({"id": "g", "prompt": "good four"}),
+    ]) + "\n", encoding="utf-8")
+    code, out, err = cli("batch", "run", str(source), "--out", str(tmp_path / "r.jsonl"))
+    assert code == 2, (out, err)
+    for line in (2, 4, 6):
+        assert f"line {line}:" in err, err
+    for line in (1, 3, 5, 7):
+        assert f"line {line}:" not in err, err
+    assert "3 invalid line(s)" in err
+    assert rdb.llen(QUEUE) == 0
+    assert list(rdb.scan_iter("sq:task:*")) == []
+    assert list(rdb.scan_iter("sq:batch:*")) == []
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+# -- budgets ----------------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_max_failures_stops_the_batch_and_cancels_what_is_queued(
+    cli: RunCli, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    total = 20
+    rows = [{"id": f"f{i}", "prompt": f"Item {i}",
+             "envs": {"SIM_LATENCY_S": "0.3",
+                      **({"SIM_FAIL": "agent:is_error"} if i % 4 else {})}}
+            for i in range(total)]
+    source = write_jsonl(tmp_path / "inputs.jsonl", rows)
+    out = tmp_path / "results.jsonl"
+    batch_id = new_batch_id()
+    code, stdout, err = cli("batch", "run", str(source), "--out", str(out), "--queue",
+                            SMALL_QUEUE, "--max-failures", "2", "--batch-id", batch_id,
+                            "--json", "--no-progress", timeout=BATCH_TIMEOUT_S)
+    assert code == 1, err[-3000:]
+    summary = json.loads(stdout)
+    print(f"\n--max-failures 2: {summary['by_status']}, {sim_counts(rdb)[1]} sandboxes")
+    assert summary["stopped"] and "max-failures" in summary["stopped"], summary
+    assert summary["by_status"].get("failed", 0) >= 3
+    assert summary["by_status"].get("cancelled", 0) >= total // 2, summary
+    assert summary["by_error"].get("agent_error", 0) >= 3
+    created = sim_counts(rdb)[1]
+    assert created < total // 2, f"{created} of {total} inputs ran after the budget was spent"
+    lines = read_results(out)
+    assert len(lines) == total  # every input still gets its line
+    assert all(line["status"] == "cancelled" for line in lines
+               if line["status"] not in {"failed", "succeeded"})
+    code, stdout, err = cli("batch", "status", batch_id, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["status"] == "stopped"
+
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_max_cost_stops_the_batch_after_about_its_budget(
+    cli: RunCli, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    total = 20
+    source = write_jsonl(tmp_path / "inputs.jsonl", [
+        {"id": f"c{i}", "prompt": f"Item {i}",
+         "envs": {"SIM_LATENCY_S": "0.8", "SIM_COST_USD": "1"}} for i in range(total)])
+    code, stdout, err = cli("batch", "run", str(source), "--queue", SMALL_QUEUE,
+                            "--max-cost", "3", "--json", "--no-progress",
+                            timeout=BATCH_TIMEOUT_S)
+    assert code == 1, err[-3000:]
+    summary = json.loads(stdout)
+    print(f"\n--max-cost 3 at $1 a task: ${summary['cost_usd']}, {summary['by_status']}")
+    assert summary["stopped"] and "max-cost" in summary["stopped"], summary
+    succeeded = summary["by_status"].get("succeeded", 0)
+    assert 3 <= succeeded <= 5, summary
+    assert 3 <= summary["cost_usd"] <= 5, summary
+    assert summary["by_status"].get("cancelled", 0) == total - succeeded
+    assert sim_counts(rdb)[1] == succeeded
+
+
+# -- status, results and retry from other processes ----------------------------------------
+
+@pytest.mark.usefixtures("worker")
+def test_status_results_and_retry_failed(cli: RunCli, rdb: redis.Redis, tmp_path: Path) -> None:
+    failing = {"r2", "r5", "r7"}
+    keys_in_order = [f"r{i}" for i in range(10)]
+    source = write_jsonl(tmp_path / "inputs.jsonl", [
+        {"id": key, "prompt": f"Item {key}",
+         "envs": {"SIM_LATENCY_S": "0.1", **({"SIM_FAIL": "agent:is_error"}
+                                               if key in failing else {})}}
+        for key in keys_in_order])
+    out = tmp_path / "results.jsonl"
+    batch_id = new_batch_id()
+    run = ("batch", "run", str(source), "--out", str(out), "--batch-id", batch_id, "--json",
+           "--no-progress")
+    code, stdout, err = cli(*run, timeout=BATCH_TIMEOUT_S)
+    assert code == 1, err[-3000:]  # some inputs failed
+    assert json.loads(stdout)["by_status"] == {"succeeded": 7, "failed": 3}
+    first = {line["id"]: line for line in read_results(out)}
+    assert sim_counts(rdb)[1] == 10
+
+    # Another process, knowing only the batch id.
+    code, stdout, err = cli("batch", "status", batch_id, "--json")
+    assert code == 0, err
+    status = json.loads(stdout)
+    assert status["batch_id"] == batch_id
+    assert status["status"] == "done"
+    assert status["total"] == "10"
+    assert status["by_status"] == {"succeeded": 7, "failed": 3, "unsubmitted": 0}
+    assert status["cost_usd"] == pytest.approx(10 * 0.0042, rel=1e-6)
+
+    code, stdout, err = cli("batch", "results", batch_id)
+    assert code == 0, err
+    results = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["id"] for r in results] == keys_in_order  # input order, one line each
+    assert {r["id"] for r in results if r["status"] == "failed"} == failing
+    assert all(r["task_id"] == first[r["id"]]["task_id"] for r in results)
+
+    code, _, err = cli("batch", "status", "no-such-batch", "--json")
+    assert code == 2, err
+
+    # Running it again submits nothing; with --retry-failed only the failed inputs run again.
+    code, stdout, err = cli(*run, timeout=BATCH_TIMEOUT_S)
+    assert code == 1, err[-3000:]
+    assert sim_counts(rdb)[1] == 10, "a resume without --retry-failed ran something again"
+    code, stdout, err = cli(*run, "--retry-failed", timeout=BATCH_TIMEOUT_S)
+    assert code == 1, err[-3000:]  # they fail again (SIM_FAIL on every attempt)
+    assert sim_counts(rdb)[1] == 13, "--retry-failed ran more (or less) than the 3 failed inputs"
+    second = {line["id"]: line for line in read_results(out)}
+    assert sorted(second) == sorted(keys_in_order)
+    assert len(read_results(out)) == 10
+    rerun = {key for key in keys_in_order if second[key]["task_id"] != first[key]["task_id"]}
+    assert rerun == failing
+    assert json.loads(stdout)["by_status"] == {"succeeded": 7, "failed": 3}
