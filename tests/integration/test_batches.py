@@ -276,3 +276,26 @@ def test_status_results_and_retry_failed(cli: RunCli, rdb: redis.Redis, tmp_path
     rerun = {key for key in keys_in_order if second[key]["task_id"] != first[key]["task_id"]}
     assert rerun == failing
     assert json.loads(stdout)["by_status"] == {"succeeded": 7, "failed": 3}
+
+
+# -- the Python API ---------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("worker")
+def test_submit_batch_api_gives_progress_results_and_resubmits_nothing(
+    api_client: Any, rdb: redis.Redis
+) -> None:
+    """Given 30 tasks, submit_batch's handle yields every result once, reports progress, and
+    submitting the same batch again runs nothing twice."""
+    from producer.batch import submit_batch
+
+    tasks: list[Any] = [{"id": f"t{i}", "prompt": f"item {i}", "envs": {"SIM_LATENCY_S": "0.1"}}
+                        for i in range(30)]
+    batch_id = new_batch_id()
+    handle = submit_batch(tasks, batch_id=batch_id, client=api_client)
+    got = dict(handle.results(timeout=60))
+    assert sorted(got) == sorted(f"t{i}" for i in range(30))
+    assert all(r.status.value == "succeeded" for r in got.values())
+    assert handle.progress()["by_status"].get("succeeded") == 30
+    again = submit_batch(tasks, batch_id=batch_id, client=api_client)
+    assert dict(again.results(timeout=30)).keys() == got.keys()
+    assert sim_counts(rdb)[1] == 30, "a re-submitted batch must not run anything twice"
