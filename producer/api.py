@@ -72,6 +72,7 @@ class TaskHandle:
     def result(self) -> AgentResult | None:
         """The result if the task has finished, else None. Never blocks."""
         try:
+            self.client.redis.ping()
             async_result = self.client.celery.AsyncResult(self.id)
             if not async_result.ready():
                 return None
@@ -164,7 +165,9 @@ class Client:
         config["broker_transport_options"] = {**config["broker_transport_options"],
                                               "retry_on_timeout": False}
         app.conf.update(config)
-        app.conf.update(broker_connection_retry=False, broker_connection_max_retries=0)
+        # Producers fail fast and clearly while Redis is down; only workers keep retrying.
+        app.conf.update(broker_connection_retry=False, broker_connection_max_retries=0,
+                        result_backend_always_retry=False)
         return app
 
     def build(self, task: AgentTask | str | dict[str, Any], **fields: Any) -> AgentTask:
