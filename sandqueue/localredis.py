@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -104,6 +103,3 @@ def start_redis(*, allow_fake: bool = False, appendonly: bool = False) -> LocalR
     _wait_ready(local.url)
     return local
 
-
-def data_dir(local: LocalRedis) -> Path | None:
-    return Path(local._dir.name) if local._dir is not None else None

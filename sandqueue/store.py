@@ -195,11 +195,6 @@ class TaskStore:
         self._release(keys=[keys.RUNNING, keys.RUNNING_OWNERS], args=[task_id, worker],
                       client=pipe if pipe is not None else self.r)
 
-    def expired_leases(self, now: float | None = None, limit: int = 100) -> list[str]:
-        now = time.time() if now is None else now
-        return [_s(m) for m in self.r.zrangebyscore(keys.RUNNING, "-inf", now, start=0,
-                                                    num=limit)]
-
     def record_tool_call(self, task_id: str, name: str) -> None:
         """Counted as it happens, so the side-effect rule also holds after a crash."""
         pipe = self.r.pipeline(transaction=False)
