@@ -227,7 +227,7 @@ class Client:
         pipe = self.redis.pipeline(transaction=False)
         for _, task_id in fresh:
             self.store.mark_queued(task_id, now, pipe)
-            self.events.publish(task_id, {"phase": "queued"}, pipe=pipe)
+            self.events.publish(task_id, {"phase": "queued"}, pipe)
         pipe.execute()
         self._publish(fresh, now, queue or self.settings.queue)
         return [TaskHandle(self, earlier[i], duplicate=True) if i in earlier

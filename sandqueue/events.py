@@ -10,7 +10,6 @@ started, each tool call, agent text, retrying, result).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,8 +17,6 @@ from typing import Any
 import redis
 
 from sandqueue import keys
-
-log = logging.getLogger(__name__)
 
 
 class EventLog:
@@ -33,19 +30,11 @@ class EventLog:
         """The stream entry of one event: its time and its JSON."""
         return {"ts": f"{time.time():.3f}", "data": json.dumps(event, default=str)}
 
-    def publish(self, task_id: str, event: dict[str, Any], *, pipe: Any = None) -> None:
-        """Append one event. Progress reporting must never fail the task: errors are logged."""
-        key = keys.events(task_id)
-        payload = self.entry(event)
-        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
-        target.xadd(key, payload, maxlen=self.max_len, approximate=True)
-        target.expire(key, self.ttl_s)
-        if pipe is not None:
-            return
-        try:
-            target.execute()
-        except redis.RedisError as e:
-            log.warning("task %s: could not publish event: %s", task_id, e)
+    def publish(self, task_id: str, event: dict[str, Any], pipe: Any) -> None:
+        """Append one event into `pipe` (producers; workers batch theirs)."""
+        pipe.xadd(keys.events(task_id), self.entry(event), maxlen=self.max_len,
+                  approximate=True)
+        pipe.expire(keys.events(task_id), self.ttl_s)
 
     def follow(self, task_id: str, *, block_s: float = 1.0,
                stop: Any = None) -> Iterator[dict[str, Any]]:

@@ -52,19 +52,6 @@ local v = redis.call('HMGET', KEYS[1], 'deadline_at', 'tool_calls', 'last_text',
 return {'ok', delivery, attempt, v[1], v[2] or '', v[3] or '', v[4] or '', v[5] or ''}
 """
 
-# Take the lease unless another live owner holds it. KEYS: running, owners.
-# ARGV: task id, me, now, expiry. Returns 1 when taken, 0 when someone else holds it.
-_ACQUIRE = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) > tonumber(ARGV[3]) then
-  local owner = redis.call('HGET', KEYS[2], ARGV[1])
-  if owner and owner ~= ARGV[2] then return 0 end
-end
-redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
-
 # Renew leases still owned by ARGV[1]. KEYS: running, owners. ARGV: me, expiry, ids...
 # Returns the ids this worker no longer owns (recovered elsewhere while it was cut off).
 _RENEW = """
@@ -125,21 +112,17 @@ class TaskStore:
         self.r = client
         self.ttl_s = ttl_s
         self._begin = client.register_script(_BEGIN)
-        self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._claim = client.register_script(_CLAIM)
 
     # -- producer side -----------------------------------------------------------------
-    def mark_queued(self, task_id: str, submitted_at: float, pipe: Any = None,
-                    **extra: Any) -> None:
-        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
+    def mark_queued(self, task_id: str, submitted_at: float, pipe: Any) -> None:
+        """Into the producer's submit pipeline."""
         key = keys.task(task_id)
-        target.hset(key, mapping={"status": TaskStatus.QUEUED.value,
-                                  "submitted_at": submitted_at, **extra})
-        target.expire(key, self.ttl_s)
-        if pipe is None:
-            target.execute()
+        pipe.hset(key, mapping={"status": TaskStatus.QUEUED.value,
+                                "submitted_at": submitted_at})
+        pipe.expire(key, self.ttl_s)
 
     # -- worker side -------------------------------------------------------------------
     def begin(self, task_id: str, deadline_s: float, worker: str,
@@ -167,11 +150,6 @@ class TaskStore:
 
     def next_attempt(self, task_id: str) -> int:
         return int(self.r.hincrby(keys.task(task_id), "attempt", 1))
-
-    def acquire_lease(self, task_id: str, worker: str, ttl_s: float) -> bool:
-        now = time.time()
-        return bool(self._acquire(keys=[keys.RUNNING, keys.RUNNING_OWNERS],
-                                  args=[task_id, worker, now, now + ttl_s]))
 
     def renew_leases(self, task_ids: list[str], worker: str, ttl_s: float) -> list[str]:
         """Extend this worker's leases; returns the ids whose lease it no longer holds."""
@@ -213,15 +191,13 @@ class TaskStore:
         values["updated_at"] = time.time()
         return values
 
-    def update(self, task_id: str, pipe: Any = None, **fields: Any) -> None:
-        """Set fields (None values are skipped); into `pipe` when given, else at once."""
+    def update(self, task_id: str, **fields: Any) -> None:
+        """Set fields at once (None values are skipped); workers batch theirs instead."""
         key = keys.task(task_id)
-        values = self.values(**fields)
-        target = pipe if pipe is not None else self.r.pipeline(transaction=False)
-        target.hset(key, mapping=values)
-        target.expire(key, self.ttl_s)
-        if pipe is None:
-            target.execute()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(key, mapping=self.values(**fields))
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
 
     def get(self, task_id: str) -> dict[str, str]:
         raw = self.r.hgetall(keys.task(task_id))

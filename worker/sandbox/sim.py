@@ -150,12 +150,11 @@ class SimCommand(RunningCommand):
     """A scripted process: `script` yields (delay_s, stream, text) steps, then an exit code."""
 
     def __init__(self, script: Callable[[SimCommand], int], on_stdout: OutputCallback,
-                 on_stderr: OutputCallback, timeout_s: float) -> None:
+                 on_stderr: OutputCallback) -> None:
         self._script = script
         self.on_stdout = on_stdout
         self.on_stderr = on_stderr
         self.killed = threading.Event()
-        self.timeout_at = time.monotonic() + timeout_s
 
     def sleep(self, seconds: float) -> bool:
         """Wait like a process does; False when killed meanwhile."""
@@ -195,7 +194,7 @@ class SimSandbox(Sandbox):
         self.commands: list[SimCommand] = []
         self._dead = False
 
-    def _fail(self, where: str, what: str) -> bool:
+    def fails(self, where: str, what: str) -> bool:
         return (where, what) in self._fails
 
     def mcp_url(self) -> str:
@@ -206,11 +205,11 @@ class SimSandbox(Sandbox):
 
     def wait_gateway_ready(self, timeout_s: float) -> None:
         self._alive()
-        if self._fail("gateway", "timeout"):
+        if self.fails("gateway", "timeout"):
             raise errors.GatewayTimeout(
                 f"[simulated] the MCP gateway did not answer within {timeout_s:.0f}s"
             )
-        if self._fail("gateway", "unauthorized"):
+        if self.fails("gateway", "unauthorized"):
             raise errors.McpUnavailable("[simulated] the MCP gateway refused its token (HTTP 401)")
 
     def write_file(self, path: str, data: str | bytes) -> None:
@@ -227,7 +226,7 @@ class SimSandbox(Sandbox):
         from worker.sandbox.sim_agent import ScriptedAgent
 
         agent = ScriptedAgent(self, cmd, {**self._spec.envs, **(envs or {})})
-        command = SimCommand(agent.script, on_stdout, on_stderr, timeout_s)
+        command = SimCommand(agent.script, on_stdout, on_stderr)
         self.commands.append(command)
         return command
 
@@ -249,11 +248,6 @@ class SimSandbox(Sandbox):
     def spec(self) -> SandboxSpec:
         return self._spec
 
-    def env(self, name: str, default: str | None = None) -> str | None:
-        return self._spec.envs.get(name, default)
-
-    def fails(self, where: str, what: str) -> bool:
-        return self._fail(where, what)
 
     @property
     def user(self) -> str:
