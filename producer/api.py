@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from producer.outbox import IdempotencyConflict, Outbox
 from sandqueue import errors, keys
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
@@ -27,6 +29,10 @@ from sandqueue.events import EventLog
 from sandqueue.sealing import Sealer, seal_mcp
 from sandqueue.settings import Settings, load_settings
 from sandqueue.store import TaskStore
+
+STRANDED_AFTER_S = 10.0
+"""A task still `submitting` this long after it was recorded lost its producer mid-submit
+(publishing takes milliseconds); `wait()` publishes it."""
 
 
 class RedisUnavailable(errors.SandqueueError):
@@ -101,7 +107,10 @@ class TaskHandle:
             raise _redis_error(e, self.client.settings) from e
 
     def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> AgentResult:
-        """Block until the task ends; raise WaitTimeout after `timeout` seconds."""
+        """Block until the task ends; raise WaitTimeout after `timeout` seconds. A task whose
+        producer died between recording and publishing it is published first: nobody
+        waits on a task that nobody would run."""
+        self.client.republish_stranded([self.id], older_than_s=STRANDED_AFTER_S)
         try:
             self.client.redis.ping()  # fail fast and clearly, not after the backend's retries
             value = self.client.celery.AsyncResult(self.id).get(
@@ -151,6 +160,10 @@ class Client:
     @cached_property
     def events(self) -> EventLog:
         return EventLog(self.redis, self.settings.events_max_len, self.settings.result_expires_s)
+
+    @cached_property
+    def outbox(self) -> Outbox:
+        return Outbox(self.redis, self.settings.result_expires_s)
 
     @cached_property
     def sealer(self) -> Sealer:
@@ -221,72 +234,128 @@ class Client:
 
     def _submit_chunk(self, tasks: list[AgentTask], ids: list[str],
                       queue: str | None) -> list[TaskHandle]:
-        earlier = self._claim_keys(tasks, ids)
+        """Claim + record (one atomic step), publish, confirm: safe against a crash at any
+        point (see producer/outbox.py)."""
         now = time.time()
-        fresh = [(t, i) for t, i in zip(tasks, ids, strict=True) if i not in earlier]
+        queue = queue or self.settings.queue
+        entries = [(task_id, task, _body(task, now), queue)
+                   for task, task_id in zip(tasks, ids, strict=True)]
+        try:
+            claims = self.outbox.claim(entries, now)
+        except IdempotencyConflict as e:
+            raise _conflict(e) from e
+        to_publish: list[tuple[str, dict[str, Any], str]] = []
+        for (task_id, _, body, _), c in zip(entries, claims, strict=True):
+            if c.verdict == "new":
+                to_publish.append((task_id, body, queue))
+            elif c.verdict == "republish" and c.body is not None:
+                to_publish.append((c.task_id, c.body, c.queue or queue))
+        self._publish(to_publish)
         pipe = self.redis.pipeline(transaction=False)
-        for _, task_id in fresh:
-            self.store.mark_queued(task_id, now, pipe)
-            self.events.publish(task_id, {"phase": "queued"}, pipe)
+        self.outbox.confirm([t for t, _, _ in to_publish], pipe)
+        for task_id, c in zip(ids, claims, strict=True):
+            if c.verdict == "new":
+                self.events.publish(task_id, {"phase": "queued"}, pipe)
         pipe.execute()
-        self._publish(fresh, now, queue or self.settings.queue)
-        return [TaskHandle(self, earlier[i], duplicate=True) if i in earlier
-                else TaskHandle(self, i) for i in ids]
+        return [TaskHandle(self, c.task_id, duplicate=c.verdict != "new") for c in claims]
 
-    def _publish(self, tasks: list[tuple[AgentTask, str]], now: float, queue: str) -> None:
-        """Publish Celery task messages, pipelined. What `send_task` does, minus two costs
-        a batch of thousands should not pay per task: a pub/sub subscription to each result
-        (`wait()` subscribes when it is called, and reads results stored before that) and a
-        repr of every argument for the message headers."""
+    def _publish(self, messages: list[tuple[str, dict[str, Any], str]]) -> None:
+        """Publish Celery task messages (task id, body, queue), pipelined. What `send_task`
+        does, minus two costs a batch of thousands should not pay per task: a pub/sub
+        subscription to each result (`wait()` subscribes when it is called, and reads
+        results stored before that) and a repr of every argument for the message headers."""
+        if not messages:
+            return
         amqp = self.celery.amqp
-        route = amqp.router.route({"queue": queue}, TASK_NAME, (), {}, None)
+        routes: dict[str, dict[str, Any]] = {}
         with self.celery.producer_or_acquire() as producer, producer.batch(max_size=2000):
-            if route.get("queue") is not None:
-                producer.maybe_declare(route["queue"])  # once, not per message
-            for task, task_id in tasks:
-                body = TaskMessage(task=task, submitted_at=now).model_dump(
-                    mode="json", exclude_defaults=True)
+            for task_id, body, queue in messages:
+                if queue not in routes:
+                    route = amqp.router.route({"queue": queue}, TASK_NAME, (), {}, None)
+                    if route.get("queue") is not None:
+                        producer.maybe_declare(route["queue"])  # once, not per message
+                    routes[queue] = dict(route)
                 message = amqp.create_task_message(
                     task_id, TASK_NAME, [body], {}, argsrepr="(agent task)", kwargsrepr="{}")
                 amqp.send_task_message(producer, TASK_NAME, message, declare=[], retry=False,
-                                       **dict(route))
+                                       **routes[queue])
 
-    def _claim_keys(self, tasks: list[AgentTask], ids: list[str]) -> dict[str, str]:
-        """Bind idempotency keys to task ids atomically (SET NX); {new id: earlier id} for
-        keys that were bound already, also by a racing producer."""
-        keyed = [(t.idempotency_key, i) for t, i in zip(tasks, ids, strict=True)
-                 if t.idempotency_key]
-        if not keyed:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for key, task_id in keyed:
-            pipe.set(keys.idempotency(key), task_id, nx=True, ex=self.settings.result_expires_s)
-        taken = pipe.execute()
-        lost = [(key, task_id) for (key, task_id), ok in zip(keyed, taken, strict=True) if not ok]
-        if not lost:
-            return {}
-        bound = self.redis.mget([keys.idempotency(key) for key, _ in lost])
-        return {task_id: (b.decode() if isinstance(b, bytes) else str(b))
-                for (_, task_id), b in zip(lost, bound, strict=True)}
+    def republish_stranded(self, task_ids: list[str], older_than_s: float = 0.0) -> list[str]:
+        """Publish again tasks whose producer recorded them but never confirmed publishing
+        (it died in between) at least `older_than_s` ago; returns their ids. Harmless for
+        a copy that did go out: the worker drops a second delivery of a task that is
+        running or finished."""
+        stranded: list[tuple[str, dict[str, Any], str]] = []
+        before = time.time() - older_than_s
+        try:
+            for task_id in task_ids:
+                status, body, queue, at = self.redis.hmget(
+                    keys.task(task_id), "status", "message", "queue", "submitted_at")
+                if (_str(status) == TaskStatus.SUBMITTING.value and body
+                        and float(at or 0) <= before):
+                    stranded.append((task_id, json.loads(body),
+                                     _str(queue) or self.settings.queue))
+            self._publish(stranded)
+            pipe = self.redis.pipeline(transaction=False)
+            self.outbox.confirm([t for t, _, _ in stranded], pipe)
+            pipe.execute()
+        except (redis.RedisError, OperationalError) as e:
+            raise _redis_error(e, self.settings) from e
+        return [t for t, _, _ in stranded]
 
     def get(self, task_id: str) -> TaskHandle:
         return TaskHandle(self, task_id)
 
     def cancel_many(self, task_ids: list[str]) -> int:
-        """Ask for cancellation of many tasks in one round trip."""
+        """Cancel many tasks in one round trip; returns how many were cancelled or asked
+        to stop (tasks that had already ended or are unknown are not counted)."""
+        outcomes = self.cancel_outcomes(task_ids)
+        return sum(1 for o, _ in outcomes.values() if o in ("cancelled", "requested"))
+
+    def cancel_outcomes(self, task_ids: list[str]) -> dict[str, tuple[str, str | None]]:
+        """Task id -> (outcome, status it had ended with). Outcomes: `cancelled` (no worker
+        held it: it is final now and never starts), `requested` (its worker stops it
+        within seconds), `ended` (it had already finished), `unknown` (no such task)."""
         if not task_ids:
-            return 0
+            return {}
         try:
-            now = time.time()
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zadd(keys.CANCELLED, dict.fromkeys(task_ids, now))
-            for task_id in task_ids:
-                pipe.hset(keys.task(task_id), "cancel", 1)
-                pipe.expire(keys.task(task_id), self.settings.result_expires_s)
-            pipe.execute()
-        except redis.RedisError as e:
+            outcomes = self.outbox.cancel(task_ids, time.time())
+            ended_now = [t for t, (o, _) in outcomes.items() if o == "cancelled"]
+            for task_id in ended_now:
+                self._store_cancelled(task_id)
+        except (redis.RedisError, OperationalError) as e:
             raise _redis_error(e, self.settings) from e
-        return len(task_ids)
+        return outcomes
+
+    def _store_cancelled(self, task_id: str) -> None:
+        """The result of a task cancelled before any worker took it, so `wait()` returns.
+        (Should this producer die first, the worker that receives it stores the same.)"""
+        result = AgentResult(
+            task_id=task_id, status=TaskStatus.CANCELLED,
+            error=errors.Cancelled("the task was cancelled before it started").to_error())
+        pipe = self.redis.pipeline(transaction=False)
+        self.events.publish(task_id, {"phase": "result", "status": "cancelled",
+                                      "error": "cancelled"}, pipe)
+        pipe.execute()
+        self.celery.backend.store_result(task_id, result.model_dump(mode="json"), "SUCCESS")
+
+
+def _body(task: AgentTask, now: float) -> dict[str, Any]:
+    return TaskMessage(task=task, submitted_at=now).model_dump(mode="json",
+                                                               exclude_defaults=True)
+
+
+def _conflict(e: IdempotencyConflict) -> errors.InvalidTask:
+    shown = "; ".join(f"{key!r} is task {task_id}" for key, task_id in
+                      list(e.conflicts.items())[:5])
+    return errors.InvalidTask(
+        f"idempotency key already used for a different task ({shown}); nothing was "
+        "submitted. Use a new key for a new task, or submit exactly the same task to get "
+        "the existing one back")
+
+
+def _str(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _describe(e: ValidationError) -> str:

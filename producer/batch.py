@@ -347,6 +347,9 @@ class BatchRunner:
         self.batch.register(self.inputs, source)
         written = self._read_out()
         pending = self._resume(written)
+        # An interrupted run may have recorded tasks it never published: publish them now,
+        # or this run would follow them forever.
+        self.batch.client.republish_stranded(list(pending))
         followed = set(pending.values())
         todo = [i for i in self.inputs if i.key not in written and i.key not in followed]
         pending.update(self.batch.submit(todo, queue=self.queue, stop=self._should_stop))
@@ -538,6 +541,7 @@ def submit_batch(tasks: list[AgentTask | dict[str, Any] | str], *, batch_id: str
     ).hexdigest()[:16])
     batch.register(inputs, "api")
     known = batch.items()
+    client.republish_stranded(list(known.values()))
     submitted = {task_id: key for key, task_id in known.items()}
     submitted.update(batch.submit([i for i in inputs if i.key not in known], queue=queue))
     return BatchHandle(batch, submitted)

@@ -31,6 +31,8 @@ Label = Annotated[str, Field(max_length=256)]
 
 
 class TaskStatus(StrEnum):
+    SUBMITTING = "submitting"
+    """Recorded by a producer that has not yet confirmed publishing it (see producer/outbox)."""
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"

@@ -105,6 +105,8 @@ class NotMine:
     """This delivery must not run: the task finished, or another live worker runs it."""
 
     reason: str
+    final_status: str | None = None
+    """The status of a task that had already finished."""
 
 
 class TaskStore:
@@ -134,7 +136,7 @@ class TaskStore:
                                 now + lease_ttl_s])
         verdict = _s(out[0])
         if verdict == "final":
-            return NotMine(f"the task has already finished ({_s(out[1])})")
+            return NotMine(f"the task has already finished ({_s(out[1])})", _s(out[1]))
         if verdict == "busy":
             return NotMine(f"the task is running on {_s(out[1])}")
         delivery, attempt, deadline, calls, text, cost, cancel = out[1:]

@@ -170,6 +170,10 @@ class Runtime:
         begin = self.store.begin(task_id, self.settings.deadline_for(task.timeout_s),
                                  self.worker_name, self.settings.lease_ttl_s)
         if isinstance(begin, NotMine):
+            if begin.final_status == TaskStatus.CANCELLED and not self._has_result(task_id):
+                # Cancelled while queued by a producer that died before storing the result.
+                log.info("task %s: cancelled before it started", task_id)
+                return self._cancelled_before_start(task_id, message)
             log.info("task %s: duplicate delivery ignored: %s", task_id, begin.reason)
             raise Ignore()
         ctx = self._context(task_id, message, started, begin)
@@ -192,6 +196,20 @@ class Runtime:
             with self._lock:
                 self._active.pop(task_id, None)
         self._finish(task_id, result)
+        return result.model_dump(mode="json")
+
+    def _has_result(self, task_id: str) -> bool:
+        if self.celery_app is None:
+            return True
+        return bool(self.redis.exists(self.celery_app.backend.get_key_for_task(task_id)))
+
+    def _cancelled_before_start(self, task_id: str, message: TaskMessage) -> dict[str, Any]:
+        result = AgentResult(
+            task_id=task_id, status=TaskStatus.CANCELLED, labels=message.task.labels,
+            error=errors.Cancelled("the task was cancelled before it started").to_error(),
+            simulated=self.settings.provider == "sim")
+        self._event(task_id, {"phase": "result", "status": "cancelled", "error": "cancelled"})
+        self.writer.sync()
         return result.model_dump(mode="json")
 
     @staticmethod

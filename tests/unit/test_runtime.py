@@ -192,3 +192,24 @@ def test_a_run_whose_lease_was_taken_over_stops_without_touching_the_new_owner()
     assert outcome == {"ignored": True}
     assert rt.redis.hget(keys.RUNNING_OWNERS, "t10") == b"other-worker"
     assert rt.pipeline.provider.list_live() == []
+
+
+def test_a_task_cancelled_while_queued_is_answered_once_by_the_worker_that_receives_it() -> None:
+    # Given a task a producer cancelled while queued, and died before storing its result
+    class _Backend:
+        def get_key_for_task(self, task_id: str) -> str:
+            return f"celery-task-meta-{task_id}"
+
+    rt = _runtime()
+    rt.celery_app = type("App", (), {"backend": _Backend()})()  # type: ignore[assignment]
+    rt.redis.hset(keys.task("t-c"), mapping={"status": "cancelled", "cancel": 1})
+
+    # When its message arrives, a result is stored (returned) and no sandbox is created
+    result = AgentResult.model_validate(rt.handle("t-c", (_message(),), {}))
+    assert result.status is TaskStatus.CANCELLED
+    assert _sandboxes_created(rt) == 0
+
+    # And once its result exists, a further copy is only acknowledged
+    rt.redis.set("celery-task-meta-t-c", "{}")
+    with pytest.raises(Ignore):
+        rt.handle("t-c", (_message(),), {})

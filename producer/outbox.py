@@ -1,0 +1,224 @@
+"""Submitting safely: claim, record and publish a task so that a crash at any point loses
+nothing and runs nothing twice.
+
+A submit is three writes: bind the idempotency key to a task id, record the task, publish
+its Celery message. A producer can die (Ctrl-C, kill -9, Redis cut off) between any two.
+So the first two are one atomic step (`claim`): the key is bound *and* the task recorded as
+`submitting`, with the message body kept in the record while it is unconfirmed. Then the
+message is published, then `confirm` moves the record to `queued` and drops the body.
+
+Whoever submits the same key later (a batch resume, an app retrying) finds the record:
+- still `submitting`: the first producer may have died before publishing, so the message is
+  published again (`republish`). If the first copy did go out, the worker's delivery guard
+  (`TaskStore.begin`: final or leased tasks are not run again) drops the second copy;
+- any other status: the same task (`dup`), nothing is published;
+- a different task under the same key: `conflict`, an error naming the existing task;
+- a key with no record at all (claimed by an older producer that died before recording):
+  taken over by the new task, which is recorded and published.
+A chunk with any conflict claims nothing.
+
+`cancel` ends a task that no worker holds (queued, submitting, handed back) at once, so a
+task cancelled on a queue no worker serves does not sit in `queued` forever; the worker that
+later receives its message finds it final and drops it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from sandqueue import keys
+from sandqueue.contract import FINAL_STATUSES, AgentTask
+from sandqueue.sealing import is_sealed
+
+_FINAL = [s.value for s in FINAL_STATUSES]
+
+# ARGV: now, ttl, task key prefix, then 5 per task: id, idempotency key (or ''),
+# fingerprint, message body (JSON), queue. Returns one {verdict, id[, body, queue]} per task.
+_CLAIM = """
+local now, ttl, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local n = (#ARGV - 3) / 5
+local verdicts, claimed, conflict = {}, {}, false
+for i = 0, n - 1 do
+  local b = 4 + i * 5
+  local id, idem, fp = ARGV[b], ARGV[b + 1], ARGV[b + 2]
+  local v = {'new', id}
+  if idem ~= '' then
+    local here = claimed[idem]
+    local bound = here and here[1] or redis.call('GET', idem)
+    if here then
+      v = (here[2] == fp) and {'dup', bound} or {'conflict', bound}
+    elseif bound then
+      local rec = redis.call('HMGET', prefix .. bound, 'status', 'fingerprint', 'message',
+                             'queue')
+      if rec[1] then
+        if rec[2] and rec[2] ~= fp then v = {'conflict', bound}
+        elseif rec[1] == 'submitting' and rec[3] then v = {'republish', bound, rec[3], rec[4]}
+        else v = {'dup', bound} end
+      end
+    end
+    if v[1] == 'new' then claimed[idem] = {id, fp} end
+  end
+  if v[1] == 'conflict' then conflict = true end
+  verdicts[i + 1] = v
+end
+if conflict then return verdicts end
+for i = 0, n - 1 do
+  local b = 4 + i * 5
+  if verdicts[i + 1][1] == 'new' then
+    local id, idem = ARGV[b], ARGV[b + 1]
+    local key = prefix .. id
+    redis.call('HSET', key, 'status', 'submitting', 'submitted_at', now,
+               'fingerprint', ARGV[b + 2])
+    if idem ~= '' then
+      redis.call('SET', idem, id, 'EX', ttl)
+      redis.call('HSET', key, 'message', ARGV[b + 3], 'queue', ARGV[b + 4])
+    end
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+return verdicts
+"""
+
+# ARGV: task key prefix, ids... A worker may already have begun a task: only `submitting`
+# becomes `queued`. The kept message body is dropped either way.
+_CONFIRM = """
+for i = 2, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  if redis.call('HGET', key, 'status') == 'submitting' then
+    redis.call('HSET', key, 'status', 'queued')
+  end
+  redis.call('HDEL', key, 'message')
+end
+return 1
+"""
+
+# KEYS: running, cancelled. ARGV: now, ttl, task key prefix, final statuses (csv), ids...
+# Per id: {'ended', status} (already final), {'cancelled'} (nobody held it: final now),
+# {'requested'} (a worker runs it and stops it), {'unknown'} (no record).
+_CANCEL = """
+local now, ttl, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local final = {}
+for s in string.gmatch(ARGV[4], '[^,]+') do final[s] = true end
+local out = {}
+for i = 5, #ARGV do
+  local id = ARGV[i]
+  local key = prefix .. id
+  local status = redis.call('HGET', key, 'status')
+  local lease = redis.call('ZSCORE', KEYS[1], id)
+  if not status then
+    out[#out + 1] = {'unknown'}
+  elseif final[status] then
+    out[#out + 1] = {'ended', status}
+  elseif (status == 'queued' or status == 'submitting')
+         and not (lease and tonumber(lease) > now) then
+    redis.call('HSET', key, 'status', 'cancelled', 'cancel', 1, 'error', 'cancelled',
+               'updated_at', now)
+    redis.call('HDEL', key, 'message')
+    redis.call('EXPIRE', key, ttl)
+    out[#out + 1] = {'cancelled'}
+  else
+    redis.call('HSET', key, 'cancel', 1)
+    redis.call('EXPIRE', key, ttl)
+    redis.call('ZADD', KEYS[2], now, id)
+    out[#out + 1] = {'requested'}
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `claim` decided for one task."""
+
+    verdict: str
+    """`new` (recorded, to publish), `dup` (an earlier task, nothing to do), `republish`
+    (an earlier task never confirmed: publish it again) or `conflict`."""
+    task_id: str
+    body: dict[str, Any] | None = None
+    queue: str | None = None
+
+
+class IdempotencyConflict(Exception):
+    """An idempotency key is bound to a different task; nothing of the chunk was claimed."""
+
+    def __init__(self, conflicts: dict[str, str]) -> None:
+        self.conflicts = conflicts  # idempotency key -> existing task id
+        super().__init__(conflicts)
+
+
+def fingerprint(task: AgentTask) -> str:
+    """What makes two submits "the same task": every field but the idempotency key.
+    Sealed values are encrypted with a fresh IV each time, so they count by position
+    only (a changed token under the same key is still the same task)."""
+
+    def mask(value: Any) -> Any:
+        if is_sealed(value):
+            return "<sealed>"
+        if isinstance(value, dict):
+            return {k: mask(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mask(v) for v in value]
+        return value
+
+    data = mask(task.model_dump(mode="json", exclude={"idempotency_key"}))
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class Outbox:
+    """The three atomic steps of a submit, and cancellation of tasks nobody holds."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.r = client
+        self.ttl_s = ttl_s
+        self._claim = client.register_script(_CLAIM)
+        self._confirm = client.register_script(_CONFIRM)
+        self._cancel = client.register_script(_CANCEL)
+
+    def claim(self, entries: list[tuple[str, AgentTask, dict[str, Any], str]],
+              now: float) -> list[Claim]:
+        """Bind keys and record tasks as `submitting`, atomically. Entries are
+        (task id, task, message body, queue). Raises IdempotencyConflict."""
+        args: list[Any] = [now, self.ttl_s, keys.task("")]
+        for task_id, task, body, queue in entries:
+            idem = keys.idempotency(task.idempotency_key) if task.idempotency_key else ""
+            args += [task_id, idem, fingerprint(task),
+                     json.dumps(body, separators=(",", ":")), queue]
+        out = self._claim(keys=[], args=args)
+        claims = [_claim(v) for v in out]
+        conflicts = {task.idempotency_key or "": c.task_id
+                     for (_, task, _, _), c in zip(entries, claims, strict=True)
+                     if c.verdict == "conflict"}
+        if conflicts:
+            raise IdempotencyConflict(conflicts)
+        return claims
+
+    def confirm(self, task_ids: list[str], pipe: Any) -> None:
+        """Into `pipe`: published tasks become `queued` (unless a worker began them)."""
+        if task_ids:
+            self._confirm(keys=[], args=[keys.task(""), *task_ids], client=pipe)
+
+    def cancel(self, task_ids: list[str], now: float) -> dict[str, tuple[str, str | None]]:
+        """Task id -> (outcome, final status if it had already ended)."""
+        out = self._cancel(keys=[keys.RUNNING, keys.CANCELLED],
+                           args=[now, self.ttl_s, keys.task(""), ",".join(_FINAL), *task_ids])
+        return {t: (_s(v[0]), _s(v[1]) if len(v) > 1 else None)
+                for t, v in zip(task_ids, out, strict=True)}
+
+
+def _claim(value: list[Any]) -> Claim:
+    verdict, task_id = _s(value[0]), _s(value[1])
+    if verdict == "republish":
+        return Claim(verdict, task_id, json.loads(_s(value[2])), _s(value[3]) or None)
+    return Claim(verdict, task_id)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
