@@ -13,6 +13,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
@@ -61,6 +63,7 @@ class Runtime:
         self.celery_app = celery_app
         self.worker_name = worker_name or f"{socket.gethostname()}:{id(self):x}"
         self._active: dict[str, TaskContext] = {}
+        self._delivering: set[str] = set()
         self._lock = threading.Lock()
         self._maintenance: Maintenance | None = None
 
@@ -135,10 +138,28 @@ class Runtime:
         self.start_maintenance()
         slots_holder = self._take_key_slots(task_id, message)
         try:
-            return self._deliver(task_id, message, started)
+            with self._in_hand(task_id):
+                return self._deliver(task_id, message, started)
         finally:
             if slots_holder:
                 self.limiter.release(slots_holder)
+
+    @contextmanager
+    def _in_hand(self, task_id: str) -> Iterator[None]:
+        """One delivery of a task at a time in this process. The lease stops other workers,
+        but a second copy of a message (a producer republishing a task it could not confirm)
+        can reach this same worker while it runs the first, under the same lease owner."""
+        with self._lock:
+            if task_id in self._delivering:
+                log.info("task %s: duplicate delivery ignored: this worker is running it",
+                         task_id)
+                raise Ignore()
+            self._delivering.add(task_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._delivering.discard(task_id)
 
     def _take_key_slots(self, task_id: str, message: TaskMessage) -> str | None:
         """Per-key limits (tenant, credential, ...): wait a moment for a slot, else step

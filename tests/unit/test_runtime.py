@@ -213,3 +213,26 @@ def test_a_task_cancelled_while_queued_is_answered_once_by_the_worker_that_recei
     rt.redis.set("celery-task-meta-t-c", "{}")
     with pytest.raises(Ignore):
         rt.handle("t-c", (_message(),), {})
+
+
+def test_a_second_copy_of_a_running_task_in_the_same_worker_is_dropped() -> None:
+    # Given a worker running a task (its lease owner is this worker)
+    import threading
+
+    rt = _runtime()
+    message = _message(envs={"SIM_LATENCY_S": "0.5"})
+    outcome: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: outcome.update(rt.handle("t-dup", (message,), {})))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not rt.active_contexts() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    # When a second copy of its message arrives at the same worker, it is only acknowledged
+    with pytest.raises(Ignore):
+        rt.handle("t-dup", (message,), {})
+    first.join(10)
+
+    # And the task ran once, in one sandbox
+    assert AgentResult.model_validate(outcome).status is TaskStatus.SUCCEEDED
+    assert _sandboxes_created(rt) == 1
