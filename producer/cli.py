@@ -516,9 +516,11 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, pool
     concurrency = settings.concurrency
     pool = settings.pool
     queues = queues or settings.queue
-    if settings.provider == "e2b" and settings.anthropic_api_key is None:
+    if (settings.provider == "e2b" and settings.anthropic_api_key is None
+            and settings.claude_code_oauth_token is None):
         raise errors.ConfigError(
-            "ANTHROPIC_API_KEY is not set: Claude Code in the sandboxes cannot run without it"
+            "neither ANTHROPIC_API_KEY nor CLAUDE_CODE_OAUTH_TOKEN is set: Claude Code in the "
+            "sandboxes cannot run without one of them"
         )
     if settings.provider == "sim":
         render.err.print(f"[bold yellow]{render.SIM_BANNER}[/]")

@@ -24,7 +24,8 @@ MAX_PROMPT_BYTES = 256 * 1024
 MAX_SYSTEM_PROMPT_BYTES = 64 * 1024
 MAX_TIMEOUT_S = 24 * 3600
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-RESERVED_ENVS = frozenset({"ANTHROPIC_API_KEY", "E2B_API_KEY", "HOME", "PATH", "USER"})
+RESERVED_ENVS = frozenset({"ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "E2B_API_KEY", "HOME",
+                           "PATH", "USER"})
 """Sandbox variables the worker sets itself; a task may not override them."""
 
 Label = Annotated[str, Field(max_length=256)]
@@ -66,6 +67,8 @@ class ErrorCategory(StrEnum):
     AGENT_STALLED = "agent_stalled"
     AGENT_NO_RESULT = "agent_no_result"
     AGENT_ERROR = "agent_error"
+    AGENT_MISSING = "agent_missing"
+    MAX_TURNS = "max_turns"
     WORKER_LOST = "worker_lost"
     BUDGET_EXCEEDED = "budget_exceeded"
     TIMEOUT = "timeout"
@@ -213,6 +216,7 @@ class AgentResult(BaseModel):
     total_cost_usd: float | None = None
     usage: dict[str, Any] = Field(default_factory=dict)
     session_id: str | None = None
+    agent_version: str | None = Field(None, description="the agent CLI's version, as it said")
     timings: Timings = Field(default_factory=Timings)
     attempts: int = 0
     sandbox_id: str | None = None

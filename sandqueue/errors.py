@@ -15,7 +15,9 @@
         ├── InvalidTask             the task fails validation               invalid_task
         ├── AuthError               a key is missing or refused             auth
         ├── McpConfigError          bad MCP config, unresolvable ${ENV}     mcp_config
+        ├── AgentMissing            the agent CLI is not in the template    agent_missing
         ├── AgentError              the agent reported an error result      agent_error
+        ├── MaxTurns                the agent used up its max_turns         max_turns
         ├── BudgetExceeded          the task's max_cost_usd was reached     budget_exceeded
         ├── DeadlineExceeded        the task's timeout_s ran out            timeout
         └── Cancelled               somebody cancelled the task             cancelled
@@ -112,6 +114,19 @@ class McpConfigError(PermanentError):
 
 class AgentError(PermanentError):
     category = ErrorCategory.AGENT_ERROR
+
+
+class AgentMissing(PermanentError):
+    """The sandbox's template has no agent CLI for the sandbox user: every attempt would
+    fail the same way until the deployment uses a template that has it."""
+
+    category = ErrorCategory.AGENT_MISSING
+
+
+class MaxTurns(PermanentError):
+    """The agent stopped at the task's max_turns: a retry would stop there again."""
+
+    category = ErrorCategory.MAX_TURNS
 
 
 class BudgetExceeded(PermanentError):

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         validation_alias=_alias("ANTHROPIC_API_KEY"),
         description="given to Claude Code inside each sandbox (workers)",
     )
+    claude_code_oauth_token: SecretStr | None = Field(
+        None,
+        validation_alias=_alias("CLAUDE_CODE_OAUTH_TOKEN"),
+        description="alternative to ANTHROPIC_API_KEY: a `claude setup-token` token (workers)",
+    )
     sandbox: Literal["auto", "e2b", "sim"] = Field(
         "auto", description="sandbox provider; auto = e2b when E2B_API_KEY is set, else sim"
     )

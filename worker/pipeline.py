@@ -38,9 +38,6 @@ from worker.secrets import resolve_mcp
 
 log = logging.getLogger(__name__)
 
-SIM_PLACEHOLDER_KEY = "sk-ant-simulated-placeholder"
-"""Given to the simulated agent when no Anthropic key is configured (sim mode only)."""
-
 StateSink = Callable[..., None]
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -109,8 +106,7 @@ class Pipeline:
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
         redactor = Redactor()
-        key = self.settings.anthropic_api_key
-        redactor.add(key.get_secret_value() if key else None)
+        redactor.add(*self.agent.credentials(self.settings, simulated=True).values())
         progress = _Progress()
         progress.timings.queued_s = max(0.0, ctx.started_at - ctx.message.submitted_at)
         try:
@@ -205,7 +201,7 @@ class Pipeline:
             deadline_at=ctx.deadline_at,
             template=task.template,
             mcp=mcp,
-            envs={**task.envs, "ANTHROPIC_API_KEY": self._anthropic_key()},
+            envs={**task.envs, **self.agent.credentials(self.settings, self.provider.simulated)},
             labels=task.labels,
             request_timeout_s=max(1.0, min(remaining, self.settings.e2b_request_timeout_s)),
         )
@@ -276,16 +272,6 @@ class Pipeline:
                                       "text": redactor.text(str(block.get("text"))[:2000])})
         return sink
 
-    def _anthropic_key(self) -> str:
-        key = self.settings.anthropic_api_key
-        if key is not None:
-            return key.get_secret_value()
-        if self.provider.simulated:
-            return SIM_PLACEHOLDER_KEY
-        raise errors.AuthError(
-            "ANTHROPIC_API_KEY is not set on this worker; Claude Code cannot run without it"
-        )
-
     def _result(self, ctx: TaskContext, progress: _Progress,
                 error: errors.SandqueueError | None, redactor: Redactor) -> AgentResult:
         transcript = progress.run.transcript
@@ -302,13 +288,15 @@ class Pipeline:
         result = AgentResult(
             task_id=ctx.task_id,
             status=status,
-            result=final.get("result") if final else transcript.last_text,
+            # The error arm of a result has no `result` text: keep the agent's last words.
+            result=final["result"] if final.get("result") is not None else transcript.last_text,
             is_error=final.get("is_error"),
             subtype=final.get("subtype"),
             num_turns=final.get("num_turns"),
             total_cost_usd=round(progress.spent_usd, 6) if progress.spent_usd else None,
             usage=final.get("usage") or dict(transcript.usage_so_far),
             session_id=final.get("session_id") or init.get("session_id"),
+            agent_version=progress.run.agent_version or init.get("claude_code_version"),
             timings=progress.timings,
             attempts=progress.attempts,
             sandbox_id=progress.sandbox_id,

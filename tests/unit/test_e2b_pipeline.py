@@ -52,7 +52,13 @@ class FakeClaude:
         self.tool_calls = tool_calls
         self.runs: list[FakeProcess] = []
 
+    version = "2.1.221"
+
     def __call__(self, proc: FakeProcess) -> Iterator[Step]:
+        if proc.argv[1:] == ["--version"]:  # the adapter's preflight: not an agent run
+            yield from chunked(f"{self.version} (Claude Code)\n", self.rng)
+            yield Exit(0)
+            return
         behaviour = self.behaviours[min(len(self.runs), len(self.behaviours) - 1)]
         self.runs.append(proc)
         problem = self._cli_problem(proc)
@@ -73,8 +79,8 @@ class FakeClaude:
         if "--dangerously-skip-permissions" in argv and proc.user == "root":
             return ("--dangerously-skip-permissions cannot be used with root/sudo privileges "
                     "for security reasons")
-        if not proc.envs.get("ANTHROPIC_API_KEY"):
-            return "Invalid API key · Please run /login"
+        if not (proc.envs.get("ANTHROPIC_API_KEY") or proc.envs.get("CLAUDE_CODE_OAUTH_TOKEN")):
+            return "Not logged in · Please run /login"
         config = proc.arg("--mcp-config")
         if config is not None and config not in proc.sandbox.files:
             return f"Error: MCP config file not found: {config}"
@@ -239,7 +245,8 @@ def make_task(prompt: str = "Find the three newest papers on sandboxing.", *,
 
 
 def claude_runs(envd: FakeEnvd) -> list[FakeProcess]:
-    return envd.processes_of("claude")
+    """Agent runs (not the `claude --version` preflight)."""
+    return [p for p in envd.processes_of("claude") if p.argv[1:] != ["--version"]]
 
 
 @pytest.fixture

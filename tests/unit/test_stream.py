@@ -25,6 +25,10 @@ def _assistant(*blocks: dict[str, Any], usage: dict[str, Any] | None = None) -> 
     return {"type": "assistant", "message": message}
 
 
+def _text(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
 def _tool(name: str) -> dict[str, Any]:
     return {"type": "tool_use", "id": f"toolu_{name}", "name": name, "input": {"q": "ü"}}
 
@@ -209,3 +213,21 @@ def test_init_fields_are_read_defensively() -> None:
     assert t.mcp_servers == [] and t.tools == []
     t.apply({"type": "system", "subtype": "other", "tools": ["X"]})
     assert t.tools == []  # only the init event describes the tools
+
+
+def test_usage_repeated_per_content_block_is_counted_once_per_message_id() -> None:
+    # One API response with three content blocks arrives as three assistant events sharing
+    # the message id and the usage (code.claude.com/docs/en/agent-sdk/cost-tracking;
+    # anthropics/claude-code#87303); the last copy carries the final output count.
+    t = Transcript()
+    first = {"input_tokens": 3, "cache_read_input_tokens": 22749, "output_tokens": 1}
+    for block, usage in ((_text("thinking"), first), (_tool("Bash"), first),
+                         (_tool("Read"), {**first, "output_tokens": 57})):
+        t.apply({"type": "assistant", "message": {"id": "msg_01A", "content": [block],
+                                                   "usage": usage}})
+    t.apply({"type": "assistant", "message": {"id": "msg_01B", "content": [_text("done")],
+                                               "usage": {"input_tokens": 10,
+                                                         "output_tokens": 5}}})
+    assert t.usage_so_far == {"input_tokens": 13, "cache_read_input_tokens": 22749,
+                              "output_tokens": 62}
+    assert dict(t.tool_calls) == {"Bash": 1, "Read": 1}

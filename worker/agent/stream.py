@@ -88,7 +88,15 @@ class Transcript:
     last_text: str | None = None
     noise_lines: int = 0
     events: int = 0
-    usage_so_far: dict[str, int] = field(default_factory=dict)
+    usage_by_message: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Usage per model message id. Claude Code streams one API response as one `assistant`
+    event per content block, each repeating the response's `message.id` and `usage`
+    (documented: code.claude.com/docs/en/agent-sdk/cost-tracking, "deduplicate by ID";
+    maintainer on anthropics/claude-code#87303), so summing events counts a response
+    1.4-2.5x. The last copy wins: it carries the most complete output count."""
+    api_error: str | None = None
+    """The kind of API error a synthetic assistant message reported (`rate_limit`, ...)."""
+    _anonymous: int = 0
 
     @property
     def mcp_servers(self) -> list[dict[str, str]]:
@@ -119,6 +127,8 @@ class Transcript:
         if kind == "system" and event.get("subtype") == "init":
             self.init = event
         elif kind == "assistant":
+            if isinstance(event.get("error"), str):
+                self.api_error = event["error"]
             self._assistant(event.get("message") or {})
         elif kind == "result":
             self.result = event
@@ -135,6 +145,18 @@ class Transcript:
                     self.last_text = block["text"]
         usage = message.get("usage")
         if isinstance(usage, dict):
+            message_id = message.get("id")
+            if not isinstance(message_id, str) or not message_id:
+                self._anonymous += 1  # no id to de-duplicate by: count it on its own
+                message_id = f"\0anonymous-{self._anonymous}"
+            self.usage_by_message[message_id] = {
+                k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+    @property
+    def usage_so_far(self) -> dict[str, int]:
+        """Token counts of the run so far, each model message counted once."""
+        total: dict[str, int] = {}
+        for usage in self.usage_by_message.values():
             for key, value in usage.items():
-                if isinstance(value, int):
-                    self.usage_so_far[key] = self.usage_so_far.get(key, 0) + value
+                total[key] = total.get(key, 0) + value
+        return total

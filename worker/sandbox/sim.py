@@ -15,8 +15,12 @@ Behaviour is set per task through the task's `envs` (they become the sandbox's e
     SIM_COST_USD=0.01         the cost the result reports
     SIM_FAIL=where:what[:n],...  fail the first n attempts (all when n is omitted):
         create:rate_limit|unavailable|auth|gateway_config|template
-        gateway:timeout|unauthorized
-        agent:hang|silent_exit|is_error|overloaded|rate_limit|auth|mcp_failed|no_tools|crash
+        gateway:timeout|unauthorized|no_tools (tools/list stays empty)
+        agent:hang|silent_exit|is_error|overloaded|rate_limit|auth|mcp_failed|crash
+              |missing (no Claude Code in the template)
+    SIM_MCP_STATUS=pending    the gateway's status in Claude Code's init event (default
+                              connected; pending lists none of its tools yet, as real runs do)
+    SIM_TOOLS=Bash,Read       the tool calls the agent attempts, in order (with SIM_TOOL_CALLS)
 
 Live simulated sandboxes are recorded in Redis (when given a client) so tests, the reaper
 and other processes can see them, as they would list real ones.
@@ -192,6 +196,8 @@ class SimSandbox(Sandbox):
         self._token = uuid.uuid4().hex
         self.files: dict[str, bytes] = {}
         self.commands: list[SimCommand] = []
+        self.executed_tools: list[str] = []
+        """Tool calls the scripted agent's permissions let run (denied ones are not here)."""
         self._dead = False
 
     def fails(self, where: str, what: str) -> bool:
@@ -209,6 +215,10 @@ class SimSandbox(Sandbox):
             raise errors.GatewayTimeout(
                 f"[simulated] the MCP gateway did not answer within {timeout_s:.0f}s"
             )
+        if self.fails("gateway", "no_tools"):
+            raise errors.GatewayTimeout(
+                f"[simulated] the MCP gateway listed no tools for {', '.join(self._spec.mcp)} "
+                f"within {timeout_s:.0f}s")
         if self.fails("gateway", "unauthorized"):
             raise errors.McpUnavailable("[simulated] the MCP gateway refused its token (HTTP 401)")
 
@@ -218,7 +228,13 @@ class SimSandbox(Sandbox):
 
     def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
         self._alive()
-        return CommandResult(127, "", f"[simulated] {cmd.split()[0]}: command not found\n")
+        argv = shlex.split(cmd)
+        if len(argv) == 2 and argv[0].endswith("claude") and argv[1] == "--version":
+            from worker.sandbox.sim_agent import ScriptedAgent
+
+            return CommandResult(*ScriptedAgent(self, cmd, dict(self._spec.envs)).version())
+        return CommandResult(127, "", f"[simulated] {argv[0] if argv else cmd}: command not "
+                                      "found\n")
 
     def start(self, cmd: str, *, on_stdout: OutputCallback, on_stderr: OutputCallback,
               timeout_s: float, envs: dict[str, str] | None = None) -> RunningCommand:

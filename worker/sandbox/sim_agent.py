@@ -2,8 +2,13 @@
 
 It reads its command line the way the CLI does and refuses what the CLI refuses
 (`stream-json` without `--verbose`, `--dangerously-skip-permissions` as root, a missing
-`--mcp-config` file, no API key), so the simulated runs also test the command the adapter
-builds. Its final text echoes the prompt it received, byte for byte, with a digest.
+`--mcp-config` file, no credential), so the simulated runs also test the command the adapter
+builds. It reproduces what the real CLI does on healthy runs that a naive adapter misreads
+(MCP servers `pending` at init, usage repeated per content block, API errors as `success`
+results with `is_error`) and applies tool permissions with the real semantics (allow rules
+ignored in bypass mode, denies binding in every mode, `--tools` limiting built-ins), so a
+test fails where production would. Its final text echoes the prompt it received, byte for
+byte, with a digest. The research behind each quirk is cited where it is reproduced.
 """
 
 from __future__ import annotations
@@ -20,8 +25,37 @@ if TYPE_CHECKING:
 BUILTIN_TOOLS = ["Task", "Bash", "Glob", "Grep", "Read", "Edit", "Write", "WebFetch"]
 
 
+SIM_CLAUDE_VERSION = "2.1.221"
+"""The Claude Code version whose behaviour the scripted agent imitates (2.1.221: `-p` with
+`--mcp-config` waits for pending servers before the first turn, up to MCP_TIMEOUT)."""
+DONT_ASK_DENIAL = ("Permission to use {tool} has been denied because Claude Code is running in "
+                   "don't ask mode.")
+NO_SUCH_TOOL = "<tool_use_error>Error: No such tool available: {tool}</tool_use_error>"
+BAD_KEY = "bad-key"
+"""An ANTHROPIC_API_KEY with this value is refused as an invalid key."""
+API_ERRORS: dict[str, tuple[int, str, str]] = {
+    # what: (api_error_status, synthetic `error` kind, result text) as current versions print
+    # them (code.claude.com/docs/en/errors)
+    "overloaded": (529, "overloaded", "API Error: Repeated 529 Overloaded errors. The API is "
+                   "at capacity — this is usually temporary. Try again in a moment."),
+    "rate_limit": (429, "rate_limit", "API Error: Request rejected (429) · this may be a "
+                   "temporary capacity issue."),
+    "auth": (401, "authentication_failed", "Invalid API key · Fix external API key"),
+}
+
+
 class CliError(Exception):
     pass
+
+
+def _matches(rule: str, tool: str) -> bool:
+    """A permission rule's tool part against a tool name: exact, `mcp__server` (all of a
+    server's tools) or a trailing `*` glob."""
+    name = rule.split("(", 1)[0]
+    if name.endswith("*"):
+        return tool.startswith(name[:-1])
+    return tool == name or (name.startswith("mcp__") and name.count("__") == 1
+                            and tool.startswith(name + "__"))
 
 
 class ScriptedAgent:
@@ -30,6 +64,9 @@ class ScriptedAgent:
         self.cmd = cmd
         self.envs = envs
         self.session_id = str(uuid.uuid4())
+        self._messages = 0
+        self.usage: dict[str, dict[str, int]] = {}
+        self.denials: list[dict[str, Any]] = []
 
     # -- the command line -------------------------------------------------------------
     def _parse(self) -> dict[str, Any]:
@@ -38,7 +75,8 @@ class ScriptedAgent:
             raise CliError(f"bash: {argv[0] if argv else ''}: command not found")
         opts: dict[str, Any] = {"flags": set()}
         value_flags = {"--output-format", "--mcp-config", "--model", "--max-turns",
-                       "--allowedTools", "--disallowedTools", "--append-system-prompt"}
+                       "--allowedTools", "--disallowedTools", "--append-system-prompt",
+                       "--permission-mode", "--tools"}
         it = iter(argv[1:])
         for arg in it:
             if arg in value_flags:
@@ -64,9 +102,18 @@ class ScriptedAgent:
         if opts.get("--output-format") == "stream-json" and "--verbose" not in opts["flags"]:
             raise CliError("Error: When using --print, --output-format=stream-json requires "
                            "--verbose")
-        if "--dangerously-skip-permissions" in opts["flags"] and self.sandbox.user == "root":
+        mode = opts.get("--permission-mode", "default")
+        if mode not in {"default", "acceptEdits", "bypassPermissions", "plan", "dontAsk",
+                        "auto"}:
+            raise CliError(f"error: option '--permission-mode <mode>' argument '{mode}' is "
+                           "invalid")
+        if "--dangerously-skip-permissions" in opts["flags"]:
+            mode = "bypassPermissions"
+        # The root check applies to bypass mode only (anthropics/claude-code src/setup.ts).
+        if mode == "bypassPermissions" and self.sandbox.user == "root":
             raise CliError("--dangerously-skip-permissions cannot be used with root/sudo "
                            "privileges for security reasons")
+        opts["mode"] = mode
 
     def _mcp_config(self, path: str) -> dict[str, Any]:
         if path not in self.sandbox.files:
@@ -76,83 +123,175 @@ class ScriptedAgent:
         except (ValueError, KeyError, TypeError) as e:
             raise CliError(f"Error: invalid MCP config {path}: {e}") from e
 
+    # -- tools and permissions, as the CLI applies them ----------------------------------
+    def _rules(self, opts: dict[str, Any], flag: str) -> list[str]:
+        return [r.strip() for r in (opts.get(flag) or "").split(",") if r.strip()]
+
+    def _context_tools(self, opts: dict[str, Any], mcp_tools: list[str]) -> list[str]:
+        """Tools the model is given: `--tools` limits the built-ins (not MCP tools); a bare
+        name in `--disallowedTools` removes a tool (code.claude.com/docs/en/cli-reference)."""
+        builtins = BUILTIN_TOOLS
+        if "--tools" in opts:
+            wanted = set(self._rules(opts, "--tools"))
+            builtins = [t for t in BUILTIN_TOOLS if t in wanted]
+        bare_denies = [r for r in self._rules(opts, "--disallowedTools") if "(" not in r]
+        return [t for t in builtins + mcp_tools
+                if not any(_matches(r, t) for r in bare_denies)]
+
+    def _verdict(self, opts: dict[str, Any], tool: str, context: list[str]) -> str | None:
+        """None when the call runs, else the error the model gets back."""
+        if tool not in context:
+            return NO_SUCH_TOOL.format(tool=tool)
+        if any(_matches(r, tool) for r in self._rules(opts, "--disallowedTools")):
+            return f"Permission to use {tool} has been denied."
+        # Allow rules have no effect in bypass mode (docs: permission-modes).
+        if opts["mode"] == "dontAsk" and not any(
+                _matches(r, tool) for r in self._rules(opts, "--allowedTools")):
+            return DONT_ASK_DENIAL.format(tool=tool)
+        return None
+
     # -- the run -------------------------------------------------------------------------
+    def version(self) -> tuple[int, str, str]:
+        """`claude --version`, or the shell's answer when the template lacks the CLI."""
+        if self.sandbox.fails("agent", "missing"):
+            return 127, "", "bash: line 1: claude: command not found\n"
+        return 0, f"{SIM_CLAUDE_VERSION} (Claude Code)\n", ""
+
     def script(self, proc: SimCommand) -> int:
+        if self.sandbox.fails("agent", "missing"):
+            proc.emit("bash: line 1: claude: command not found\n", "stderr")
+            return 127
         try:
             opts = self._parse()
         except CliError as e:
             proc.emit(f"{e}\n", "stderr")
             return 1
-        fails = self.sandbox.fails
-        latency = float(self.envs.get("SIM_LATENCY_S", self.sandbox.default_latency_s))
-        n_tools = int(self.envs.get("SIM_TOOL_CALLS", "0"))
         proc.emit("[simulated] Claude Code starting (sandqueue sim provider)\n")
         mcp_tools = self._mcp_tools(opts)
-        proc.emit(self._line(self._init(opts, mcp_tools)))
-        if not self.envs.get("ANTHROPIC_API_KEY") or fails("agent", "auth"):
-            return self._finish(proc, opts, 0, is_error=True,
-                                text="Invalid API key · Please run /login")
-        if fails("agent", "silent_exit"):
+        context = self._context_tools(opts, mcp_tools)
+        proc.emit(self._line(self._init(opts, mcp_tools, context)))
+        early = self._early_exit(proc, opts)
+        if early is not None:
+            return early
+        return self._work(proc, opts, mcp_tools, context)
+
+    def _early_exit(self, proc: SimCommand, opts: dict[str, Any]) -> int | None:
+        """Credentials and the crash modes that end a run before its first turn."""
+        key = self.envs.get("ANTHROPIC_API_KEY")
+        if not key and not self.envs.get("CLAUDE_CODE_OAUTH_TOKEN"):
+            return self._api_error(proc, opts, None, "authentication_failed",
+                                   "Not logged in · Please run /login")
+        if key == BAD_KEY or self.sandbox.fails("agent", "auth"):
+            return self._api_error(proc, opts, *API_ERRORS["auth"])
+        if self.sandbox.fails("agent", "silent_exit"):
             return 0
-        if fails("agent", "crash"):
+        if self.sandbox.fails("agent", "crash"):
             proc.emit('{"type":"assistant","message":{"con')
             proc.emit("TypeError: Cannot read properties of undefined (reading 'map')\n",
                       "stderr")
             return 1
-        steps = n_tools + 1
-        for i in range(n_tools):
+        return None
+
+    def _work(self, proc: SimCommand, opts: dict[str, Any], mcp_tools: list[str],
+              context: list[str]) -> int:
+        fails = self.sandbox.fails
+        latency = float(self.envs.get("SIM_LATENCY_S", self.sandbox.default_latency_s))
+        planned = self._planned_calls(mcp_tools)
+        steps = len(planned) + 1
+        for i, tool in enumerate(planned):
             if not proc.sleep(latency / steps):
                 return 137
             max_turns = opts.get("--max-turns")
             if max_turns is not None and i + 1 >= int(max_turns):
-                return self._finish(proc, opts, i + 1, is_error=True, subtype="error_max_turns",
-                                    text="")
-            self._tool_call(proc, mcp_tools[i % len(mcp_tools)] if mcp_tools else "Bash", i)
+                return self._finish(proc, opts, i + 1, subtype="error_max_turns",
+                                    errors_=[f"Reached maximum number of turns ({max_turns})"])
+            self._tool_call(proc, opts, tool, context, i)
         if fails("agent", "hang"):
             proc.sleep(float("inf"))
             return 137
         if not proc.sleep(latency / steps):
             return 137
-        for what, text in (
-            ("overloaded", 'API Error: 529 {"type":"error","error":{"type":"overloaded_error",'
-                           '"message":"Overloaded"}}'),
-            ("rate_limit", 'API Error: 429 {"type":"error","error":{"type":"rate_limit_error"}}'),
-            ("is_error", "The agent could not complete the task"),
-        ):
+        for what in ("overloaded", "rate_limit"):
             if fails("agent", what):
-                subtype = "error_during_execution" if what == "is_error" else "success"
-                return self._finish(proc, opts, n_tools + 1, is_error=True, subtype=subtype,
-                                    text=text)
-        return self._finish(proc, opts, n_tools + 1, is_error=False, text=self._echo(opts))
+                return self._api_error(proc, opts, *API_ERRORS[what])
+        if fails("agent", "is_error"):
+            return self._finish(proc, opts, steps, subtype="error_during_execution",
+                                errors_=["The agent could not complete the task"])
+        self._assistant(proc, opts, [{"type": "text", "text": self._echo(opts)}],
+                        input_tokens=50, output_tokens=30)
+        return self._finish(proc, opts, steps, text=self._echo(opts))
+
+    def _planned_calls(self, mcp_tools: list[str]) -> list[str]:
+        """The tool calls the scripted model attempts: SIM_TOOLS names them (in order,
+        cycled), else the gateway's tools, else Bash; SIM_TOOL_CALLS says how many."""
+        n = int(self.envs.get("SIM_TOOL_CALLS", "0"))
+        named = [t.strip() for t in self.envs.get("SIM_TOOLS", "").split(",") if t.strip()]
+        pool = named or mcp_tools or ["Bash"]
+        return [pool[i % len(pool)] for i in range(n or (len(named) if named else 0))]
 
     def _mcp_tools(self, opts: dict[str, Any]) -> list[str]:
-        if GATEWAY_NAME not in (opts.get("mcp_config") or {}) or self.sandbox.fails(
-            "agent", "no_tools"
-        ):
+        if GATEWAY_NAME not in (opts.get("mcp_config") or {}):
             return []
         return [f"mcp__{GATEWAY_NAME}__{name.replace('/', '_')}_search"
                 for name in self.sandbox.spec.mcp]
 
-    def _init(self, opts: dict[str, Any], mcp_tools: list[str]) -> dict[str, Any]:
-        servers = [
-            {"name": name,
-             "status": "failed" if self.sandbox.fails("agent", "mcp_failed") else "connected"}
-            for name in (opts.get("mcp_config") or {})
-        ]
+    def _mcp_status(self) -> str:
+        if self.sandbox.fails("agent", "mcp_failed"):
+            return "failed"
+        return self.envs.get("SIM_MCP_STATUS", "connected")
+
+    def _init(self, opts: dict[str, Any], mcp_tools: list[str],
+              context: list[str]) -> dict[str, Any]:
+        status = self._mcp_status()
+        servers = [{"name": name, "status": status} for name in (opts.get("mcp_config") or {})]
+        # A server still connecting has none of its tools listed yet (anthropics/claude-code
+        # #74926); they appear when it connects.
+        listed = context if status == "connected" else [t for t in context
+                                                         if t not in mcp_tools]
+        key_source = "ANTHROPIC_API_KEY" if self.envs.get("ANTHROPIC_API_KEY") else "none"
         return {"type": "system", "subtype": "init", "session_id": self.session_id,
                 "cwd": "/home/user", "model": opts.get("--model") or "claude-sonnet-4-5",
-                "tools": BUILTIN_TOOLS + mcp_tools, "mcp_servers": servers,
-                "permissionMode": "bypassPermissions", "simulated": True}
+                "tools": listed, "mcp_servers": servers, "permissionMode": opts["mode"],
+                "apiKeySource": key_source, "claude_code_version": SIM_CLAUDE_VERSION,
+                "output_style": "default", "uuid": str(uuid.uuid4()), "simulated": True}
 
-    def _tool_call(self, proc: SimCommand, tool: str, i: int) -> None:
+    def _assistant(self, proc: SimCommand, opts: dict[str, Any], blocks: list[dict[str, Any]],
+                   *, input_tokens: int, output_tokens: int) -> None:
+        """One model response: one `assistant` line per content block, all with the same
+        message id and usage, `output_tokens` a placeholder until the last copy
+        (code.claude.com/docs/en/agent-sdk/cost-tracking; anthropics/claude-code#87303)."""
+        self._messages += 1
+        message_id = f"msg_sim_{self.session_id[:8]}_{self._messages}"
+        final = {"input_tokens": input_tokens, "cache_read_input_tokens": 1000,
+                 "output_tokens": output_tokens}
+        self.usage[message_id] = final
+        for n, block in enumerate(blocks):
+            usage = final if n == len(blocks) - 1 else {**final, "output_tokens": 1}
+            proc.emit(self._line({"type": "assistant", "session_id": self.session_id,
+                                  "parent_tool_use_id": None, "message": {
+                                      "id": message_id, "type": "message", "role": "assistant",
+                                      "model": opts.get("--model") or "claude-sonnet-4-5",
+                                      "content": [block], "stop_reason": None,
+                                      "usage": usage}}))
+
+    def _tool_call(self, proc: SimCommand, opts: dict[str, Any], tool: str,
+                   context: list[str], i: int) -> None:
         tool_id = f"toolu_sim_{i}"
-        proc.emit(self._line({"type": "assistant", "session_id": self.session_id, "message": {
-            "role": "assistant", "content": [{"type": "tool_use", "id": tool_id, "name": tool,
-                                              "input": {"query": f"step {i}"}}],
-            "usage": {"input_tokens": 100, "output_tokens": 20}}}))
+        self._assistant(proc, opts, [
+            {"type": "text", "text": f"Step {i}: let me use {tool}."},
+            {"type": "tool_use", "id": tool_id, "name": tool, "input": {"query": f"step {i}"}},
+        ], input_tokens=100, output_tokens=20)
+        refused = self._verdict(opts, tool, context)
+        if refused is None:
+            self.sandbox.executed_tools.append(tool)
+            content, is_error = f"[simulated] result {i}", False
+        else:
+            self.denials.append({"tool_name": tool, "tool_use_id": tool_id,
+                                 "tool_input": {"query": f"step {i}"}})
+            content, is_error = refused, True
         proc.emit(self._line({"type": "user", "session_id": self.session_id, "message": {
             "role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id,
-                                         "content": f"[simulated] result {i}"}]}}))
+                                         "content": content, "is_error": is_error}]}}))
 
     def _echo(self, opts: dict[str, Any]) -> str:
         prompt: bytes = opts["prompt"]
@@ -162,23 +301,40 @@ class ScriptedAgent:
                   f"MCP servers: {servers}.")
         return f"{header}\n--- prompt ---\n{prompt.decode('utf-8', 'surrogatepass')}"
 
-    def _finish(self, proc: SimCommand, opts: dict[str, Any], turns: int, *, is_error: bool,
-                text: str, subtype: str = "success") -> int:
-        if not is_error:
-            proc.emit(self._line({"type": "assistant", "session_id": self.session_id,
-                                  "message": {"role": "assistant",
-                                              "content": [{"type": "text", "text": text}],
-                                              "usage": {"input_tokens": 50,
-                                                        "output_tokens": 30}}}))
-        cost = float(self.envs.get("SIM_COST_USD", "0.0042"))
-        proc.emit(self._line({
+    def _api_error(self, proc: SimCommand, opts: dict[str, Any], status: int | None,
+                   kind: str, text: str) -> int:
+        """How an API error ends a run: a `<synthetic>` assistant message naming the error
+        kind, then a `success` result with `is_error` and the HTTP status."""
+        proc.emit(self._line({"type": "assistant", "session_id": self.session_id,
+                              "error": kind, "message": {
+                                  "id": f"msg_synthetic_{uuid.uuid4().hex[:8]}",
+                                  "model": "<synthetic>", "role": "assistant",
+                                  "content": [{"type": "text", "text": text}]}}))
+        return self._finish(proc, opts, 1, text=text, is_error=True, api_error_status=status)
+
+    def _finish(self, proc: SimCommand, opts: dict[str, Any], turns: int, *,
+                subtype: str = "success", text: str | None = None, is_error: bool = False,
+                errors_: list[str] | None = None, api_error_status: int | None = None) -> int:
+        """The result event: totals over unique messages, exit 1 exactly when `is_error`
+        (anthropics/claude-code src/cli/print.ts)."""
+        is_error = is_error or subtype != "success"
+        usage: dict[str, int] = {}
+        for counts in self.usage.values():
+            for k, v in counts.items():
+                usage[k] = usage.get(k, 0) + v
+        event: dict[str, Any] = {
             "type": "result", "subtype": subtype, "is_error": is_error,
-            "duration_ms": 1, "num_turns": turns, "result": text,
-            "session_id": self.session_id, "total_cost_usd": cost,
-            "usage": {"input_tokens": 50 + 100 * (turns - 1),
-                      "output_tokens": 30 + 20 * (turns - 1)},
-        }))
-        return 0
+            "api_error_status": api_error_status, "duration_ms": 1, "num_turns": turns,
+            "session_id": self.session_id,
+            "total_cost_usd": float(self.envs.get("SIM_COST_USD", "0.0042")),
+            "usage": usage, "permission_denials": self.denials,
+        }
+        if subtype == "success":
+            event["result"] = text or ""
+        else:
+            event["errors"] = errors_ or []
+        proc.emit(self._line(event))
+        return 1 if is_error else 0
 
     @staticmethod
     def _line(event: dict[str, Any]) -> str:
