@@ -555,6 +555,56 @@ def check(ctx: click.Context, as_json: bool) -> None:
     sys.exit(report["exit_code"])
 
 
+# -- template -------------------------------------------------------------------------------
+
+@cli.group()
+def template() -> None:
+    """E2B sandbox templates with a pinned agent version (recommended for production)."""
+
+
+@template.command("build")
+@click.option("--claude-version", default=None, metavar="X.Y.Z",
+              help="Claude Code version to install (default: the version sandqueue pins).")
+@click.option("--name", default=None,
+              help="Template name (default: sandqueue-claude-code-X-Y-Z).")
+@click.option("--base", default="mcp-gateway", show_default=True,
+              help="Template to start from (must have the MCP gateway).")
+@click.option("--cpu", "cpu_count", type=click.IntRange(1, 64), help="vCPUs per sandbox.")
+@click.option("--memory-mb", type=click.IntRange(256), help="Memory per sandbox in MB.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def template_build(claude_version: str | None, name: str | None, base: str,
+                   cpu_count: int | None, memory_mb: int | None, as_json: bool) -> None:
+    """Build an E2B template with a pinned Claude Code (needs E2B_API_KEY); then set
+    SANDQUEUE_TEMPLATE to its name on every worker."""
+    from worker.agent.claude_code import PINNED_VERSION, ClaudeCodeAgent
+    from worker.agent.watchdog import Watchdog
+    from worker.sandbox.e2b import build_template
+
+    settings = load_settings()
+    if settings.e2b_api_key is None:
+        raise errors.ConfigError("E2B_API_KEY is not set: building a template needs E2B")
+    version = claude_version or PINNED_VERSION
+    agent = ClaudeCodeAgent(Watchdog(), stall_timeout_s=settings.stall_timeout_s,
+                            claude_command=settings.claude_command)
+    recipe = agent.template_recipe(version, base)
+    name = name or f"sandqueue-claude-code-{version.replace('.', '-')}"
+    render.err.print(f"building {name} (Claude Code {version} on {base})...")
+    try:
+        info = build_template(recipe, name, settings, cpu_count=cpu_count, memory_mb=memory_mb,
+                              on_log=None if as_json else render.err.print)
+    except (errors.InvalidTask, errors.ConfigError):
+        raise
+    except errors.SandqueueError as e:
+        render.err.print(f"[red]error:[/] {e.message}")
+        sys.exit(EXIT_UNREACHABLE)
+    if as_json:
+        render.print_json({**info, "claude_version": version})
+        return
+    render.out.print(f"built {name} ({info['template_id']}); on every worker set "
+                     f"SANDQUEUE_TEMPLATE={name}")
+
+
 # -- demo ---------------------------------------------------------------------------------
 
 @cli.command()

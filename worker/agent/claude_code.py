@@ -25,7 +25,7 @@ from sandqueue.settings import Settings
 from worker.agent.pricing import estimate_usd
 from worker.agent.stream import LineBuffer, Transcript
 from worker.agent.watchdog import Watch, Watchdog
-from worker.sandbox.base import Sandbox
+from worker.sandbox.base import Sandbox, TemplateRecipe
 
 GATEWAY_NAME = "e2b-mcp-gateway"
 WORK_DIR = "/home/user"
@@ -47,6 +47,11 @@ _AUTH = re.compile(
 )
 _VERSION = re.compile(r"\b(\d+\.\d+\.\d+)\b")
 
+PINNED_VERSION = "2.1.221"
+"""The Claude Code version `sandqueue template build` installs by default: the first whose
+`-p` mode waits for `--mcp-config` servers before the first turn (CHANGELOG 2.1.221: "Fixed
+MCP servers from --mcp-config not being connected before the first turn in print mode")."""
+NPM_PACKAGE = "@anthropic-ai/claude-code"
 CREDENTIAL_ENVS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 """Either runs Claude Code headless; with both, the API key wins in `-p` mode
 (code.claude.com/docs/en/authentication). The OAuth token comes from `claude setup-token`."""
@@ -176,13 +181,22 @@ class ClaudeCodeAgent:
         envs = {name: value.get_secret_value() for name, value in (
             ("ANTHROPIC_API_KEY", settings.anthropic_api_key),
             ("CLAUDE_CODE_OAUTH_TOKEN", settings.claude_code_oauth_token)) if value is not None}
+        if not envs and simulated:
+            envs = {"ANTHROPIC_API_KEY": SIM_PLACEHOLDER_KEY}
         if envs:
             return envs
-        if simulated:
-            return {"ANTHROPIC_API_KEY": SIM_PLACEHOLDER_KEY}
         raise errors.AuthError(
             "neither ANTHROPIC_API_KEY nor CLAUDE_CODE_OAUTH_TOKEN is set on this worker; "
             "Claude Code cannot run without one of them")
+
+    def template_recipe(self, version: str = PINNED_VERSION,
+                        base: str = "mcp-gateway") -> TemplateRecipe:
+        """A template with this exact Claude Code version on the sandbox user's PATH."""
+        if not re.fullmatch(r"\d+\.\d+\.\d+", version):
+            raise errors.ConfigError(f"Claude Code version {version!r} is not X.Y.Z, e.g. "
+                                     f"{PINNED_VERSION}")
+        return TemplateRecipe(base=base, npm_global=(f"{NPM_PACKAGE}@{version}",),
+                              check_command=f"{shlex.quote(self.claude_command)} --version")
 
     def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool) -> None:
         sandbox.write_file(PROMPT_PATH, task.prompt.encode("utf-8", "surrogatepass"))

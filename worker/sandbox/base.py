@@ -48,6 +48,17 @@ class SandboxSpec:
 
 
 @dataclass(frozen=True)
+class TemplateRecipe:
+    """What a sandbox template needs for an agent, said without any provider's API: a base
+    template, global npm packages (installed as root), and a command that must succeed as
+    the sandbox user to prove the agent runs there."""
+
+    base: str
+    npm_global: tuple[str, ...] = ()
+    check_command: str | None = None
+
+
+@dataclass(frozen=True)
 class LiveSandbox:
     sandbox_id: str
     metadata: dict[str, str]

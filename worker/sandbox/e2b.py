@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -28,6 +28,7 @@ from worker.sandbox.base import (
     Sandbox,
     SandboxProvider,
     SandboxSpec,
+    TemplateRecipe,
 )
 
 log = logging.getLogger(__name__)
@@ -262,3 +263,28 @@ class E2BProvider(SandboxProvider):
             return bool(self._sdk.kill(sandbox_id, **self._api()))
 
 
+
+
+def build_template(recipe: TemplateRecipe, name: str, settings: Settings, *,
+                   cpu_count: int | None = None, memory_mb: int | None = None,
+                   on_log: Callable[[str], None] | None = None,
+                   template_cls: type[e2b.Template] = e2b.Template) -> dict[str, str]:
+    """Build (and wait for) an E2B template from an agent's recipe with the SDK's template
+    builder; returns its ids. The check command runs as the sandbox user at build time, so
+    a template whose agent is not on that user's PATH fails here, not in every task."""
+    template = template_cls().from_template(recipe.base)
+    if recipe.npm_global:
+        template = template.npm_install(list(recipe.npm_global), g=True)
+    if recipe.check_command:
+        template = template.run_cmd(recipe.check_command, user=settings.sandbox_user)
+    key = settings.e2b_api_key
+    try:
+        info = template_cls.build(
+            template, name, cpu_count=cpu_count, memory_mb=memory_mb,
+            on_build_logs=(lambda entry: on_log(str(entry))) if on_log else None,
+            api_key=key.get_secret_value() if key else None)
+    except e2b.BuildException as e:
+        raise errors.ConfigError(f"building template {name!r} failed: {e}") from e
+    except Exception as e:
+        translate(e, f"building template {name!r}")
+    return {"template_id": info.template_id, "build_id": info.build_id, "name": name}
