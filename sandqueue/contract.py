@@ -221,6 +221,8 @@ class AgentResult(BaseModel):
     attempts: int = 0
     sandbox_id: str | None = None
     mcp_servers: list[McpServerStatus] = Field(default_factory=list)
+    mcp_tools: list[str] = Field(default_factory=list,
+                                 description="tools the MCP gateway listed before the run")
     tool_calls: list[ToolCallCount] = Field(default_factory=list)
     error: TaskError | None = None
     simulated: bool = False

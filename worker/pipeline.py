@@ -90,6 +90,7 @@ class _Progress:
     timings: Timings = field(default_factory=Timings)
     sandbox_id: str | None = None
     spent_usd: float = 0.0
+    mcp_tools: list[str] = field(default_factory=list)
 
 
 class Pipeline:
@@ -235,7 +236,7 @@ class Pipeline:
                 t1 = time.monotonic()
                 wait_s = min(self.settings.gateway_ready_timeout_s,
                              max(0.0, ctx.deadline_at - time.time()))
-                sandbox.wait_gateway_ready(wait_s)
+                progress.mcp_tools = sandbox.wait_gateway_ready(wait_s, list(task.mcp))
                 progress.timings.gateway_ready_s = time.monotonic() - t1
                 ctx.on_event({"phase": "gateway_ready"})
                 self._check_time(ctx, "waiting for the MCP gateway")
@@ -301,6 +302,7 @@ class Pipeline:
             attempts=progress.attempts,
             sandbox_id=progress.sandbox_id,
             mcp_servers=[McpServerStatus(**s) for s in transcript.mcp_servers],
+            mcp_tools=progress.mcp_tools,
             tool_calls=[ToolCallCount(name=n, count=c)
                         for n, c in transcript.tool_calls.most_common()],
             error=error.to_error() if error is not None else None,

@@ -63,6 +63,8 @@ from e2b.sandbox_sync.paginator import SandboxPaginator
 from packaging.version import Version
 from protobuf import Oneof
 
+from tests.fakes.mcp_gateway import FakeMcpGateway, edge_port_closed
+
 KILLED_EXIT_CODE = -1
 """envd reports Go's `ProcessState.ExitCode()`, which is -1 for a process killed by a signal."""
 
@@ -288,6 +290,7 @@ class FakeEnvd:
         self.gateway_token: str | None = None
         self.gateway_user: str | None = None
         self.gateway_config: Any = None
+        self.mcp_gateway: FakeMcpGateway | None = None
         self.gateway_requests = 0
         self.clients: list[e2b.Sandbox] = []
         self._pids = itertools.count(1000)
@@ -537,6 +540,8 @@ class FakeE2BCloud:
         self.list_failures: deque[BaseException] = deque()
         self.gateway_failure: tuple[int, str] | None = None
         self.gateway_502s: float = 0
+        self.gateway_tools: list[str] | None = None
+        """What tools/list answers (default: one tool per configured server)."""
         self.programs: dict[str, Script] = {"mcp-gateway": self._gateway}
         self.on_create: list[Callable[[FakeEnvd], None]] = []
         self._idempotency: dict[str, str] = {}
@@ -657,19 +662,24 @@ class FakeE2BCloud:
                   .encode())
 
     def handle_gateway(self, request: httpx.Request) -> httpx.Response:
-        """The gateway behind E2B's proxy: 502 until it listens, 401 for a wrong token."""
+        """The gateway behind E2B's edge: the edge answers 502 while nothing listens on the
+        port (and for a sandbox that is gone); then the gateway speaks MCP with its real
+        checks (tests/fakes/mcp_gateway.py)."""
         prefix, _, rest = request.url.host.partition("-")
-        envd = self.sandboxes.get(rest.split(".", 1)[0])
+        sandbox_id = rest.split(".", 1)[0]
+        envd = self.sandboxes.get(sandbox_id)
         if envd is None or not envd.running:
-            return httpx.Response(502, text="sandbox not found")
+            return httpx.Response(502, json={"sandboxId": sandbox_id,
+                                             "message": "The sandbox was not found",
+                                             "code": 502})
         if prefix != str(GATEWAY_PORT) or request.url.path != "/mcp":
             return httpx.Response(404, text="not found")
-        if envd.gateway_token is None:
-            return httpx.Response(502, json={"message": f"port {GATEWAY_PORT} is not open"})
         envd.gateway_requests += 1
-        if envd.gateway_requests <= self.gateway_502s:
-            return httpx.Response(502, json={"message": f"port {GATEWAY_PORT} is not open"})
-        if request.headers.get("authorization") != f"Bearer {envd.gateway_token}":
-            return httpx.Response(401, json={"error": "unauthorized"})
-        body = json.loads(request.content or b"{}")
-        return httpx.Response(200, json={"jsonrpc": "2.0", "id": body.get("id"), "result": {}})
+        if envd.gateway_token is None or envd.gateway_requests <= self.gateway_502s:
+            return edge_port_closed(sandbox_id, GATEWAY_PORT)
+        if envd.mcp_gateway is None:
+            tools = [f"{name.replace('/', '_')}_search" for name in envd.gateway_config or {}]
+            envd.mcp_gateway = FakeMcpGateway(envd.gateway_token, tools=self.gateway_tools
+                                              if self.gateway_tools is not None else tools)
+        envd.mcp_gateway.token = envd.gateway_token
+        return envd.mcp_gateway(request)

@@ -8,6 +8,7 @@ error into the wrong sandqueue error (retrying what cannot succeed, or giving up
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -668,8 +669,9 @@ def gateway_sandbox(cloud: FakeE2BCloud,
     return sandbox
 
 
-def test_gateway_ready_at_once_probes_with_the_bearer_token(cloud: FakeE2BCloud) -> None:
-    """The probe reaches the gateway exactly as Claude Code will: same URL, same token."""
+def test_gateway_ready_speaks_mcp_with_the_bearer_token(cloud: FakeE2BCloud) -> None:
+    """The preflight reaches the gateway exactly as Claude Code will: same URL, same token,
+    an MCP session (initialize, initialized, tools/list), and reports its tools."""
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -677,21 +679,23 @@ def test_gateway_ready_at_once_probes_with_the_bearer_token(cloud: FakeE2BCloud)
         return cloud.handle_gateway(request)
 
     sandbox = gateway_sandbox(cloud, handler)
-    sandbox.wait_gateway_ready(5)
-    (request,) = seen
-    assert request.method == "POST"
-    assert str(request.url) == sandbox.mcp_url()
-    assert request.headers["authorization"] == f"Bearer {only(cloud).gateway_token}"
+    assert sandbox.wait_gateway_ready(5, ["exa"]) == ["exa_search"]
+    assert [json.loads(r.content)["method"] for r in seen] == [
+        "initialize", "notifications/initialized", "tools/list"]
+    for request in seen:
+        assert request.method == "POST"
+        assert str(request.url) == sandbox.mcp_url()
+        assert request.headers["authorization"] == f"Bearer {only(cloud).gateway_token}"
 
 
 def test_gateway_ready_after_502s(cloud: FakeE2BCloud) -> None:
-    """E2B's proxy answers 502 until the gateway listens: keep polling, then go."""
+    """E2B's edge answers 502 until the gateway listens: keep polling, then go."""
     cloud.gateway_502s = 1
     sandbox = gateway_sandbox(cloud)
     t0 = time.monotonic()
-    sandbox.wait_gateway_ready(5)
+    sandbox.wait_gateway_ready(5, ["notion"])
     assert time.monotonic() - t0 < 2
-    assert only(cloud).gateway_requests == 2
+    assert only(cloud).gateway_requests == 4  # one 502, then the three MCP requests
 
 
 def test_gateway_that_never_answers_times_out(cloud: FakeE2BCloud) -> None:
@@ -700,19 +704,28 @@ def test_gateway_that_never_answers_times_out(cloud: FakeE2BCloud) -> None:
     sandbox = gateway_sandbox(cloud)
     t0 = time.monotonic()
     with pytest.raises(errors.GatewayTimeout) as info:
-        sandbox.wait_gateway_ready(0.3)
-    assert time.monotonic() - t0 < 1.5
+        sandbox.wait_gateway_ready(0.3, ["notion"])
+    assert time.monotonic() - t0 < 2
     assert info.value.retryable
-    assert "HTTP 502" in info.value.message
+    assert "HTTP 502" in info.value.message and "port is not open" in info.value.message
     assert "SANDQUEUE_GATEWAY_READY_TIMEOUT_S" in info.value.message
 
 
-def test_gateway_refusing_the_token_fails_at_once(cloud: FakeE2BCloud) -> None:
-    """Waiting cannot fix a refused token; one request and out."""
+def test_a_gateway_whose_tools_list_stays_empty_ends_gateway_timeout(cloud: FakeE2BCloud
+                                                                      ) -> None:
+    cloud.gateway_tools = []
+    with pytest.raises(errors.GatewayTimeout) as info:
+        gateway_sandbox(cloud).wait_gateway_ready(0.5, ["notion"])
+    assert "notion" in info.value.message and "no tools" in info.value.message
+
+
+def test_gateway_refusing_the_token_is_a_permanent_auth_error(cloud: FakeE2BCloud) -> None:
+    """Waiting cannot fix a refused token; one request and out, not retried."""
     sandbox = gateway_sandbox(cloud)
     only(cloud).gateway_token = "a-different-token"
-    with pytest.raises(errors.McpUnavailable, match="401"):
-        sandbox.wait_gateway_ready(5)
+    with pytest.raises(errors.AuthError, match="401") as info:
+        sandbox.wait_gateway_ready(5, ["notion"])
+    assert not info.value.retryable
     assert only(cloud).gateway_requests == 1
 
 
@@ -723,8 +736,8 @@ def test_gateway_forbidden_fails_at_once(cloud: FakeE2BCloud) -> None:
         calls.append(1)
         return httpx.Response(403)
 
-    with pytest.raises(errors.McpUnavailable, match="403"):
-        gateway_sandbox(cloud, forbidden).wait_gateway_ready(5)
+    with pytest.raises(errors.AuthError, match="403"):
+        gateway_sandbox(cloud, forbidden).wait_gateway_ready(5, ["notion"])
     assert len(calls) == 1
 
 
@@ -733,7 +746,7 @@ def test_gateway_connection_errors_are_retried_then_time_out(cloud: FakeE2BCloud
         raise httpx.ConnectError("connection refused", request=request)
 
     with pytest.raises(errors.GatewayTimeout, match="ConnectError"):
-        gateway_sandbox(cloud, refused).wait_gateway_ready(0.3)
+        gateway_sandbox(cloud, refused).wait_gateway_ready(0.3, ["notion"])
 
 
 def test_gateway_ready_after_a_connection_error(cloud: FakeE2BCloud) -> None:
@@ -745,12 +758,15 @@ def test_gateway_ready_after_a_connection_error(cloud: FakeE2BCloud) -> None:
             raise httpx.ReadTimeout("timed out", request=request)
         return cloud.handle_gateway(request)
 
-    gateway_sandbox(cloud, flaky).wait_gateway_ready(5)
-    assert len(attempts) == 2
+    gateway_sandbox(cloud, flaky).wait_gateway_ready(5, ["notion"])
+    assert len(attempts) == 4
 
 
-@pytest.mark.parametrize("status", [200, 202, 400, 404, 406])
-def test_any_answer_from_the_gateway_itself_means_ready(cloud: FakeE2BCloud,
-                                                        status: int) -> None:
-    """A minimal ping may be refused by the gateway; it is listening all the same."""
-    gateway_sandbox(cloud, lambda r: httpx.Response(status)).wait_gateway_ready(5)
+@pytest.mark.parametrize("status", [200, 202, 400, 404, 406, 409])
+def test_an_answer_that_is_not_an_mcp_session_is_not_ready(cloud: FakeE2BCloud,
+                                                           status: int) -> None:
+    """The first version took any answer below 500 for ready; an edge 409 (a paused sandbox
+    resuming) or a bare 200 is not a gateway that lists tools."""
+    with pytest.raises(errors.GatewayTimeout):
+        gateway_sandbox(cloud, lambda r: httpx.Response(status)).wait_gateway_ready(
+            0.3, ["notion"])

@@ -181,7 +181,6 @@ def test_transient_failures_are_retried_then_succeed(harness: Harness, fail: str
     [("create:rate_limit", ErrorCategory.RATE_LIMITED, {}),
      ("create:unavailable", ErrorCategory.SANDBOX_UNAVAILABLE, {}),
      ("gateway:timeout", ErrorCategory.GATEWAY_TIMEOUT, NOTION),
-     ("gateway:unauthorized", ErrorCategory.MCP_UNAVAILABLE, NOTION),
      ("agent:mcp_failed", ErrorCategory.MCP_UNAVAILABLE, NOTION),
      ("gateway:no_tools", ErrorCategory.GATEWAY_TIMEOUT, NOTION),
      ("agent:silent_exit", ErrorCategory.AGENT_NO_RESULT, {}),
@@ -214,6 +213,7 @@ def test_mcp_failure_is_reported_with_the_gateway_status(harness: Harness) -> No
 @pytest.mark.parametrize(
     ("fail", "category"),
     [("create:auth", ErrorCategory.AUTH), ("create:gateway_config", ErrorCategory.MCP_CONFIG),
+     ("gateway:unauthorized", ErrorCategory.AUTH),
      ("create:template", ErrorCategory.INVALID_TASK), ("agent:auth", ErrorCategory.AUTH),
      ("agent:is_error", ErrorCategory.AGENT_ERROR)],
 )

@@ -95,8 +95,9 @@ class Sandbox(abc.ABC):
     def mcp_token(self) -> str: ...
 
     @abc.abstractmethod
-    def wait_gateway_ready(self, timeout_s: float) -> None:
-        """Return once the MCP gateway answers; raise GatewayTimeout after timeout_s."""
+    def wait_gateway_ready(self, timeout_s: float, servers: list[str]) -> list[str]:
+        """Return the MCP tools the gateway lists once it lists any; raise GatewayTimeout
+        (naming `servers`) after timeout_s, AuthError if it refuses its token."""
 
     @abc.abstractmethod
     def write_file(self, path: str, data: str | bytes) -> None:

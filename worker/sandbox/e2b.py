@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -19,6 +18,7 @@ import httpx
 
 from sandqueue import errors
 from sandqueue.settings import Settings
+from worker.sandbox import mcp_preflight
 from worker.sandbox.base import (
     META_APP,
     CommandResult,
@@ -133,39 +133,12 @@ class E2BSandbox(Sandbox):
             raise errors.McpUnavailable("the sandbox has no MCP gateway token")
         return token
 
-    def wait_gateway_ready(self, timeout_s: float) -> None:
-        """Poll the gateway as Claude Code will reach it, instead of the seed's fixed sleep.
-
-        E2B's proxy answers 502 until the port is open; any answer from the gateway itself
-        (even 4xx for our minimal request) means it listens. 401/403 means it refused the
-        token, which waiting will not fix.
-        """
-        url, token = self.mcp_url(), self.mcp_token()
-        deadline = time.monotonic() + timeout_s
-        delay, last = 0.2, "no answer"
-        body = {"jsonrpc": "2.0", "id": 0, "method": "ping"}
-        headers = {"Authorization": f"Bearer {token}",
-                   "Accept": "application/json, text/event-stream"}
-        while True:
-            try:
-                response = self._http.post(url, json=body, headers=headers,
-                                           timeout=min(5.0, timeout_s))
-                if response.status_code in (401, 403):
-                    raise errors.McpUnavailable(
-                        f"the MCP gateway refused its token (HTTP {response.status_code})"
-                    )
-                if response.status_code < 500:
-                    return
-                last = f"HTTP {response.status_code}"
-            except httpx.HTTPError as e:
-                last = type(e).__name__
-            if time.monotonic() + delay > deadline:
-                raise errors.GatewayTimeout(
-                    f"the MCP gateway did not answer within {timeout_s:.0f}s (last: {last}); "
-                    "raise SANDQUEUE_GATEWAY_READY_TIMEOUT_S if servers start slowly"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    def wait_gateway_ready(self, timeout_s: float, servers: list[str]) -> list[str]:
+        """An MCP client session against the gateway, as Claude Code will open it (same
+        URL through E2B's edge, same bearer token), until `tools/list` lists tools: see
+        worker/sandbox/mcp_preflight.py for why "it answers" is not "it is ready"."""
+        gateway = mcp_preflight.Gateway(self._http, self.mcp_url(), self.mcp_token())
+        return mcp_preflight.wait_ready(gateway, servers, timeout_s)
 
     def write_file(self, path: str, data: str | bytes) -> None:
         with _sdk_errors(f"writing {path}"):

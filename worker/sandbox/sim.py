@@ -209,7 +209,7 @@ class SimSandbox(Sandbox):
     def mcp_token(self) -> str:
         return self._token
 
-    def wait_gateway_ready(self, timeout_s: float) -> None:
+    def wait_gateway_ready(self, timeout_s: float, servers: list[str]) -> list[str]:
         self._alive()
         if self.fails("gateway", "timeout"):
             raise errors.GatewayTimeout(
@@ -217,10 +217,12 @@ class SimSandbox(Sandbox):
             )
         if self.fails("gateway", "no_tools"):
             raise errors.GatewayTimeout(
-                f"[simulated] the MCP gateway listed no tools for {', '.join(self._spec.mcp)} "
-                f"within {timeout_s:.0f}s")
+                f"[simulated] the MCP gateway did not list tools for {', '.join(servers)} "
+                f"within {timeout_s:.0f}s (last: tools/list listed no tools yet)")
         if self.fails("gateway", "unauthorized"):
-            raise errors.McpUnavailable("[simulated] the MCP gateway refused its token (HTTP 401)")
+            raise errors.AuthError("[simulated] the MCP gateway refused its bearer token "
+                                   "(HTTP 401): waiting cannot fix that")
+        return gateway_tools(self._spec.mcp)
 
     def write_file(self, path: str, data: str | bytes) -> None:
         self._alive()
@@ -324,6 +326,12 @@ class SimProvider(SandboxProvider):
             local.kill()
             return True
         return self.registry.remove(sandbox_id)
+
+
+def gateway_tools(servers: dict[str, object]) -> list[str]:
+    """The tools the simulated gateway lists: unprefixed, one per server, as the real one
+    names a server's tools by their own names."""
+    return [f"{name.replace('/', '_')}_search" for name in servers]
 
 
 def prompt_digest(data: bytes) -> str:

@@ -17,7 +17,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from worker.sandbox.sim import GATEWAY_NAME, argv_of, prompt_digest
+from worker.sandbox.sim import GATEWAY_NAME, argv_of, gateway_tools, prompt_digest
 
 if TYPE_CHECKING:
     from worker.sandbox.sim import SimCommand, SimSandbox
@@ -232,8 +232,7 @@ class ScriptedAgent:
     def _mcp_tools(self, opts: dict[str, Any]) -> list[str]:
         if GATEWAY_NAME not in (opts.get("mcp_config") or {}):
             return []
-        return [f"mcp__{GATEWAY_NAME}__{name.replace('/', '_')}_search"
-                for name in self.sandbox.spec.mcp]
+        return [f"mcp__{GATEWAY_NAME}__{tool}" for tool in gateway_tools(self.sandbox.spec.mcp)]
 
     def _mcp_status(self) -> str:
         if self.sandbox.fails("agent", "mcp_failed"):
