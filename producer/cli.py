@@ -577,17 +577,15 @@ def template_build(claude_version: str | None, name: str | None, base: str,
                    cpu_count: int | None, memory_mb: int | None, as_json: bool) -> None:
     """Build an E2B template with a pinned Claude Code (needs E2B_API_KEY); then set
     SANDQUEUE_TEMPLATE to its name on every worker."""
-    from worker.agent.claude_code import PINNED_VERSION, ClaudeCodeAgent
-    from worker.agent.watchdog import Watchdog
+    from worker.agent import make_agent
+    from worker.agent.claude_code import PINNED_VERSION
     from worker.sandbox.e2b import build_template
 
     settings = load_settings()
     if settings.e2b_api_key is None:
         raise errors.ConfigError("E2B_API_KEY is not set: building a template needs E2B")
     version = claude_version or PINNED_VERSION
-    agent = ClaudeCodeAgent(Watchdog(), stall_timeout_s=settings.stall_timeout_s,
-                            claude_command=settings.claude_command)
-    recipe = agent.template_recipe(version, base)
+    recipe = make_agent(settings).template_recipe(version, base)
     name = name or f"sandqueue-claude-code-{version.replace('.', '-')}"
     render.err.print(f"building {name} (Claude Code {version} on {base})...")
     try:

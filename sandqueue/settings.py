@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     sandbox: Literal["auto", "e2b", "sim"] = Field(
         "auto", description="sandbox provider; auto = e2b when E2B_API_KEY is set, else sim"
     )
+    agent: str = Field("claude-code", min_length=1,
+                       description="agent adapter workers run (worker/agent/__init__.py)")
     queue: str = Field("sandqueue", description="default queue tasks are sent to / consumed from")
     concurrency: int = Field(50, ge=1, le=2000, description="tasks in flight per worker process")
     pool: Literal["threads", "prefork", "solo"] = Field(

@@ -29,8 +29,9 @@ from sandqueue.contract import (
 )
 from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
-from worker.agent.claude_code import AgentRun, ClaudeCodeAgent
-from worker.agent.stream import Transcript
+from worker.agent.base import Agent, AgentEvent, AgentRun, AgentText, ToolCall, Usage
+from worker.agent.runner import AgentRunner
+from worker.agent.watchdog import Watchdog
 from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import SandboxProvider, SandboxSpec
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 StateSink = Callable[..., None]
 EventSink = Callable[[dict[str, Any]], None]
+"""Receives the task's progress events (dicts as published to its stream)."""
 
 
 def _noop(*_: Any, **__: Any) -> None:
@@ -86,7 +88,7 @@ class _Progress:
     """What the attempts so far produced, kept for the result whatever the ending."""
 
     attempts: int = 0
-    run: AgentRun = field(default_factory=lambda: AgentRun(Transcript()))
+    run: AgentRun = field(default_factory=AgentRun)
     timings: Timings = field(default_factory=Timings)
     sandbox_id: str | None = None
     spent_usd: float = 0.0
@@ -94,12 +96,14 @@ class _Progress:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, provider: SandboxProvider, agent: ClaudeCodeAgent,
+    def __init__(self, settings: Settings, provider: SandboxProvider, agent: Agent,
                  environ: Mapping[str, str] | None = None,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: Limiter | None = None, runner: AgentRunner | None = None) -> None:
         self.settings = settings
         self.provider = provider
         self.agent = agent
+        self.runner = runner or AgentRunner(Watchdog(),
+                                            stall_timeout_s=settings.stall_timeout_s)
         self.limiter = limiter
         self.environ = environ if environ is not None else os.environ
         self.sealer = Sealer(settings.secret_keys)
@@ -107,7 +111,7 @@ class Pipeline:
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
         redactor = Redactor()
-        redactor.add(*self.agent.credentials(self.settings, simulated=True).values())
+        redactor.add(*self.agent.environment(self.settings, simulated=True).values())
         progress = _Progress()
         progress.timings.queued_s = max(0.0, ctx.started_at - ctx.message.submitted_at)
         try:
@@ -130,7 +134,7 @@ class Pipeline:
                     f"all {task.retry.max_attempts} attempts were used up across deliveries "
                     "(workers stopped or died while running this task)"
                 )
-            progress.run = AgentRun(Transcript())
+            progress.run = AgentRun()
             ctx.on_state(status=TaskStatus.RUNNING, attempt=progress.attempts)
             try:
                 self._attempt(ctx, mcp, progress, redactor)
@@ -142,7 +146,7 @@ class Pipeline:
                 err = errors.SandqueueError(f"internal error: {type(e).__name__}: {e}")
             finally:
                 progress.spent_usd += progress.run.cost_usd
-            tool_calls = sum(progress.run.transcript.tool_calls.values())
+            tool_calls = sum(progress.run.tool_calls.values())
             if isinstance(err, errors.WorkerStopping | errors.Cancelled):
                 raise err
             interrupted = ctx.interruption()
@@ -202,7 +206,7 @@ class Pipeline:
             deadline_at=ctx.deadline_at,
             template=task.template,
             mcp=mcp,
-            envs={**task.envs, **self.agent.credentials(self.settings, self.provider.simulated)},
+            envs={**task.envs, **self.agent.environment(self.settings, self.provider.simulated)},
             labels=task.labels,
             request_timeout_s=max(1.0, min(remaining, self.settings.e2b_request_timeout_s)),
         )
@@ -242,10 +246,10 @@ class Pipeline:
                 self._check_time(ctx, "waiting for the MCP gateway")
             ctx.on_event({"phase": "agent_started"})
             try:
-                self.agent.run(sandbox, task, deadline_at=ctx.deadline_at, run=progress.run,
-                               with_mcp=with_mcp,
-                               on_event=self._agent_events(ctx, redactor, progress),
-                               interrupted=ctx.interruption)
+                self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,
+                                run=progress.run, with_mcp=with_mcp,
+                                on_event=self._agent_events(ctx, redactor, progress),
+                                interrupted=ctx.interruption)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
 
@@ -259,25 +263,21 @@ class Pipeline:
             raise reason
 
     @staticmethod
-    def _agent_events(ctx: TaskContext, redactor: Redactor, progress: _Progress) -> EventSink:
-        def sink(event: dict[str, Any]) -> None:
-            kind = event.get("type")
-            if kind == "assistant":
+    def _agent_events(ctx: TaskContext, redactor: Redactor,
+                      progress: _Progress) -> Callable[[AgentEvent], None]:
+        def sink(event: AgentEvent) -> None:
+            if isinstance(event, ToolCall):
+                ctx.on_tool_call(event.name)
+                ctx.on_event({"phase": "tool_call", "name": event.name})
+            elif isinstance(event, AgentText):
+                ctx.on_event({"phase": "agent_text", "text": redactor.text(event.text[:2000])})
+            elif isinstance(event, Usage):
                 ctx.on_state(cost_usd=round(progress.spent_usd + progress.run.cost_usd, 6))
-                for block in (event.get("message") or {}).get("content") or []:
-                    if isinstance(block, dict) and block.get("type") == "tool_use":
-                        ctx.on_tool_call(str(block.get("name")))
-                        ctx.on_event({"phase": "tool_call", "name": block.get("name")})
-                    elif isinstance(block, dict) and block.get("type") == "text":
-                        ctx.on_event({"phase": "agent_text",
-                                      "text": redactor.text(str(block.get("text"))[:2000])})
         return sink
 
     def _result(self, ctx: TaskContext, progress: _Progress,
                 error: errors.SandqueueError | None, redactor: Redactor) -> AgentResult:
-        transcript = progress.run.transcript
-        final = transcript.result or {}
-        init = transcript.init or {}
+        run = progress.run
         status = TaskStatus.SUCCEEDED
         if isinstance(error, errors.DeadlineExceeded):
             status = TaskStatus.TIMED_OUT
@@ -289,22 +289,22 @@ class Pipeline:
         result = AgentResult(
             task_id=ctx.task_id,
             status=status,
-            # The error arm of a result has no `result` text: keep the agent's last words.
-            result=final["result"] if final.get("result") is not None else transcript.last_text,
-            is_error=final.get("is_error"),
-            subtype=final.get("subtype"),
-            num_turns=final.get("num_turns"),
+            # An error result may carry no answer: keep the agent's last words.
+            result=run.final_text if run.final_text is not None else run.last_text,
+            is_error=run.is_error,
+            subtype=run.subtype,
+            num_turns=run.num_turns,
             total_cost_usd=round(progress.spent_usd, 6) if progress.spent_usd else None,
-            usage=final.get("usage") or dict(transcript.usage_so_far),
-            session_id=final.get("session_id") or init.get("session_id"),
-            agent_version=progress.run.agent_version or init.get("claude_code_version"),
+            usage=run.usage,
+            session_id=run.session_id,
+            agent_version=run.agent_version,
             timings=progress.timings,
             attempts=progress.attempts,
             sandbox_id=progress.sandbox_id,
-            mcp_servers=[McpServerStatus(**s) for s in transcript.mcp_servers],
+            mcp_servers=[McpServerStatus(**s) for s in run.mcp_servers],
             mcp_tools=progress.mcp_tools,
             tool_calls=[ToolCallCount(name=n, count=c)
-                        for n, c in transcript.tool_calls.most_common()],
+                        for n, c in run.tool_calls.most_common()],
             error=error.to_error() if error is not None else None,
             simulated=self.provider.simulated,
             labels=ctx.message.task.labels,

@@ -33,8 +33,7 @@ from sandqueue.contract import (
 from sandqueue.events import EventLog
 from sandqueue.settings import Settings, load_settings
 from sandqueue.store import Begin, NotMine, TaskStore
-from worker.agent.claude_code import ClaudeCodeAgent
-from worker.agent.watchdog import Watchdog
+from worker.agent import make_agent
 from worker.limits import WAKE, Limiter
 from worker.maintenance import Maintenance
 from worker.pipeline import Pipeline, TaskContext
@@ -96,9 +95,8 @@ class Runtime:
     @cached_property
     def pipeline(self) -> Pipeline:
         provider = make_provider(self.settings, self.redis, self.writer)
-        agent = ClaudeCodeAgent(Watchdog(), stall_timeout_s=self.settings.stall_timeout_s,
-                                claude_command=self.settings.claude_command)
-        return Pipeline(self.settings, provider, agent, limiter=self.limiter)
+        return Pipeline(self.settings, provider, make_agent(self.settings),
+                        limiter=self.limiter)
 
     # -- process lifecycle ---------------------------------------------------------------
     def start_maintenance(self) -> None:

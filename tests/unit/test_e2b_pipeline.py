@@ -25,6 +25,7 @@ from sandqueue.contract import AgentResult, AgentTask, RetryPolicy, TaskMessage,
 from sandqueue.settings import Settings
 from tests.fakes.e2b_sdk import HANG, Err, Exit, FakeE2BCloud, FakeEnvd, FakeProcess, Step, chunked
 from worker.agent.claude_code import GATEWAY_NAME, MCP_CONFIG_PATH, PROMPT_PATH, ClaudeCodeAgent
+from worker.agent.runner import AgentRunner
 from worker.agent.watchdog import Watchdog
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox.e2b import E2BProvider
@@ -213,9 +214,10 @@ class Harness:
         settings = settings or make_settings()
         provider = E2BProvider(settings, http=httpx.Client(transport=cloud.gateway_transport),
                                sdk=cloud.Sandbox)
-        agent = ClaudeCodeAgent(Watchdog(tick_s=0.02), stall_timeout_s=stall_timeout_s)
-        self.pipeline = Pipeline(settings, provider, agent,
-                                 environ={"EXA_API_KEY": EXA_SECRET, "HOME": "/root"})
+        self.pipeline = Pipeline(settings, provider, ClaudeCodeAgent(),
+                                 environ={"EXA_API_KEY": EXA_SECRET, "HOME": "/root"},
+                                 runner=AgentRunner(Watchdog(tick_s=0.02),
+                                                    stall_timeout_s=stall_timeout_s))
         self.events: list[dict[str, Any]] = []
         self.elapsed = 0.0
 

@@ -21,6 +21,7 @@ from sandqueue.contract import AgentResult, AgentTask, ErrorCategory, TaskMessag
 from sandqueue.sealing import Sealer, generate_key
 from sandqueue.settings import Settings
 from worker.agent.claude_code import GATEWAY_NAME, ClaudeCodeAgent
+from worker.agent.runner import AgentRunner
 from worker.agent.watchdog import Watchdog
 from worker.pipeline import Pipeline, TaskContext
 from worker.redact import MASK
@@ -82,9 +83,9 @@ def make_harness(environ: dict[str, str] | None = None, **overrides: Any) -> Har
                               "sim_latency_s": 0.05, **overrides}
     settings = Settings(_env_file=None, **fields)  # type: ignore[call-arg]
     provider = SimProvider(settings)
-    agent = ClaudeCodeAgent(WATCHDOG, stall_timeout_s=0.5)
-    pipeline = Pipeline(settings, provider, agent,
-                        environ=dict(ENVIRON if environ is None else environ))
+    pipeline = Pipeline(settings, provider, ClaudeCodeAgent(),
+                        environ=dict(ENVIRON if environ is None else environ),
+                        runner=AgentRunner(WATCHDOG, stall_timeout_s=0.5))
     return Harness(settings, provider, pipeline)
 
 

@@ -16,7 +16,6 @@ from e2b.template.types import BuildInfo
 from sandqueue import errors
 from sandqueue.settings import Settings
 from worker.agent.claude_code import NPM_PACKAGE, PINNED_VERSION, ClaudeCodeAgent
-from worker.agent.watchdog import Watchdog
 from worker.sandbox.e2b import build_template
 
 SETTINGS = Settings(_env_file=None, e2b_api_key="e2b_test_key")  # type: ignore[call-arg]
@@ -43,7 +42,7 @@ def _reset() -> None:
 
 
 def agent() -> ClaudeCodeAgent:
-    return ClaudeCodeAgent(Watchdog(), stall_timeout_s=1)
+    return ClaudeCodeAgent()
 
 
 def test_the_build_installs_the_pinned_version_and_checks_it_as_the_sandbox_user() -> None:

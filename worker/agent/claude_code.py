@@ -13,18 +13,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from sandqueue import errors
 from sandqueue.contract import AgentTask
 from sandqueue.settings import Settings
+from worker.agent.base import Agent, AgentEvent, AgentRun, AgentStream, AgentText, ToolCall, Usage
 from worker.agent.pricing import estimate_usd
-from worker.agent.stream import LineBuffer, Transcript
-from worker.agent.watchdog import Watch, Watchdog
+from worker.agent.stream import Transcript
 from worker.sandbox.base import Sandbox, TemplateRecipe
 
 GATEWAY_NAME = "e2b-mcp-gateway"
@@ -32,8 +28,6 @@ WORK_DIR = "/home/user"
 FILES_DIR = "/home/user/.sandqueue"
 PROMPT_PATH = f"{FILES_DIR}/prompt.txt"
 MCP_CONFIG_PATH = f"{FILES_DIR}/mcp.json"
-
-EventSink = Callable[[dict[str, Any]], None]
 
 SIM_PLACEHOLDER_KEY = "sk-ant-simulated-placeholder"
 """Given to the simulated agent when no credential is configured (sim mode only)."""
@@ -143,19 +137,6 @@ def agent_version(sandbox: Sandbox, claude: str = "claude") -> str:
     return found.group(1)
 
 
-@dataclass
-class AgentRun:
-    """What one agent run produced; `transcript` is filled even when the run failed."""
-
-    transcript: Transcript
-    exit_code: int | None = None
-    cost_usd: float = 0.0
-    """Estimated from usage while running; the result event's figure once it arrives."""
-    duration_s: float = 0.0
-    stderr_tail: str = ""
-    agent_version: str | None = None
-
-
 def classify_failure(text: str) -> type[errors.SandqueueError]:
     """Which error an error result or a CLI's dying words describe."""
     if _AUTH.search(text):
@@ -167,144 +148,128 @@ def classify_failure(text: str) -> type[errors.SandqueueError]:
     return errors.AgentError
 
 
-class ClaudeCodeAgent:
-    def __init__(self, watchdog: Watchdog, *, stall_timeout_s: float,
-                 claude_command: str = "claude") -> None:
-        self.watchdog = watchdog
-        self.stall_timeout_s = stall_timeout_s
+class ClaudeCodeAgent(Agent):
+    """Claude Code headless (`claude -p --output-format stream-json`), connected to the
+    sandbox's MCP gateway through a `--mcp-config` file."""
+
+    name: ClassVar[str] = "claude-code"
+
+    def __init__(self, claude_command: str = "claude") -> None:
         self.claude_command = claude_command
 
-    @staticmethod
-    def credentials(settings: Settings, simulated: bool) -> dict[str, str]:
-        """The sandbox variables that let Claude Code reach the model (secrets: redacted
-        from everything that leaves the worker)."""
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ClaudeCodeAgent:
+        return cls(claude_command=settings.claude_command)
+
+    def environment(self, settings: Settings, simulated: bool) -> dict[str, str]:
+        """ANTHROPIC_API_KEY and/or CLAUDE_CODE_OAUTH_TOKEN, and no self-update mid-task."""
         envs = {name: value.get_secret_value() for name, value in (
             ("ANTHROPIC_API_KEY", settings.anthropic_api_key),
             ("CLAUDE_CODE_OAUTH_TOKEN", settings.claude_code_oauth_token)) if value is not None}
         if not envs and simulated:
             envs = {"ANTHROPIC_API_KEY": SIM_PLACEHOLDER_KEY}
-        if envs:
-            return envs
-        raise errors.AuthError(
-            "neither ANTHROPIC_API_KEY nor CLAUDE_CODE_OAUTH_TOKEN is set on this worker; "
-            "Claude Code cannot run without one of them")
+        if not envs:
+            raise errors.AuthError(
+                "neither ANTHROPIC_API_KEY nor CLAUDE_CODE_OAUTH_TOKEN is set on this worker; "
+                "Claude Code cannot run without one of them")
+        return envs
 
-    def template_recipe(self, version: str = PINNED_VERSION,
+    def check(self, sandbox: Sandbox) -> str:
+        return agent_version(sandbox, self.claude_command)
+
+    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool) -> str:
+        sandbox.write_file(PROMPT_PATH, task.prompt.encode("utf-8", "surrogatepass"))
+        if with_mcp:
+            sandbox.write_file(MCP_CONFIG_PATH,
+                               mcp_client_config(sandbox.mcp_url(), sandbox.mcp_token()))
+        return build_command(task, self.claude_command, with_mcp)
+
+    def stream(self, task: AgentTask, with_mcp: bool, run: AgentRun) -> AgentStream:
+        return ClaudeStream(run, with_mcp)
+
+    def price(self, model: str | None, usage: dict[str, int]) -> float:
+        return estimate_usd(model, usage)
+
+    def template_recipe(self, version: str | None = None,
                         base: str = "mcp-gateway") -> TemplateRecipe:
         """A template with this exact Claude Code version on the sandbox user's PATH."""
+        version = version or PINNED_VERSION
         if not re.fullmatch(r"\d+\.\d+\.\d+", version):
             raise errors.ConfigError(f"Claude Code version {version!r} is not X.Y.Z, e.g. "
                                      f"{PINNED_VERSION}")
         return TemplateRecipe(base=base, npm_global=(f"{NPM_PACKAGE}@{version}",),
                               check_command=f"{shlex.quote(self.claude_command)} --version")
 
-    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool) -> None:
-        sandbox.write_file(PROMPT_PATH, task.prompt.encode("utf-8", "surrogatepass"))
-        if with_mcp:
-            sandbox.write_file(MCP_CONFIG_PATH,
-                               mcp_client_config(sandbox.mcp_url(), sandbox.mcp_token()))
 
-    def run(
-        self,
-        sandbox: Sandbox,
-        task: AgentTask,
-        *,
-        deadline_at: float,
-        run: AgentRun,
-        with_mcp: bool = True,
-        on_event: EventSink | None = None,
-        interrupted: Callable[[], errors.SandqueueError | None] | None = None,
-    ) -> AgentRun:
-        """Run the agent to its result event, or raise the error that describes the failure.
+class ClaudeStream(AgentStream):
+    """Claude Code's stream-json, folded into the neutral run record as it arrives."""
 
-        `run` is filled in as the stream arrives so the caller keeps partial progress
-        (tool calls made, last text) whatever this raises.
-        """
-        run.agent_version = agent_version(sandbox, self.claude_command)
-        self.prepare(sandbox, task, with_mcp)
-        holder: dict[str, Any] = {}
-        watch = Watch(stall_timeout_s=self.stall_timeout_s, deadline_at=deadline_at,
-                      kill=lambda: holder["cmd"].kill() if "cmd" in holder else None,
-                      interrupted=interrupted)
-        stream = _StreamSink(run, task, watch, with_mcp, on_event)
-        started = time.monotonic()
-        remaining = max(1.0, deadline_at - time.time())
-        cmd = build_command(task, self.claude_command, with_mcp)
-        holder["cmd"] = sandbox.start(cmd, on_stdout=stream.on_stdout,
-                                      on_stderr=stream.on_stderr, timeout_s=remaining + 5)
-        self.watchdog.watch(watch)
-        try:
-            run.exit_code = holder["cmd"].wait()
-        except errors.SandqueueError as e:
-            # A stream that breaks while being stopped reports the stop, not the break.
-            if watch.reason is not None:
-                raise watch.reason from e
-            raise
-        finally:
-            self.watchdog.unwatch(watch)
-            run.duration_s = time.monotonic() - started
-            stream.close()
-        if watch.reason is not None:
-            raise watch.reason
-        _judge(run)
-        return run
-
-
-
-class _StreamSink:
-    """Receives the agent's output chunks and acts on what they say, as they arrive."""
-
-    def __init__(self, run: AgentRun, task: AgentTask, watch: Watch, with_mcp: bool,
-                 on_event: EventSink | None) -> None:
-        self.run = run
-        self.task = task
-        self.watch = watch
+    def __init__(self, run: AgentRun, with_mcp: bool) -> None:
+        super().__init__(run)
         self.with_mcp = with_mcp
-        self.on_event = on_event
-        self.lines = LineBuffer()
-        self.stderr_tail: deque[str] = deque(maxlen=50)
+        self.transcript = Transcript()
 
-    def on_stdout(self, chunk: str) -> None:
-        self.watch.touch()
-        for line in self.lines.feed(chunk):
-            self._line(line)
-
-    def on_stderr(self, chunk: str) -> None:
-        self.watch.touch()
-        self.stderr_tail.append(chunk)
-
-    def close(self) -> None:
-        for line in self.lines.close():
-            self._line(line)
-        self.run.stderr_tail = "".join(self.stderr_tail)[-4000:]
-        final_cost = (self.run.transcript.result or {}).get("total_cost_usd")
-        if isinstance(final_cost, int | float):
-            self.run.cost_usd = float(final_cost)
-
-    def _line(self, line: str) -> None:
-        transcript = self.run.transcript
-        event = transcript.feed_line(line)
+    def feed(self, line: str) -> list[AgentEvent]:
+        event = self.transcript.feed_line(line)
         if event is None:
-            return
-        if event.get("type") == "assistant":
-            self._count_cost()
-        if self.with_mcp and event.get("type") == "system" and event.get("subtype") == "init":
-            problem = _mcp_problem(transcript)
-            if problem is not None:
-                self.watch.trip(problem)
-        if self.on_event is not None:
-            self.on_event(event)
+            return []
+        kind = event.get("type")
+        if kind == "system" and event.get("subtype") == "init":
+            return self._init(event)
+        if kind == "assistant":
+            return self._assistant(event.get("message") or {})
+        if kind == "result":
+            self._result(event)
+        return []
 
-    def _count_cost(self) -> None:
-        transcript = self.run.transcript
-        self.run.cost_usd = estimate_usd((transcript.init or {}).get("model"),
-                                         transcript.usage_so_far)
-        cap = self.task.max_cost_usd
-        if cap is not None and self.run.cost_usd >= cap:
-            self.watch.trip(errors.BudgetExceeded(
-                f"the agent was stopped at an estimated ${self.run.cost_usd:.4f}, over the "
-                f"task's max_cost_usd (${cap:g})"
-            ))
+    def _init(self, event: dict[str, Any]) -> list[AgentEvent]:
+        run = self.run
+        run.mcp_servers = self.transcript.mcp_servers
+        run.session_id = run.session_id or _str(event.get("session_id"))
+        run.model = _str(event.get("model"))
+        run.agent_version = run.agent_version or _str(event.get("claude_code_version"))
+        if self.with_mcp:
+            problem = _mcp_problem(self.transcript)
+            if problem is not None:
+                raise problem
+        return []
+
+    def _assistant(self, message: dict[str, Any]) -> list[AgentEvent]:
+        events: list[AgentEvent] = []
+        for block in message.get("content") or []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                events.append(ToolCall(str(block.get("name", "?")), _str(block.get("id"))))
+            elif block.get("type") == "text" and isinstance(block.get("text"), str):
+                events.append(AgentText(block["text"]))
+        self.run.tool_calls = self.transcript.tool_calls
+        self.run.last_text = self.transcript.last_text
+        if isinstance(message.get("usage"), dict) and self.transcript.usage_by_message:
+            message_id = next(reversed(self.transcript.usage_by_message))
+            events.append(Usage(message_id, self.transcript.usage_by_message[message_id]))
+        return events
+
+    def _result(self, event: dict[str, Any]) -> None:
+        run = self.run
+        run.is_error = event.get("is_error")
+        run.subtype = _str(event.get("subtype"))
+        run.num_turns = event.get("num_turns") if isinstance(event.get("num_turns"), int) else None
+        run.session_id = _str(event.get("session_id")) or run.session_id
+        if isinstance(event.get("result"), str):
+            run.final_text = event["result"]
+        if isinstance(event.get("usage"), dict):
+            run.reported_usage = {k: v for k, v in event["usage"].items()
+                                  if isinstance(v, int) and not isinstance(v, bool)}
+        if isinstance(event.get("total_cost_usd"), int | float):
+            run.reported_cost_usd = float(event["total_cost_usd"])
+
+    def verdict(self) -> errors.SandqueueError | None:
+        return _judge(self.run, self.transcript)
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _mcp_problem(transcript: Transcript) -> errors.SandqueueError | None:
@@ -331,22 +296,22 @@ def _mcp_problem(transcript: Transcript) -> errors.SandqueueError | None:
     return None
 
 
-def _judge(run: AgentRun) -> None:
-    result = run.transcript.result
+def _judge(run: AgentRun, transcript: Transcript) -> errors.SandqueueError | None:
+    result = transcript.result
     if result is None:
         said = run.stderr_tail.strip()[-500:] or "nothing on stderr"
         kind = classify_failure(said) if run.stderr_tail.strip() else errors.AgentNoResult
         if kind is errors.AgentError:
             kind = errors.AgentNoResult
-        raise kind(
+        return kind(
             f"Claude Code exited with code {run.exit_code} without a result event ({said})"
         )
     subtype = result.get("subtype")
     if not result.get("is_error") and subtype in (None, "success"):
-        return
-    kind, text = classify_result(result, run.transcript.api_error)
+        return None
+    kind, text = classify_result(result, transcript.api_error)
     how = f" ({subtype})" if subtype not in (None, "success") else ""
-    raise kind(f"the agent ended with an error{how}: {text[:1000]}")
+    return kind(f"the agent ended with an error{how}: {text[:1000]}")
 
 
 def classify_result(result: dict[str, Any],

@@ -81,10 +81,15 @@ class Watchdog:
             self._watches.discard(w)
 
     def _loop(self) -> None:
+        """Ticks while there is something to watch; the thread ends when nothing is left
+        (the next `watch` starts another), so idle pipelines hold no thread."""
         while True:
             time.sleep(self.tick_s)
             with self._lock:
                 watches = list(self._watches)
+                if not watches:
+                    self._thread = None
+                    return
             for w in watches:
                 try:
                     w.check()

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -231,22 +231,31 @@ class SimSandbox(Sandbox):
     def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
         self._alive()
         argv = shlex.split(cmd)
-        if len(argv) == 2 and argv[0].endswith("claude") and argv[1] == "--version":
-            from worker.sandbox.sim_agent import ScriptedAgent
-
-            return CommandResult(*ScriptedAgent(self, cmd, dict(self._spec.envs)).version())
+        program = self._program(cmd)
+        if program is not None and argv[1:] == ["--version"]:
+            return CommandResult(*program(self, cmd, dict(self._spec.envs)).version())
         return CommandResult(127, "", f"[simulated] {argv[0] if argv else cmd}: command not "
                                       "found\n")
 
     def start(self, cmd: str, *, on_stdout: OutputCallback, on_stderr: OutputCallback,
               timeout_s: float, envs: dict[str, str] | None = None) -> RunningCommand:
         self._alive()
-        from worker.sandbox.sim_agent import ScriptedAgent
-
-        agent = ScriptedAgent(self, cmd, {**self._spec.envs, **(envs or {})})
-        command = SimCommand(agent.script, on_stdout, on_stderr)
+        program = self._program(cmd)
+        if program is None:
+            def missing(proc: SimCommand) -> int:
+                proc.emit(f"bash: {cmd.split()[0]}: command not found\n", "stderr")
+                return 127
+            script: Callable[[SimCommand], int] = missing
+        else:
+            script = program(self, cmd, {**self._spec.envs, **(envs or {})}).script
+        command = SimCommand(script, on_stdout, on_stderr)
         self.commands.append(command)
         return command
+
+    def _program(self, cmd: str) -> SimProgram | None:
+        """The scripted CLI a command line runs (`cd DIR && exec NAME ...`), by name."""
+        argv, _ = argv_of(cmd)
+        return self._provider.programs.get(argv[0].rsplit("/", 1)[-1]) if argv else None
 
     def kill(self) -> None:
         if self._dead:
@@ -276,12 +285,25 @@ class SimSandbox(Sandbox):
         return self._provider.settings.sim_latency_s
 
 
+class SimProgram(Protocol):
+    """A scripted CLI inside simulated sandboxes: built per command line, it runs as a
+    process (`script`) or answers `--version`."""
+
+    def __call__(self, sandbox: SimSandbox, cmd: str,
+                 envs: dict[str, str]) -> Any: ...
+
+
 class SimProvider(SandboxProvider):
     name = "sim"
     simulated = True
 
     def __init__(self, settings: Settings, client: redis.Redis | None = None,
                  writer: WriteBehind | None = None) -> None:
+        from worker.sandbox.sim_agent import ScriptedAgent
+
+        self.programs: dict[str, SimProgram] = {"claude": ScriptedAgent}
+        """The CLIs simulated sandboxes have, by name: Claude Code's stand-in; another
+        agent's stand-in can be added beside it."""
         self.settings = settings
         self.registry = _Registry(client, writer)
         self._live: dict[str, SimSandbox] = {}

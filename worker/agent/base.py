@@ -1,0 +1,153 @@
+"""The agent interface the pipeline programs against, beside the sandbox interface.
+
+An agent adapter knows one agent CLI and nothing about queues or sandboxes' providers. Its
+jobs, one method each:
+
+- `environment`: the variables (credentials) its process needs in the sandbox; they are
+  secrets, redacted from everything that leaves the worker;
+- `check`: before a run, that the CLI is there for the sandbox user, and its version;
+- `prepare`: write its input files into the sandbox and return its command line (never
+  interpolating user text into a shell);
+- `stream`: a parser for one run's output that turns its lines into neutral events (text,
+  a tool call with name and id, usage keyed by model message) and, when the process has
+  ended, says which error of the taxonomy describes a failed run (`AgentStream.verdict`);
+- `price`: what usage costs, so a run that is killed or hangs is not free;
+- `template_recipe`: what a sandbox template needs to run it, for `sandqueue template build`.
+
+What is common to every agent (start, watch for stalls and the deadline, stop on cancel,
+count usage once per message, enforce `max_cost_usd`) lives in `worker/agent/runner.py`.
+
+To add an agent: write `worker/agent/<name>.py` with a subclass of `Agent` (and of
+`AgentStream`), add it to `AGENTS` in `worker/agent/__init__.py`, and select it with
+`SANDQUEUE_AGENT=<name>`. The pipeline does not change.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from sandqueue import errors
+from sandqueue.contract import AgentTask
+from sandqueue.settings import Settings
+from worker.sandbox.base import Sandbox, TemplateRecipe
+
+
+@dataclass(frozen=True)
+class AgentText:
+    """Text the model wrote."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """The model called a tool (it may have had effects: the side-effect rule counts it)."""
+
+    name: str
+    call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one model message so far. A message may be reported several times; the
+    last report of a `message_id` replaces the earlier ones."""
+
+    message_id: str
+    tokens: dict[str, int]
+
+
+AgentEvent = AgentText | ToolCall | Usage
+
+
+@dataclass
+class AgentRun:
+    """What one agent run produced, in neutral terms; filled as the output arrives, so the
+    caller keeps partial progress (tool calls made, last text) whatever the run's end."""
+
+    final_text: str | None = None
+    """The answer the agent reported at its end (None if it reported none)."""
+    last_text: str | None = None
+    is_error: bool | None = None
+    subtype: str | None = None
+    num_turns: int | None = None
+    session_id: str | None = None
+    model: str | None = None
+    reported_usage: dict[str, int] | None = None
+    """Usage as the agent totalled it at the end, when it did."""
+    reported_cost_usd: float | None = None
+    tool_calls: Counter[str] = field(default_factory=Counter)
+    mcp_servers: list[dict[str, str]] = field(default_factory=list)
+    agent_version: str | None = None
+    usage_by_message: dict[str, dict[str, int]] = field(default_factory=dict)
+    estimated_cost_usd: float = 0.0
+    exit_code: int | None = None
+    duration_s: float = 0.0
+    stderr_tail: str = ""
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """The agent's own total if it gave one, else the sum over messages (each once)."""
+        if self.reported_usage is not None:
+            return dict(self.reported_usage)
+        total: dict[str, int] = {}
+        for tokens in self.usage_by_message.values():
+            for key, value in tokens.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    @property
+    def cost_usd(self) -> float:
+        """The agent's reported cost once it reported one; the estimate until then."""
+        if self.reported_cost_usd is not None:
+            return self.reported_cost_usd
+        return self.estimated_cost_usd
+
+
+class AgentStream(abc.ABC):
+    """The output of one run, fed line by line; it fills `run`."""
+
+    def __init__(self, run: AgentRun) -> None:
+        self.run = run
+
+    @abc.abstractmethod
+    def feed(self, line: str) -> list[AgentEvent]:
+        """Events in one line of output (none for noise). Raise a SandqueueError to stop
+        the run at once (e.g. the agent said at start that it cannot reach its tools)."""
+
+    @abc.abstractmethod
+    def verdict(self) -> errors.SandqueueError | None:
+        """After the process ended: None for a successful run, else the error that
+        describes the failure (`run.exit_code` and `run.stderr_tail` are set)."""
+
+
+class Agent(abc.ABC):
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def environment(self, settings: Settings, simulated: bool) -> dict[str, str]:
+        """Variables the agent's process needs (credentials). Raise AuthError if none is
+        configured; a simulated sandbox may get a placeholder."""
+
+    @abc.abstractmethod
+    def check(self, sandbox: Sandbox) -> str:
+        """The CLI's version; raise AgentMissing when it does not run for the sandbox user."""
+
+    @abc.abstractmethod
+    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool) -> str:
+        """Write the run's input files; return the command line that starts the run."""
+
+    @abc.abstractmethod
+    def stream(self, task: AgentTask, with_mcp: bool, run: AgentRun) -> AgentStream:
+        """A parser for this run's output."""
+
+    @abc.abstractmethod
+    def price(self, model: str | None, usage: dict[str, int]) -> float:
+        """USD for this usage (an estimate, replaced by the agent's own figure if any)."""
+
+    @abc.abstractmethod
+    def template_recipe(self, version: str | None = None,
+                        base: str = "mcp-gateway") -> TemplateRecipe:
+        """What a sandbox template needs to run this agent, at this version."""

@@ -1,0 +1,116 @@
+"""Runs any agent in a sandbox: start, follow its output, stop it when it must stop.
+
+What every agent run needs and no adapter should redo: output chunks split into lines
+(`LineBuffer`), a watchdog that stops a run that stalls, overruns its deadline or is
+cancelled, usage counted once per model message, and the task's `max_cost_usd` enforced
+on the running estimate. The adapter (`worker/agent/base.py`) says what the lines mean.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from sandqueue import errors
+from sandqueue.contract import AgentTask
+from worker.agent.base import Agent, AgentEvent, AgentRun, AgentStream, Usage
+from worker.agent.stream import LineBuffer
+from worker.agent.watchdog import Watch, Watchdog
+from worker.sandbox.base import Sandbox
+
+EventSink = Callable[[AgentEvent], None]
+
+
+class AgentRunner:
+    def __init__(self, watchdog: Watchdog, *, stall_timeout_s: float) -> None:
+        self.watchdog = watchdog
+        self.stall_timeout_s = stall_timeout_s
+
+    def run(self, agent: Agent, sandbox: Sandbox, task: AgentTask, *, deadline_at: float,
+            run: AgentRun, with_mcp: bool = True, on_event: EventSink | None = None,
+            interrupted: Callable[[], errors.SandqueueError | None] | None = None,
+            ) -> AgentRun:
+        """Run the agent to its end, or raise the error that describes the failure."""
+        run.agent_version = agent.check(sandbox)
+        cmd = agent.prepare(sandbox, task, with_mcp)
+        holder: dict[str, Any] = {}
+        watch = Watch(stall_timeout_s=self.stall_timeout_s, deadline_at=deadline_at,
+                      kill=lambda: holder["cmd"].kill() if "cmd" in holder else None,
+                      interrupted=interrupted)
+        sink = _Output(agent, agent.stream(task, with_mcp, run), task, watch, on_event)
+        started = time.monotonic()
+        remaining = max(1.0, deadline_at - time.time())
+        holder["cmd"] = sandbox.start(cmd, on_stdout=sink.on_stdout, on_stderr=sink.on_stderr,
+                                      timeout_s=remaining + 5)
+        self.watchdog.watch(watch)
+        try:
+            run.exit_code = holder["cmd"].wait()
+        except errors.SandqueueError as e:
+            # A stream that breaks while being stopped reports the stop, not the break.
+            if watch.reason is not None:
+                raise watch.reason from e
+            raise
+        finally:
+            self.watchdog.unwatch(watch)
+            run.duration_s = time.monotonic() - started
+            sink.close()
+        if watch.reason is not None:
+            raise watch.reason
+        failure = sink.stream.verdict()
+        if failure is not None:
+            raise failure
+        return run
+
+
+class _Output:
+    """Receives the agent's output chunks and acts on what they say, as they arrive."""
+
+    def __init__(self, agent: Agent, stream: AgentStream, task: AgentTask, watch: Watch,
+                 on_event: EventSink | None) -> None:
+        self.agent = agent
+        self.stream = stream
+        self.run = stream.run
+        self.task = task
+        self.watch = watch
+        self.on_event = on_event
+        self.lines = LineBuffer()
+        self.stderr_tail: deque[str] = deque(maxlen=50)
+
+    def on_stdout(self, chunk: str) -> None:
+        self.watch.touch()
+        for line in self.lines.feed(chunk):
+            self._line(line)
+
+    def on_stderr(self, chunk: str) -> None:
+        self.watch.touch()
+        self.stderr_tail.append(chunk)
+
+    def close(self) -> None:
+        for line in self.lines.close():
+            self._line(line)
+        self.run.stderr_tail = "".join(self.stderr_tail)[-4000:]
+
+    def _line(self, line: str) -> None:
+        try:
+            events = self.stream.feed(line)
+        except errors.SandqueueError as e:
+            self.watch.trip(e)
+            return
+        for event in events:
+            if isinstance(event, Usage):
+                self.run.usage_by_message[event.message_id] = dict(event.tokens)
+                self._count_cost()
+            if self.on_event is not None:
+                self.on_event(event)
+
+    def _count_cost(self) -> None:
+        run = self.run
+        run.estimated_cost_usd = self.agent.price(run.model, run.usage)
+        cap = self.task.max_cost_usd
+        if cap is not None and run.estimated_cost_usd >= cap:
+            self.watch.trip(errors.BudgetExceeded(
+                f"the agent was stopped at an estimated ${run.estimated_cost_usd:.4f}, over "
+                f"the task's max_cost_usd (${cap:g})"
+            ))
