@@ -129,9 +129,11 @@ def test_kill_9_after_a_tool_call(cli: RunCli, rdb: redis.Redis, worker_factory:
     wait_until(lambda: int(task_record(rdb, task_id).get("tool_calls") or 0) >= 1, 15,
                "the agent's first tool call")
     assert running_on(rdb, task_id, first)
-    second = worker_factory(concurrency=2, env=CRASH_ENV)
+    # Killed before the second worker starts: a worker takes seconds to start on a loaded
+    # machine, by which time the 4 s task could have finished on the first one.
     kill_9(first)
     calls_at_kill = int(task_record(rdb, task_id)["tool_calls"])
+    second = worker_factory(concurrency=2, env=CRASH_ENV)
 
     code, out, err = cli("result", task_id, "--wait", "--wait-timeout", "40", "--json")
     assert out.strip(), f"no result (exit {code}): {err}"
