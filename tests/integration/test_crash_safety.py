@@ -316,7 +316,7 @@ def test_redis_restart_with_append_only_loses_nothing(
         print(f"\nsubmit while Redis was down: exit {code} after {down_s:.2f}s")
         assert code == 3, (out, err)
         assert "cannot reach Redis" in err
-        assert down_s < 10, f"the producer took {down_s:.1f}s to report Redis down"
+        assert down_s < 20, f"the producer took {down_s:.1f}s to report Redis down"
 
         # The same worker process, reconnected: it finishes its task and takes new ones.
         wait_until(lambda: not worker.alive() or slow.result() is not None, 30,
