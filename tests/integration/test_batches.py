@@ -234,7 +234,8 @@ def test_max_cost_stops_the_batch_after_about_its_budget(
     total = 20
     source = write_jsonl(tmp_path / "inputs.jsonl", [
         {"id": f"c{i}", "prompt": f"Item {i}",
-         "envs": {"SIM_LATENCY_S": "0.8", "SIM_COST_USD": "1"}} for i in range(total)])
+         # 2 s a task: the overshoot allowed below (2 tasks) gives the batch 4 s to react
+         "envs": {"SIM_LATENCY_S": "2", "SIM_COST_USD": "1"}} for i in range(total)])
     code, stdout, err = cli("batch", "run", str(source), "--queue", SMALL_QUEUE,
                             "--max-cost", "3", "--json", "--no-progress",
                             timeout=BATCH_TIMEOUT_S)
