@@ -429,7 +429,8 @@ def test_concurrent_submits_with_one_idempotency_key_run_once(
             with out_path.open("wb") as out, err_path.open("wb") as err:
                 procs.append(subprocess.Popen(argv, env=product_env(redis_url), cwd=tmp_path,
                                               stdin=subprocess.PIPE, stdout=out, stderr=err))
-        wait_until(lambda: all(stdin_blocked(p) for p in procs), 20,
+        # Generous: eight Pythons importing at once take a while on a loaded machine.
+        wait_until(lambda: all(stdin_blocked(p) for p in procs), 120,
                    "the submitters to wait on stdin")
         for proc in procs:
             assert proc.stdin is not None
