@@ -68,26 +68,54 @@ def _merge(defaults: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _csv_rows(text: str, template: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(first line of the record, fields) per CSV record.
+
+    A quoted field may span lines, and `reader.line_num` is then the record's last line, so
+    the number reported is where the record starts: one past where the previous one ended.
+    A row whose field count differs from the header's is an error, not a guess: a short row
+    would put the text `None` in the prompt, a long one would silently drop fields."""
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None:
+        return
+    columns = ", ".join(header)
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader, None)
+        except csv.Error as e:
+            yield start, {"__error__": f"cannot read CSV ({e}); check the quoting"}
+            return
+        if values is None:
+            return
+        if not values:  # a blank line
+            continue
+        if len(values) != len(header):
+            yield start, {"__error__": f"{len(values)} field(s) but the header has "
+                                       f"{len(header)} ({columns}); quote a field that "
+                                       f"holds a comma, e.g. \"a, b\""}
+            continue
+        row = dict(zip(header, values, strict=True))
+        try:
+            prompt = template.format_map(row)
+        except KeyError as e:
+            yield start, {"__error__": f"--prompt-template uses column {e} which the CSV "
+                                       f"has not (columns: {columns})"}
+            continue
+        fields: dict[str, Any] = {"prompt": prompt}
+        if row.get("id"):
+            fields["id"] = row["id"]
+        yield start, fields
+
+
 def _rows(text: str, fmt: str, template: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, task fields) per input; raises ValueError for a line it cannot read."""
+    """(line number, task fields) per input; a line it cannot read carries `__error__`."""
     if fmt == "csv":
         if not template:
             raise errors.InvalidTask("a CSV batch needs --prompt-template, e.g. "
                                      "'Triage issue {number}: {title}'")
-        reader = csv.DictReader(io.StringIO(text))
-        for row in reader:
-            line = reader.line_num
-            try:
-                prompt = template.format_map(row)
-            except KeyError as e:
-                columns = ", ".join(reader.fieldnames or [])
-                yield line, {"__error__": f"--prompt-template uses column {e} which the CSV "
-                                          f"has not (columns: {columns})"}
-                continue
-            fields: dict[str, Any] = {"prompt": prompt}
-            if row.get("id"):
-                fields["id"] = row["id"]
-            yield line, fields
+        yield from _csv_rows(text, template)
         return
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -113,7 +141,9 @@ def load_inputs(path: Path, *, prepare: Callable[[dict[str, Any]], AgentTask],
                 defaults: dict[str, Any], template: str | None = None) -> list[BatchInput]:
     """Read and validate every line; raise BatchInvalid listing all bad lines."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        # utf-8-sig: Excel and some editors start the file with a BOM, which would otherwise
+        # become part of the first column's name (a CSV's `id`) or break the first JSON line.
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise errors.InvalidTask(f"cannot read {path}: {e.strerror}") from e
     except UnicodeDecodeError as e:

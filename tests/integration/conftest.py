@@ -470,3 +470,49 @@ def cli(redis_url: str, tmp_path: Path) -> RunCli:
         return run_cli(redis_url, *args, **kwargs)
 
     return run
+
+
+# -- waiting on events instead of sleeping ----------------------------------------------------
+
+UNACKED = "unacked"
+"""kombu's hash of delivered, not yet acknowledged messages (its Redis transport default)."""
+
+
+def recovery_ran_since(client: redis.Redis, since: float, interval_s: float) -> bool:
+    """Whether some worker began a recovery cycle after `since` (epoch seconds).
+
+    A cycle starts by taking `sq:lock:recover` for 0.9 x the recovery interval
+    (worker/maintenance.py), so the lock's remaining time dates the cycle that holds it. The
+    clock is read before the lock's TTL: the estimate is never later than the true start.
+    """
+    now = time.time()
+    pttl = client.pttl(keys.RECOVER_LOCK)
+    if pttl <= 0:
+        return False
+    began = now - (max(0.1, 0.9 * interval_s) - pttl / 1000)
+    return began > since
+
+
+def wait_for_recovery_cycle(client: redis.Redis, since: float, interval_s: float,
+                            timeout_s: float = 60.0) -> None:
+    """Wait until a recovery cycle began after `since`: e.g. after a message became old enough
+    for recovery to consider it, so "recovery did not take it" means something."""
+    wait_until(lambda: recovery_ran_since(client, since, interval_s), timeout_s,
+               f"a recovery cycle to begin after {since:.3f} (now {time.time():.3f})")
+
+
+def wait_until_queue_drained(client: Client, rdb: redis.Redis, queue: str = QUEUE,
+                             timeout_s: float = 60.0) -> None:
+    """Every message published to `queue` so far has been delivered and acknowledged.
+
+    A sentinel task is sent behind them. The queue is first in, first out, so when the
+    sentinel has finished every earlier message was delivered; when nothing is left
+    unacknowledged (acks are late), each was handled: run, or dropped as a duplicate (the
+    worker logs "duplicate delivery ignored"). Tests that assert "no second copy ran" wait on
+    this rather than sleeping. The sentinel runs in a sandbox of its own (count it).
+    """
+    sentinel = client.submit("sentinel: everything before me was delivered", queue=queue)
+    assert sentinel.wait(timeout=timeout_s).status.value == "succeeded"
+    wait_until(lambda: rdb.llen(queue) == 0 and rdb.hlen(UNACKED) == 0, timeout_s,
+               lambda: f"{queue} drained: {rdb.llen(queue)} queued, {rdb.hlen(UNACKED)} "
+                       "unacknowledged")

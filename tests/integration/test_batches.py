@@ -165,6 +165,33 @@ def test_bad_lines_are_all_reported_and_nothing_is_submitted(
     assert not (tmp_path / "r.jsonl").exists()
 
 
+@pytest.mark.usefixtures("worker")
+def test_an_excel_csv_keeps_its_ids_and_ragged_rows_are_refused(
+    cli: RunCli, rdb: redis.Redis, tmp_path: Path
+) -> None:
+    # Given a CSV as Excel saves it (BOM, CRLF) with a short row and a row with an unquoted comma
+    source = tmp_path / "issues.csv"
+    rows = ["id,number,title", "x1,1,Crash", "x2,2", "x3,3,Crash, then hang", 'x4,4,"two\nlines"']
+    source.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
+    out = tmp_path / "r.jsonl"
+    args = ("batch", "run", str(source), "--prompt-template", "{id} #{number}: {title}",
+            "--out", str(out), "--no-progress")
+    # When it is run, Then both ragged rows are reported by line and nothing is submitted
+    code, stdout, err = cli(*args)
+    assert code == 2, (stdout, err)
+    assert "line 3: 2 field(s) but the header has 3" in err, err
+    assert "line 4: 4 field(s) but the header has 3" in err, err
+    assert "2 invalid line(s)" in err
+    assert rdb.llen(QUEUE) == 0 and list(rdb.scan_iter("sq:task:*")) == []
+    assert not out.exists()
+    # When the rows are fixed (the BOM stays), Then results are keyed by the `id` column
+    rows[2:4] = ["x2,2,Typo", 'x3,3,"Crash, then hang"']
+    source.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
+    code, stdout, err = cli(*args, timeout=BATCH_TIMEOUT_S)
+    assert code == 0, (stdout, err)
+    assert sorted(r["id"] for r in read_results(out)) == ["x1", "x2", "x3", "x4"]
+
+
 # -- budgets ----------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("one_at_a_time")
@@ -207,7 +234,8 @@ def test_max_cost_stops_the_batch_after_about_its_budget(
     total = 20
     source = write_jsonl(tmp_path / "inputs.jsonl", [
         {"id": f"c{i}", "prompt": f"Item {i}",
-         "envs": {"SIM_LATENCY_S": "0.8", "SIM_COST_USD": "1"}} for i in range(total)])
+         # 2 s a task: the overshoot allowed below (2 tasks) gives the batch 4 s to react
+         "envs": {"SIM_LATENCY_S": "2", "SIM_COST_USD": "1"}} for i in range(total)])
     code, stdout, err = cli("batch", "run", str(source), "--queue", SMALL_QUEUE,
                             "--max-cost", "3", "--json", "--no-progress",
                             timeout=BATCH_TIMEOUT_S)

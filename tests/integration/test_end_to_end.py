@@ -18,13 +18,13 @@ from sandqueue import keys
 from sandqueue.contract import TaskStatus
 from sandqueue.settings import Settings
 from tests.integration.conftest import (
-    QUEUE,
     RunCli,
     StartWorker,
     Worker,
     assert_secret_absent,
     secret_forms,
     sim_counts,
+    wait_until_queue_drained,
 )
 
 pytestmark = pytest.mark.integration
@@ -149,7 +149,8 @@ def test_result_of_an_unfinished_task_exits_4(cli: RunCli, rdb: redis.Redis) -> 
     started = time.monotonic()
     code, _, err = cli("result", task_id, "--wait", "--wait-timeout", "1")
     assert code == 4, err
-    assert time.monotonic() - started < 15
+    # Generous: a slow machine starts Python slowly; a --wait-timeout ignored waits forever.
+    assert time.monotonic() - started < 45
 
     code, out, err = cli("status", task_id)
     assert code == 0, err
@@ -284,26 +285,36 @@ def test_mcp_token_is_resolved_on_the_worker_and_never_stored(
 
 # -- the Python API: concurrency and idempotency ---------------------------------------------
 
+def most_at_once(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of (start, end) intervals that overlap at one instant."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, step in edges:  # at a tie, an end (-1) sorts before a start: touching is not overlap
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
 def test_twenty_tasks_run_in_parallel_on_one_worker(api: Client, worker: Worker) -> None:
-    started = time.monotonic()
-    handles = [api.submit(f"parallel task {i}", envs={"SIM_LATENCY_S": "1"}) for i in range(20)]
-    results = [h.wait(timeout=30) for h in handles]
-    elapsed = time.monotonic() - started
+    handles = [api.submit(f"parallel task {i}", envs={"SIM_LATENCY_S": "2"}) for i in range(20)]
+    results = [h.wait(timeout=60) for h in handles]
 
     assert [r.status for r in results] == [TaskStatus.SUCCEEDED] * 20
     assert [echoed_prompt(r.result or "") for r in results] == \
         [f"parallel task {i}" for i in range(20)]
-    assert all((r.timings.agent_run_s or 0) >= 0.95 for r in results)
+    assert all((r.timings.agent_run_s or 0) >= 1.95 for r in results)
     assert len({r.sandbox_id for r in results}) == 20
     assert None not in {r.sandbox_id for r in results}
-    # Run one after another they would take 20 s: the threads pool runs them together.
-    assert elapsed < 10, f"20 one-second tasks took {elapsed:.1f}s on one worker"
+    # The threads pool runs them together: judged by when each ran, not by a wall-clock bound
+    # (one after another, no two would overlap; a slow machine slows them all alike).
+    spans = [(r.finished_at - (r.timings.total_s or 0), r.finished_at) for r in results]
+    assert most_at_once(spans) >= 10, f"at most {most_at_once(spans)} of 20 ran at once"
     log = worker.log()  # the only worker consuming the queue ran all of them
     assert all(f"task {h.id} succeeded" in log for h in handles)
 
 
-@pytest.mark.usefixtures("worker")
-def test_idempotency_key_runs_the_task_once(api: Client, cli: RunCli, rdb: redis.Redis) -> None:
+def test_idempotency_key_runs_the_task_once(api: Client, cli: RunCli, rdb: redis.Redis,
+                                            worker: Worker) -> None:
     key = f"sqit-{uuid.uuid4().hex}"
     first = api.submit("Do it once", idempotency_key=key)
     second = api.submit("Do it once", idempotency_key=key)
@@ -318,6 +329,8 @@ def test_idempotency_key_runs_the_task_once(api: Client, cli: RunCli, rdb: redis
     result = first.wait(timeout=30)
     assert result.status is TaskStatus.SUCCEEDED
     assert second.wait(timeout=5).sandbox_id == result.sandbox_id
-    time.sleep(0.3)  # a second run, had one been enqueued, would have started by now
-    assert rdb.llen(QUEUE) == 0
-    assert sim_counts(rdb)[1] == 1
+    # Had a second copy been enqueued, it is delivered before the sentinel: it would have run
+    # (a second sandbox) or been logged as a duplicate delivery.
+    wait_until_queue_drained(api, rdb)
+    assert f"task {first.id}: duplicate delivery ignored" not in worker.log()
+    assert sim_counts(rdb)[1] == 2, "one sandbox for the task, one for the sentinel"

@@ -102,7 +102,7 @@ def test_live_sandbox_limit_holds_across_two_worker_processes(
     assert sampler.samples > 50
     assert sampler.maximum == 2, f"{sampler.maximum} sandboxes were alive at once"
     assert makespan >= 4.5, f"10 one-second tasks, 2 at a time, took only {makespan:.2f}s"
-    assert makespan < 20
+    assert makespan < 40, f"10 one-second tasks, 2 at a time, took {makespan:.2f}s"  # generous
     # Both processes took tasks: the limit is shared through Redis, not per process.
     ran_on = {task_record(rdb, h.id)["worker"].split("@")[0] for h in handles}
     assert ran_on == {w.name for w in workers}, ran_on
@@ -123,7 +123,7 @@ def test_creation_rate_limit_spaces_sandbox_creations(
     print(f"\n6 sandboxes at 2 creations/s (burst 2): created over {span:.2f}s")
     # A burst of 2, then one every 0.5 s: the last is created 2 s after the first.
     assert span >= 1.8, f"6 creations at 2/s took only {span:.2f}s"
-    assert span < 6, f"6 creations at 2/s took {span:.2f}s"
+    assert span < 12, f"6 creations at 2/s took {span:.2f}s"  # generous: a loaded machine
     for a, b in zip(created, created[2:], strict=False):  # never 3 within one 0.5 s window
         assert b - a >= 0.3, created
 

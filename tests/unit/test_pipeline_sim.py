@@ -266,7 +266,7 @@ def test_a_hanging_agent_is_stopped_as_stalled(harness: Harness) -> None:
     started = time.monotonic()
     result = harness.run(envs={**FAST, "SIM_FAIL": "agent:hang"}, retry={"max_attempts": 1})
     _failed(result, ErrorCategory.AGENT_STALLED, attempts=1, retryable=True)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # generous; a hang not noticed never ends
 
 
 def test_a_stall_is_retried_in_a_fresh_sandbox(harness: Harness) -> None:
@@ -281,7 +281,7 @@ def test_a_task_past_its_deadline_times_out(harness: Harness) -> None:
     assert result.status is TaskStatus.TIMED_OUT
     assert result.error is not None and result.error.category is ErrorCategory.TIMEOUT
     assert result.error.retryable is False
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # generous, and far below the agent's 30 s
 
 
 def test_a_cancelled_task_ends_cancelled(harness: Harness) -> None:
@@ -377,7 +377,7 @@ def test_no_retry_when_the_backoff_would_pass_the_deadline() -> None:
                    retry={"backoff_s": 5})
     _failed(result, ErrorCategory.RATE_LIMITED, attempts=1, retryable=True)
     assert "no time left" in result.error.message  # type: ignore[union-attr]
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 4  # generous, and below the 5 s backoff it skipped
 
 
 def test_without_a_model_key_the_sim_agent_still_runs() -> None:
