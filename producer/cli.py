@@ -13,8 +13,9 @@ Every option that has an environment variable says so in `--help`.
 
 With `--json`, errors are JSON too: one object on stdout, `{"error": CODE, "category":
 usage|unreachable|pending|interrupted, "message": ...}` (plus `id` where there is a task id),
-with the exit code above. CODE is short and stable, e.g. `invalid_task`, `invalid_task_id`,
-`unknown_task`, `config_error`, `redis_unavailable`, `wait_timeout`, `not_finished`.
+with the exit code above. CODE is short and stable, e.g. `usage_error`, `invalid_task`,
+`invalid_task_id`, `unknown_task`, `unknown_batch`, `config_error`, `redis_unavailable`,
+`wait_timeout`, `not_finished`, `interrupted` (`batch run` adds `batch_id` and `resume`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -83,7 +84,9 @@ def _as_cli_error(e: errors.SandqueueError) -> CliError | None:
     if isinstance(e, errors.ConfigError):
         return CliError(e.message, code="config_error")
     if isinstance(e, errors.InvalidTask):
-        return CliError(e.message, code="invalid_task")
+        bad = getattr(e, "bad", None)  # a batch file's invalid lines, for machines too
+        return CliError(e.message, code="invalid_task", extra={"lines": [
+            {"line": b.line, "message": b.message} for b in bad]} if bad else None)
     return None
 
 
@@ -151,7 +154,27 @@ def _client(ctx: click.Context) -> Client:
     return obj["client"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class JsonErrorsGroup(click.Group):
+    """With `--json`, the usage errors click finds itself (a missing argument, a bad option
+    value, an unknown command) are a JSON error object on stdout too, exit 2."""
+
+    wants_json = False
+
+    def main(self, args: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        self.wants_json = "--json" in (sys.argv[1:] if args is None else list(args))
+        return super().main(args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if not self.wants_json:
+                raise
+            fail(CliError(e.format_message(), code="usage_error"), as_json=True)
+
+
+@click.group(cls=JsonErrorsGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--redis-url", envvar="REDIS_URL", show_envvar=True, default=None,
               help="Redis for broker and results.")
 @click.version_option(package_name="sandqueue")
@@ -288,7 +311,12 @@ def submit(ctx: click.Context, prompt: str | None, mcp_names: tuple[str, ...],
         return
     if not as_json:
         render.err.print(f"submitted {handle.id}; waiting for the result...")
-    result = handle.wait(timeout=wait_timeout)
+    try:
+        result = handle.wait(timeout=wait_timeout)
+    except KeyboardInterrupt:  # the id was not printed yet: say it, the task keeps running
+        raise CliError(f"interrupted; task {handle.id} keeps running: follow it with "
+                       f"`sandqueue watch {handle.id}`", code="interrupted",
+                       exit_code=EXIT_INTERRUPTED, task_id=handle.id) from None
     _show(result, as_json)
     sys.exit(_exit_for(result))
 
@@ -438,8 +466,8 @@ def reap(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     try:
         verdicts = reap_sandboxes(provider, client.store, client.settings, dry_run=dry_run)
     except errors.SandqueueError as e:
-        render.err.print(f"[red]error:[/] {e.message}")
-        sys.exit(EXIT_UNREACHABLE)
+        raise CliError(e.message, code="sandboxes_unavailable",
+                       exit_code=EXIT_UNREACHABLE) from e
     doomed = [v for v in verdicts if v.reason]
     if as_json:
         render.print_json({"dry_run": dry_run, "live": len(verdicts),
@@ -564,7 +592,7 @@ def _say_resume(plan: ResumePlan, bar: render.BatchProgress) -> None:
     if plan.not_retried:
         note += (f"; {plan.not_retried} failed/cancelled input(s) keep their result: add "
                  "--retry-failed to run them again")
-    render.err.print(render.escape(note))
+    render.err.print(render.escape(note), soft_wrap=True)
 
 
 @batch.command("status")
@@ -579,7 +607,7 @@ def batch_status(ctx: click.Context, batch_id: str, as_json: bool) -> None:
 
     b = Batch(_client(ctx), batch_id)
     if not b.exists():
-        raise CliError(f"no batch {batch_id} is known", code="unknown_batch")
+        raise CliError(f"no batch {batch_id!r} is known", code="unknown_batch")
     counts = b.counts()
     unknown = counts["by_status"].get(TaskStatus.UNKNOWN.value, 0)
     problem = (f"{unknown} input(s) are in an unknown state: their tasks have no record "
@@ -611,7 +639,7 @@ def batch_results(ctx: click.Context, batch_id: str, out: Path | None) -> None:
 
     b = Batch(_client(ctx), batch_id)
     if not b.exists():
-        raise CliError(f"no batch {batch_id} is known", code="unknown_batch")
+        raise CliError(f"no batch {batch_id!r} is known", code="unknown_batch")
     items = b.items()
     results = b.results(list(items.values()))
     sink = out.open("w", encoding="utf-8") if out else sys.stdout
@@ -636,7 +664,7 @@ def batch_cancel(ctx: click.Context, batch_id: str) -> None:
 
     b = Batch(_client(ctx), batch_id)
     if not b.exists():
-        raise CliError(f"no batch {batch_id} is known", code="unknown_batch")
+        raise CliError(f"no batch {batch_id!r} is known", code="unknown_batch")
     render.out.print(f"cancel requested for {b.cancel()} task(s) of batch {batch_id}")
 
 

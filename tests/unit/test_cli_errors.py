@@ -10,13 +10,14 @@ import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
 from click.testing import CliRunner, Result
 
-from producer.api import Client
+from producer.api import Client, TaskHandle
 from producer.batch import batch_key
 from producer.cli import EXIT_ALREADY_ENDED, cli
 from producer.taskinfo import TaskInfo
@@ -145,6 +146,26 @@ def test_json_error_for_a_bad_id_names_it() -> None:
         "message": "the task id is empty: give the id that `sandqueue submit` printed"}
 
 
+@pytest.mark.parametrize("args", [("status", "--json"), ("submit", "x", "--max-turns", "0",
+                                                          "--json"), ("nosuch", "--json")])
+def test_json_error_for_usage_errors_click_finds(args: tuple[str, ...]) -> None:
+    result = run(*args)
+    assert result.exit_code == 2
+    error = json.loads(result.stdout)
+    assert (error["error"], error["category"]) == ("usage_error", "usage")
+    assert error["message"]
+
+
+def test_json_error_for_a_bad_batch_file_lists_the_lines(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "fine"}\nnot json\n{"prompt": " "}\n', encoding="utf-8")
+    result = run("batch", "run", str(source), "--json")
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout)
+    assert error["error"] == "invalid_task"
+    assert [line["line"] for line in error["lines"]] == [2, 3]
+
+
 def test_json_error_for_an_unknown_batch(fake_redis: fakeredis.FakeRedis) -> None:
     result = run("batch", "status", "nope", "--json")
     assert result.exit_code == 2
@@ -220,3 +241,21 @@ def test_batch_status_without_unknown_inputs_exits_0(fake_redis: fakeredis.FakeR
     result = run("batch", "status", "b2")
     assert result.exit_code == 0, result.output
     assert "unknown" not in result.output
+
+
+# -- Ctrl-C -----------------------------------------------------------------------------------
+
+def test_ctrl_c_while_submit_waits_exits_130_and_names_the_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(self: TaskHandle, **_: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "submit", lambda self, task, queue=None: TaskHandle(self, "t9"))
+    monkeypatch.setattr(TaskHandle, "wait", interrupted)
+    result = run("submit", "hello", "--wait", "--json")
+    no_traceback(result)
+    assert result.exit_code == 130
+    error = json.loads(result.stdout)
+    assert (error["error"], error["category"], error["id"]) == ("interrupted", "interrupted",
+                                                                "t9")
+    assert "keeps running" in error["message"]
