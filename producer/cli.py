@@ -13,9 +13,10 @@ Every option that has an environment variable says so in `--help`.
 
 With `--json`, errors are JSON too: one object on stdout, `{"error": CODE, "category":
 usage|unreachable|pending|interrupted, "message": ...}` (plus `id` where there is a task id),
-with the exit code above. CODE is short and stable, e.g. `usage_error`, `invalid_task`,
-`invalid_task_id`, `unknown_task`, `unknown_batch`, `config_error`, `redis_unavailable`,
-`wait_timeout`, `not_finished`, `interrupted` (`batch run` adds `batch_id` and `resume`).
+with the exit code above; the message also goes to stderr, as without `--json`. CODE is
+short and stable, e.g. `usage_error`, `invalid_task`, `invalid_task_id`, `unknown_task`,
+`unknown_batch`, `config_error`, `redis_unavailable`, `wait_timeout`, `not_finished`,
+`interrupted` (`batch run` adds `batch_id` and `resume`).
 """
 
 from __future__ import annotations
@@ -91,16 +92,16 @@ def _as_cli_error(e: errors.SandqueueError) -> CliError | None:
 
 
 def fail(e: CliError, as_json: bool) -> None:
-    """Report `e` and exit with its code."""
+    """Report `e` and exit with its code: the message on stderr for people (also with
+    --json, as before), and with --json the error object on stdout for scripts."""
+    style = "yellow" if e.exit_code == EXIT_PENDING else "red"
+    prefix = "" if e.exit_code == EXIT_PENDING else f"[{style}]error:[/] "
+    # soft_wrap: a command to copy (the resume hint) must stay on one line
+    render.err.print(f"{prefix}[{style}]{render.escape(e.message)}[/]", soft_wrap=True)
     if as_json:
         render.print_json({"error": e.code, "category": _CATEGORY.get(e.exit_code, "failed"),
                            "message": e.message,
                            **({"id": e.task_id} if e.task_id is not None else {}), **e.extra})
-    else:
-        style = "yellow" if e.exit_code == EXIT_PENDING else "red"
-        prefix = "" if e.exit_code == EXIT_PENDING else f"[{style}]error:[/] "
-        # soft_wrap: a command to copy (the resume hint) must stay on one line
-        render.err.print(f"{prefix}[{style}]{render.escape(e.message)}[/]", soft_wrap=True)
     sys.exit(e.exit_code)
 
 
@@ -367,27 +368,28 @@ def result(ctx: click.Context, task_id: str, wait: bool, wait_timeout: float | N
     handle = _client(ctx).get(check_task_id(task_id))
     outcome = handle.wait(timeout=wait_timeout) if wait else handle.result()
     if outcome is None:
-        state = handle.status()
-        if state is TaskStatus.UNKNOWN:
+        state = str(handle.task_info().status)
+        if state == TaskStatus.UNKNOWN:
             raise unknown_task(task_id)
-        raise CliError(f"{task_id} has not finished: {state.value}", code="not_finished",
+        raise CliError(f"{task_id} has not finished: {state}", code="not_finished",
                        exit_code=EXIT_PENDING, task_id=task_id,
-                       extra={"status": state.value, "result": None})
+                       extra={"status": state, "result": None})
     _show(outcome, as_json)
     sys.exit(_exit_for(outcome))
 
 
 def _cancel_one(handle: TaskHandle) -> dict[str, Any]:
-    """{id, outcome, status}: cancel_requested, already_ended (nothing to do) or unknown."""
-    state = handle.status()
-    if state is TaskStatus.UNKNOWN:
+    """{id, outcome, status}: cancel_requested, already_ended (nothing to do) or unknown.
+    A status this version does not know is taken as not final: cancelling is harmless."""
+    state = handle.task_info().status
+    if state == TaskStatus.UNKNOWN:
         outcome = "unknown"
-    elif state.is_final:
+    elif isinstance(state, TaskStatus) and state.is_final:
         outcome = "already_ended"
     else:
         handle.cancel()
         outcome = "cancel_requested"
-    return {"id": handle.id, "outcome": outcome, "status": state.value}
+    return {"id": handle.id, "outcome": outcome, "status": str(state)}
 
 
 @cli.command()
@@ -440,7 +442,7 @@ def watch(ctx: click.Context, task_id: str, timeout_s: float | None, as_json: bo
     # The result event is published just before the result itself is stored.
     outcome = handle.wait(timeout=30) if ended else handle.result()
     if outcome is None:
-        state = handle.status().value
+        state = str(handle.task_info().status)
         raise CliError(f"{task_id} has not finished: {state}", code="not_finished",
                        exit_code=EXIT_PENDING, task_id=task_id, extra={"status": state})
     if as_json:

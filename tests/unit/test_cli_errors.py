@@ -259,3 +259,12 @@ def test_ctrl_c_while_submit_waits_exits_130_and_names_the_task(
     assert (error["error"], error["category"], error["id"]) == ("interrupted", "interrupted",
                                                                 "t9")
     assert "keeps running" in error["message"]
+
+
+def test_cancel_takes_a_status_it_does_not_know_as_open(fake_redis: fakeredis.FakeRedis) -> None:
+    record(fake_redis, "t-new", status="teleporting")  # e.g. written by a newer version
+    result = run("cancel", "t-new", "--json")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["tasks"] == [
+        {"id": "t-new", "outcome": "cancel_requested", "status": "teleporting"}]
