@@ -14,6 +14,7 @@ from producer.api import (
     get_task,
     submit,
 )
+from producer.taskinfo import TaskInfo
 from sandqueue.contract import AgentResult, AgentTask, RetryPolicy, TaskStatus
 from sandqueue.errors import InvalidTask
 
@@ -25,6 +26,7 @@ __all__ = [
     "RedisUnavailable",
     "RetryPolicy",
     "TaskHandle",
+    "TaskInfo",
     "TaskStatus",
     "WaitTimeout",
     "get_task",

@@ -22,6 +22,7 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from producer.outbox import IdempotencyConflict, Outbox
+from producer.taskinfo import TaskInfo
 from sandqueue import errors, keys
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
@@ -41,6 +42,11 @@ class RedisUnavailable(errors.SandqueueError):
 
 class WaitTimeout(errors.SandqueueError):
     """The task did not finish within the time the caller was willing to wait."""
+
+    def __init__(self, message: str, *, task_id: str | None = None) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        """The task that keeps running (`--json` errors name it)."""
 
 
 def _redis_error(e: Exception, settings: Settings) -> RedisUnavailable:
@@ -68,6 +74,12 @@ class TaskHandle:
             return self.client.store.get(self.id)
         except redis.RedisError as e:
             raise _redis_error(e, self.client.settings) from e
+
+    def task_info(self) -> TaskInfo:
+        """The task's record, typed (numbers, booleans, UTC datetimes); see `TaskInfo`."""
+        record = self.info()
+        status = None if record.get("status") else self.status()
+        return TaskInfo.from_record(self.id, record, status)
 
     def status(self) -> TaskStatus:
         record = self.info()
@@ -124,7 +136,7 @@ class TaskHandle:
         except CeleryTimeout as e:
             raise WaitTimeout(
                 f"task {self.id} did not finish within {timeout:.0f}s; it keeps running, "
-                f"follow it with `sandqueue status {self.id}`"
+                f"follow it with `sandqueue status {self.id}`", task_id=self.id
             ) from e
         except (redis.RedisError, OperationalError) as e:
             raise _redis_error(e, self.client.settings) from e

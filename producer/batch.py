@@ -31,6 +31,10 @@ from sandqueue.contract import FINAL_STATUSES, AgentResult, AgentTask, TaskStatu
 
 BATCH_PREFIX = f"{keys.PREFIX}batch:"
 _MERGED = ("mcp", "envs", "labels")
+_FAILURES = (TaskStatus.FAILED.value, TaskStatus.TIMED_OUT.value)
+"""What `--max-failures` counts: tasks that failed, not those the batch itself cancelled."""
+_WAITING = frozenset({TaskStatus.QUEUED.value, "submitting"})
+"""Open statuses that mean "not started yet" (`submitting`: key claimed, not yet sent)."""
 
 
 def batch_key(batch_id: str, suffix: str = "") -> str:
@@ -186,6 +190,10 @@ class Progress:
     failed: int = 0
     running: int = 0
     queued: int = 0
+    unknown: int = 0
+    """Followed tasks with no record: not queued, not running (shown on their own)."""
+    baseline: int = 0
+    """Inputs that had finished before this run: the rate counts only this run's work."""
     cost_usd: float = 0.0
     started: float = field(default_factory=time.monotonic)
     by_status: Counter[str] = field(default_factory=Counter)
@@ -196,6 +204,14 @@ class Progress:
     @property
     def finished(self) -> int:
         return sum(self.by_status.values())
+
+    @property
+    def failures(self) -> int:
+        return sum(self.by_status[s] for s in _FAILURES)
+
+    def rate(self, now: float) -> float:
+        """Inputs finished per second by this run (a resume does not count earlier work)."""
+        return max(0, self.finished - self.baseline) / max(1e-6, now - self.started)
 
     def summary(self, batch_id: str, out: Path | None) -> dict[str, Any]:
         durations = sorted(self.durations)
@@ -214,7 +230,8 @@ class Progress:
             "duration_p50_s": round(statistics.median(durations), 3) if durations else None,
             "duration_p95_s": pct(0.95),
             "elapsed_s": round(time.monotonic() - self.started, 3),
-            "unsubmitted": max(0, self.total - self.finished - self.running - self.queued),
+            "unsubmitted": max(0, self.total - self.finished - self.running - self.queued
+                               - self.unknown),
             "stopped": self.stopped,
             "out": str(out) if out else None,
         }
@@ -346,6 +363,21 @@ class Batch:
                 "cost_usd": round(sum(c for _, c in states.values()), 6)}
 
 
+@dataclass
+class ResumePlan:
+    """What a run found of an earlier run of the same batch (all counts are inputs)."""
+
+    finished: int = 0
+    """Finished before this run: skipped (their results are kept)."""
+    in_flight: int = 0
+    """Submitted earlier and not finished: followed, not submitted again."""
+    not_retried: int = 0
+    """Finished failed, timed_out or cancelled and kept so: `--retry-failed` runs them."""
+    retried: int = 0
+    """Finished failed, timed_out or cancelled and submitted again (`--retry-failed`)."""
+    to_submit: int = 0
+
+
 class BatchRunner:
     """Runs one batch to completion from this process: resume, submit, follow, write.
 
@@ -369,12 +401,17 @@ class BatchRunner:
         self.retry_failed = retry_failed
         self.poll_s = poll_s
         self.on_progress = on_progress or (lambda _: None)
+        self.on_resume: Callable[[ResumePlan], None] = lambda _: None
+        """Called once, before submitting, when the batch had been run before."""
         self.progress = Progress(total=len(inputs))
+        self.plan = ResumePlan()
         self._finished_cost = 0.0
         self._running_cost: dict[str, float] = {}
+        self._failures_at_stop: int | None = None
+        self._cancelled_by_stop = 0
 
     def run(self, source: str) -> Progress:
-        self.batch.register(self.inputs, source)
+        new = self.batch.register(self.inputs, source)
         written = self._read_out()
         pending = self._resume(written)
         # An interrupted run may have recorded tasks it never published: publish them now,
@@ -382,12 +419,19 @@ class BatchRunner:
         self.batch.client.republish_stranded(list(pending))
         followed = set(pending.values())
         todo = [i for i in self.inputs if i.key not in written and i.key not in followed]
+        self.plan.to_submit = len(todo)
+        self.progress.baseline = self.plan.finished
+        if not new:
+            self.on_resume(self.plan)
         pending.update(self.batch.submit(todo, queue=self.queue, stop=self._should_stop))
         if self._over_budget():
             self._stop(pending)
         self._follow(pending)
         if self.progress.stopped is None and self.batch.meta().get("status") == "running":
             self.batch.set_status("done")
+        elif self._failures_at_stop is not None or self._cancelled_by_stop:
+            self.progress.stopped = self._stop_message()
+            self.batch.set_status("stopped", self.progress.stopped)
         return self.progress
 
     def _should_stop(self) -> bool:
@@ -417,15 +461,23 @@ class BatchRunner:
         items = self.batch.items()
         states = self.batch.states(list(items.values()))
         retry = {TaskStatus.FAILED.value, TaskStatus.TIMED_OUT.value, TaskStatus.CANCELLED.value}
+        final = {s.value for s in FINAL_STATUSES}
         pending: dict[str, str] = {}
+        plan = self.plan
         for key, task_id in items.items():
             status = states[task_id][0]
-            if key in written and written[key].get("status") in retry and self.retry_failed:
+            ended = written[key].get("status") if key in written else status
+            if ended in retry and self.retry_failed:
                 self.batch.next_generation(key)
-                del written[key]
-            elif status in retry and self.retry_failed and key not in written:
-                self.batch.next_generation(key)
-            elif key not in written:  # in flight, or finished after the last run stopped
+                written.pop(key, None)
+                plan.retried += 1
+                continue
+            plan.not_retried += ended in retry
+            if key in written or status in final:
+                plan.finished += 1
+            else:
+                plan.in_flight += 1
+            if key not in written:  # in flight, or finished after the last run stopped
                 pending[task_id] = key
         self._rewrite(written)
         for line in written.values():
@@ -470,15 +522,18 @@ class BatchRunner:
                 out.close()
 
     def _tally_open(self, states: dict[str, tuple[str, float]], pending: dict[str, str]) -> None:
-        running = queued = 0
+        running = queued = unknown = 0
         for task_id in pending:
             status, cost = states.get(task_id, (TaskStatus.QUEUED.value, 0.0))
             self._running_cost[task_id] = cost
-            if status in {TaskStatus.RUNNING.value, TaskStatus.RETRYING.value}:
-                running += 1
-            else:
+            if status in _WAITING:
                 queued += 1
-        self.progress.running, self.progress.queued = running, queued
+            elif status == TaskStatus.UNKNOWN.value:  # no record: nobody says it is queued
+                unknown += 1
+            else:  # running, retrying, or final with its result about to be stored
+                running += 1
+        p = self.progress
+        p.running, p.queued, p.unknown = running, queued, unknown
         self.progress.cost_usd = self._finished_cost + sum(self._running_cost.values())
 
     def _count(self, status: str, line: dict[str, Any]) -> None:
@@ -503,18 +558,34 @@ class BatchRunner:
             p.stopped = p.stopped or (f"cost ${p.cost_usd:.4f} reached --max-cost "
                                       f"${self.max_cost_usd:g}")
             return True
-        if self.max_failures is not None and p.failed > self.max_failures:
-            p.stopped = p.stopped or (f"{p.failed} failures exceeded --max-failures "
-                                      f"{self.max_failures}")
+        if self.max_failures is not None and p.failures > self.max_failures:
+            if p.stopped is None:
+                self._failures_at_stop = p.failures
+                p.stopped = f"{p.failures} failures exceeded --max-failures {self.max_failures}"
             return True
         return False
 
     def _stop(self, pending: dict[str, str]) -> None:
         """Stop submitting and cancel what is still queued; running tasks finish."""
         states = self.batch.states(list(pending))
-        queued = [t for t, (s, _) in states.items() if s == TaskStatus.QUEUED.value]
-        self.batch.client.cancel_many(queued)
+        queued = [t for t, (s, _) in states.items() if s in _WAITING]
+        self._cancelled_by_stop += self.batch.client.cancel_many(queued)
         self.batch.set_status("stopped", self.progress.stopped)
+
+    def _stop_message(self) -> str:
+        """Why the batch stopped, with the final counts: tasks already running when a budget
+        tripped finish, and may fail too, so the count at the trip is not the end of it."""
+        p = self.progress
+        message = p.stopped or ""
+        if self._failures_at_stop is not None:
+            kinds = ", ".join(f"{s} {p.by_status[s]}" for s in _FAILURES if p.by_status[s])
+            late = p.failures - self._failures_at_stop
+            message = (f"--max-failures {self.max_failures} exceeded: {p.failures} task(s) "
+                       f"failed ({kinds}), {self._failures_at_stop} when the budget tripped"
+                       f" and {late} more that were already running")
+        if self._cancelled_by_stop:
+            message += f"; {self._cancelled_by_stop} queued task(s) cancelled"
+        return message
 
 
 class BatchHandle:

@@ -1,25 +1,37 @@
 """The `sandqueue` command.
 
 Exit codes a script can rely on:
-    0  success (the task succeeded, or the command did what it was asked)
-    1  the task ended failed, timed_out or cancelled
-    2  usage, configuration or invalid task
-    3  Redis (or E2B, for `check`) could not be reached
-    4  the task has not finished (yet) within the time given
+    0    success (the task succeeded, or the command did what it was asked)
+    1    the task ended failed, timed_out or cancelled (`batch status`: some inputs are in
+         an unknown state)
+    2    usage, configuration or invalid task; an empty, malformed or unknown task id
+    3    Redis (or E2B, for `check`) could not be reached
+    4    the task has not finished (yet) within the time given
+    5    `cancel`: nothing to cancel, the task had already ended
+    130  interrupted (Ctrl-C); `batch run` prints the command that resumes it
 Every option that has an environment variable says so in `--help`.
+
+With `--json`, errors are JSON too: one object on stdout, `{"error": CODE, "category":
+usage|unreachable|pending|interrupted, "message": ...}` (plus `id` where there is a task id),
+with the exit code above; the message also goes to stderr, as without `--json`. CODE is
+short and stable, e.g. `usage_error`, `invalid_task`, `invalid_task_id`, `unknown_task`,
+`unknown_batch`, `config_error`, `redis_unavailable`, `wait_timeout`, `not_finished`,
+`interrupted` (`batch run` adds `batch_id` and `resume`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+import redis
 
 from producer import render
 from producer.api import Client, RedisUnavailable, WaitTimeout
@@ -27,33 +39,112 @@ from sandqueue import catalog, errors
 from sandqueue.contract import AgentResult, TaskStatus
 from sandqueue.settings import load_settings
 
+if TYPE_CHECKING:
+    from producer.batch import ResumePlan
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PENDING = 0, 1, 2, 3, 4
+# `cancel` of a task that had already ended: not 0 (the cancel changed nothing, a script that
+# cancels to stop spending should know), not 1 (that means "the task failed", and it may have
+# succeeded), not 2 (the request was valid). A code of its own, documented above.
+EXIT_ALREADY_ENDED = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+_CATEGORY = {EXIT_USAGE: "usage", EXIT_UNREACHABLE: "unreachable", EXIT_PENDING: "pending",
+             EXIT_INTERRUPTED: "interrupted"}
+MAX_TASK_ID = 255
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(errors.SandqueueError):
+    """An error a command reports and exits with: as a line on stderr, or with --json as one
+    JSON object on stdout (see the module docstring)."""
+
+    def __init__(self, message: str, *, code: str, exit_code: int = EXIT_USAGE,
+                 task_id: str | None = None, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = exit_code
+        self.task_id = task_id
+        self.extra = extra or {}
 
 
 def _exit_for(result: AgentResult) -> int:
     return EXIT_OK if result.status is TaskStatus.SUCCEEDED else EXIT_FAILED
 
 
+def _as_cli_error(e: errors.SandqueueError) -> CliError | None:
+    """The error tree's exit codes; None for errors a command does not expect."""
+    if isinstance(e, CliError):
+        return e
+    if isinstance(e, RedisUnavailable):
+        return CliError(e.message, code="redis_unavailable", exit_code=EXIT_UNREACHABLE)
+    if isinstance(e, WaitTimeout):
+        return CliError(e.message, code="wait_timeout", exit_code=EXIT_PENDING,
+                        task_id=e.task_id)
+    if isinstance(e, errors.ConfigError):
+        return CliError(e.message, code="config_error")
+    if isinstance(e, errors.InvalidTask):
+        bad = getattr(e, "bad", None)  # a batch file's invalid lines, for machines too
+        return CliError(e.message, code="invalid_task", extra={"lines": [
+            {"line": b.line, "message": b.message} for b in bad]} if bad else None)
+    return None
+
+
+def fail(e: CliError, as_json: bool) -> None:
+    """Report `e` and exit with its code: the message on stderr for people (also with
+    --json, as before), and with --json the error object on stdout for scripts."""
+    style = "yellow" if e.exit_code == EXIT_PENDING else "red"
+    prefix = "" if e.exit_code == EXIT_PENDING else f"[{style}]error:[/] "
+    # soft_wrap: a command to copy (the resume hint) must stay on one line
+    render.err.print(f"{prefix}[{style}]{render.escape(e.message)}[/]", soft_wrap=True)
+    if as_json:
+        render.print_json({"error": e.code, "category": _CATEGORY.get(e.exit_code, "failed"),
+                           "message": e.message,
+                           **({"id": e.task_id} if e.task_id is not None else {}), **e.extra})
+    sys.exit(e.exit_code)
+
+
 def handle_errors(fn: F) -> F:
-    """Map the error tree to exit codes with a one-line message on stderr."""
+    """Map the error tree to exit codes with a one-line message on stderr, or with the
+    command's `--json` a JSON error object on stdout."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
-        except RedisUnavailable as e:
-            render.err.print(f"[red]error:[/] {e.message}")
-            sys.exit(EXIT_UNREACHABLE)
-        except WaitTimeout as e:
-            render.err.print(f"[yellow]{e.message}[/]")
-            sys.exit(EXIT_PENDING)
-        except (errors.InvalidTask, errors.ConfigError) as e:
-            render.err.print(f"[red]error:[/] {e.message}")
-            sys.exit(EXIT_USAGE)
+        except KeyboardInterrupt:  # click would say "Aborted!" and exit 1, "the task failed"
+            fail(CliError("interrupted", code="interrupted", exit_code=EXIT_INTERRUPTED),
+                 as_json)
+        except redis.RedisError as e:  # batch commands read Redis directly
+            fail(CliError(f"cannot reach Redis ({type(e).__name__}: {e}); check REDIS_URL "
+                          "and that Redis is running", code="redis_unavailable",
+                          exit_code=EXIT_UNREACHABLE), as_json)
+        except errors.SandqueueError as e:
+            cli_error = _as_cli_error(e)
+            if cli_error is None:
+                raise
+            fail(cli_error, as_json)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_task_id(task_id: str) -> str:
+    """Refuse ids no task can have before asking Redis (Celery raises on an empty one)."""
+    if not task_id.strip():
+        raise CliError("the task id is empty: give the id that `sandqueue submit` printed",
+                       code="invalid_task_id", task_id=task_id)
+    if len(task_id) > MAX_TASK_ID or any(c.isspace() or not c.isprintable() for c in task_id):
+        raise CliError(f"{task_id[:80]!r} is not a task id: ids have no spaces or control "
+                       "characters; give the id that `sandqueue submit` printed",
+                       code="invalid_task_id", task_id=task_id)
+    return task_id
+
+
+def unknown_task(task_id: str) -> CliError:
+    return CliError(f"no task {task_id} is known (wrong id, or its record expired after "
+                    "SANDQUEUE_RESULT_EXPIRES_S)", code="unknown_task", task_id=task_id)
 
 
 def _client(ctx: click.Context) -> Client:
@@ -64,7 +155,27 @@ def _client(ctx: click.Context) -> Client:
     return obj["client"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class JsonErrorsGroup(click.Group):
+    """With `--json`, the usage errors click finds itself (a missing argument, a bad option
+    value, an unknown command) are a JSON error object on stdout too, exit 2."""
+
+    wants_json = False
+
+    def main(self, args: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        self.wants_json = "--json" in (sys.argv[1:] if args is None else list(args))
+        return super().main(args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if not self.wants_json:
+                raise
+            fail(CliError(e.format_message(), code="usage_error"), as_json=True)
+
+
+@click.group(cls=JsonErrorsGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--redis-url", envvar="REDIS_URL", show_envvar=True, default=None,
               help="Redis for broker and results.")
 @click.version_option(package_name="sandqueue")
@@ -201,7 +312,12 @@ def submit(ctx: click.Context, prompt: str | None, mcp_names: tuple[str, ...],
         return
     if not as_json:
         render.err.print(f"submitted {handle.id}; waiting for the result...")
-    result = handle.wait(timeout=wait_timeout)
+    try:
+        result = handle.wait(timeout=wait_timeout)
+    except KeyboardInterrupt:  # the id was not printed yet: say it, the task keeps running
+        raise CliError(f"interrupted; task {handle.id} keeps running: follow it with "
+                       f"`sandqueue watch {handle.id}`", code="interrupted",
+                       exit_code=EXIT_INTERRUPTED, task_id=handle.id) from None
     _show(result, as_json)
     sys.exit(_exit_for(result))
 
@@ -217,26 +333,26 @@ def _show(result: AgentResult, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (typed).")
 @click.pass_context
 @handle_errors
 def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
     """Show a task's status (queued, running, retrying, succeeded, ...)."""
-    handle = _client(ctx).get(task_id)
-    info = handle.info()
-    state = handle.status()
+    info = _client(ctx).get(check_task_id(task_id)).task_info()
+    if info.status == TaskStatus.UNKNOWN:
+        raise unknown_task(task_id)
     if as_json:
-        render.print_json({"id": task_id, "status": state.value, **info})
-    else:
-        render.out.print(f"{task_id} {state.value}")
-        for key in ("attempt", "sandbox_id", "worker", "error", "tool_calls", "cost_usd"):
-            if info.get(key):
-                render.out.print(f"  {key}: {info[key]}")
-        if info.get("cancel") and not state.is_final:
-            render.out.print("  cancel requested")
-    if state is TaskStatus.UNKNOWN:
-        render.err.print(f"no task {task_id} is known (wrong id, or its record expired)")
-        sys.exit(EXIT_USAGE)
+        render.print_json(info.model_dump(mode="json"))
+        return
+    state = str(info.status)  # a status this version does not know is still shown
+    render.out.print(f"{task_id} {render.escape(state)}")
+    for key in ("attempt", "sandbox_id", "worker", "error", "tool_calls", "cost_usd"):
+        value = getattr(info, key)
+        if value:
+            render.out.print(f"  {key}: {render.escape(str(value))}")
+    if info.cancel_requested and not (isinstance(info.status, TaskStatus)
+                                      and info.status.is_final):
+        render.out.print("  cancel requested")
 
 
 @cli.command()
@@ -249,17 +365,36 @@ def status(ctx: click.Context, task_id: str, as_json: bool) -> None:
 def result(ctx: click.Context, task_id: str, wait: bool, wait_timeout: float | None,
            as_json: bool) -> None:
     """Print a task's result; exit 4 if it has not finished."""
-    handle = _client(ctx).get(task_id)
+    handle = _client(ctx).get(check_task_id(task_id))
     outcome = handle.wait(timeout=wait_timeout) if wait else handle.result()
     if outcome is None:
-        state = handle.status()
-        if as_json:
-            render.print_json({"id": task_id, "status": state.value, "result": None})
-        else:
-            render.err.print(f"{task_id} has not finished: {state.value}")
-        sys.exit(EXIT_USAGE if state is TaskStatus.UNKNOWN else EXIT_PENDING)
+        state = str(handle.task_info().status)
+        if state == TaskStatus.UNKNOWN:
+            raise unknown_task(task_id)
+        raise CliError(f"{task_id} has not finished: {state}", code="not_finished",
+                       exit_code=EXIT_PENDING, task_id=task_id,
+                       extra={"status": state, "result": None})
     _show(outcome, as_json)
     sys.exit(_exit_for(outcome))
+
+
+_CANCEL_OUTCOMES = {"cancelled": "cancelled", "requested": "cancel_requested",
+                    "ended": "already_ended", "unknown": "unknown"}
+
+
+def _cancel_reports(client: Client, ids: list[str]) -> list[dict[str, Any]]:
+    """{id, outcome, status} per id, decided atomically in Redis: `cancelled` (no worker
+    held it: it ended now), `cancel_requested` (its worker stops it within seconds),
+    `already_ended` (nothing to do) or `unknown`."""
+    decided = client.cancel_outcomes(ids)
+    reports = []
+    for task_id in ids:
+        outcome, ended_as = decided[task_id]
+        status = {"cancelled": "cancelled", "ended": ended_as, "unknown": "unknown"}.get(
+            outcome) or str(client.get(task_id).task_info().status)
+        reports.append({"id": task_id, "outcome": _CANCEL_OUTCOMES[outcome],
+                        "status": status})
+    return reports
 
 
 @cli.command()
@@ -268,23 +403,27 @@ def result(ctx: click.Context, task_id: str, wait: bool, wait_timeout: float | N
 @click.pass_context
 @handle_errors
 def cancel(ctx: click.Context, task_ids: tuple[str, ...], as_json: bool) -> None:
-    """Cancel tasks: queued ones never start, running ones stop within seconds."""
+    """Cancel tasks: queued ones never start, running ones stop within seconds.
+
+    Exits 0 when every cancel was requested, 5 when a task had already ended (nothing to
+    cancel), 2 when an id is unknown (the most severe wins)."""
     client = _client(ctx)
-    unknown = []
-    for task_id in task_ids:
-        handle = client.get(task_id)
-        if not handle.info():
-            unknown.append(task_id)
-            continue
-        handle.cancel()
+    ids = [check_task_id(t) for t in task_ids]  # all of them before cancelling any
+    reports = _cancel_reports(client, ids)
+    outcomes = {r["outcome"] for r in reports}
     if as_json:
-        render.print_json({"cancelled": [t for t in task_ids if t not in unknown],
-                           "unknown": unknown})
+        render.print_json({"tasks": reports})
     else:
-        for task_id in task_ids:
-            render.out.print(f"{task_id} {'unknown' if task_id in unknown else 'cancel requested'}")
-    if unknown:
+        for r in reports:
+            said = {"unknown": "unknown (wrong id, or its record expired)",
+                    "already_ended": f"already ended ({r['status']}); nothing to cancel",
+                    "cancelled": "cancelled (it had not started)",
+                    "cancel_requested": "cancel requested"}[r["outcome"]]
+            render.out.print(f"{r['id']} {said}")
+    if "unknown" in outcomes:
         sys.exit(EXIT_USAGE)
+    if "already_ended" in outcomes:
+        sys.exit(EXIT_ALREADY_ENDED)
 
 
 @cli.command()
@@ -296,10 +435,9 @@ def cancel(ctx: click.Context, task_ids: tuple[str, ...], as_json: bool) -> None
 @handle_errors
 def watch(ctx: click.Context, task_id: str, timeout_s: float | None, as_json: bool) -> None:
     """Follow a task's progress live, like tail -f; exit with its result."""
-    handle = _client(ctx).get(task_id)
+    handle = _client(ctx).get(check_task_id(task_id))
     if not handle.info() and handle.result() is None:
-        render.err.print(f"no task {task_id} is known (wrong id, or its record expired)")
-        sys.exit(EXIT_USAGE)
+        raise unknown_task(task_id)
     ended = False
     for event in handle.events(timeout=timeout_s):
         ended = ended or event.get("phase") == "result"
@@ -310,8 +448,9 @@ def watch(ctx: click.Context, task_id: str, timeout_s: float | None, as_json: bo
     # The result event is published just before the result itself is stored.
     outcome = handle.wait(timeout=30) if ended else handle.result()
     if outcome is None:
-        render.err.print(f"{task_id} has not finished: {handle.status().value}")
-        sys.exit(EXIT_PENDING)
+        state = str(handle.task_info().status)
+        raise CliError(f"{task_id} has not finished: {state}", code="not_finished",
+                       exit_code=EXIT_PENDING, task_id=task_id, extra={"status": state})
     if as_json:
         render.print_json({"phase": "final", "result": outcome.model_dump(mode="json")})
     else:
@@ -335,8 +474,8 @@ def reap(ctx: click.Context, dry_run: bool, as_json: bool) -> None:
     try:
         verdicts = reap_sandboxes(provider, client.store, client.settings, dry_run=dry_run)
     except errors.SandqueueError as e:
-        render.err.print(f"[red]error:[/] {e.message}")
-        sys.exit(EXIT_UNREACHABLE)
+        raise CliError(e.message, code="sandboxes_unavailable",
+                       exit_code=EXIT_UNREACHABLE) from e
     doomed = [v for v in verdicts if v.reason]
     if as_json:
         render.print_json({"dry_run": dry_run, "live": len(verdicts),
@@ -411,9 +550,17 @@ def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template:
                          retry_failed=retry_failed)
     render.err.print(f"batch {batch_id}: {len(inputs)} inputs"
                      + (f", results to {out}" if out else ""))
-    with render.BatchProgress(len(inputs), enabled=not no_progress) as bar:
-        runner.on_progress = bar.update
-        progress = runner.run(source=str(file))
+    try:
+        with render.BatchProgress(len(inputs), enabled=not no_progress) as bar:
+            runner.on_progress = bar.update
+            runner.on_resume = lambda plan: _say_resume(plan, bar)
+            progress = runner.run(source=str(file))
+    except KeyboardInterrupt:
+        command = resume_command(ctx, batch_id)
+        fail(CliError(f"interrupted; tasks already submitted keep running. Resume with (nothing "
+                      f"runs twice):\n  {command}", code="interrupted",
+                      exit_code=EXIT_INTERRUPTED, extra={"batch_id": batch_id,
+                                                         "resume": command}), as_json)
     summary = progress.summary(batch_id, out)
     if as_json:
         render.print_json(summary)
@@ -422,27 +569,70 @@ def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template:
     sys.exit(EXIT_OK if progress.failed == 0 and progress.stopped is None else EXIT_FAILED)
 
 
+def resume_command(ctx: click.Context, batch_id: str) -> str:
+    """This `batch run` command as given (long option names), with its batch id spelled out
+    so that it resumes the same batch. `--redis-url` is left to the environment: it may
+    hold a password."""
+    argv = ["sandqueue", "batch", "run"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if isinstance(param, click.Argument):
+            argv.append(str(value))
+        elif not isinstance(param, click.Option) or param.name == "batch_id":
+            continue
+        elif param.is_flag:
+            argv += [max(param.opts, key=len)] if value else []
+        elif param.multiple:
+            for item in value or ():
+                argv += [max(param.opts, key=len), str(item)]
+        elif value is not None:
+            argv += [max(param.opts, key=len), str(value)]
+    return shlex.join([*argv, "--batch-id", batch_id])
+
+
+def _say_resume(plan: ResumePlan, bar: render.BatchProgress) -> None:
+    """On a resume, what is skipped, followed and submitted, and what is not run again."""
+    bar.resume_from(plan.finished)
+    note = (f"resuming: {plan.finished} input(s) finished before are skipped, "
+            f"{plan.in_flight} in flight are followed, {plan.to_submit} to submit")
+    if plan.retried:
+        note += f"; {plan.retried} failed/cancelled input(s) run again (--retry-failed)"
+    if plan.not_retried:
+        note += (f"; {plan.not_retried} failed/cancelled input(s) keep their result: add "
+                 "--retry-failed to run them again")
+    render.err.print(render.escape(note), soft_wrap=True)
+
+
 @batch.command("status")
 @click.argument("batch_id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handle_errors
 def batch_status(ctx: click.Context, batch_id: str, as_json: bool) -> None:
-    """Counts by status and cost so far, from any machine."""
+    """Counts by status and cost so far, from any machine. Exits 1 when some inputs are in
+    an unknown state (their task has no record: expired, or never written)."""
     from producer.batch import Batch
 
     b = Batch(_client(ctx), batch_id)
     if not b.exists():
-        render.err.print(f"no batch {batch_id} is known")
-        sys.exit(EXIT_USAGE)
+        raise CliError(f"no batch {batch_id!r} is known", code="unknown_batch")
     counts = b.counts()
+    unknown = counts["by_status"].get(TaskStatus.UNKNOWN.value, 0)
+    problem = (f"{unknown} input(s) are in an unknown state: their tasks have no record "
+               "(expired after SANDQUEUE_RESULT_EXPIRES_S, or never written); they are "
+               "neither queued nor running") if unknown else None
     if as_json:
-        render.print_json(counts)
-        return
-    render.out.print(f"batch {batch_id} ({counts.get('status')}, {counts.get('total')} inputs, "
-                     f"${counts['cost_usd']:.4f})")
-    for status_name, n in sorted(counts["by_status"].items()):
-        render.out.print(f"  {status_name}: {n}")
+        render.print_json({**counts, **({"error": "unknown_inputs", "message": problem}
+                                        if problem else {})})
+    else:
+        render.out.print(f"batch {batch_id} ({counts.get('status')}, {counts.get('total')} "
+                         f"inputs, ${counts['cost_usd']:.4f})")
+        for status_name, n in sorted(counts["by_status"].items()):
+            render.out.print(f"  {status_name}: {n}")
+    if problem:
+        if not as_json:
+            render.err.print(f"[red]error:[/] {render.escape(problem)}")
+        sys.exit(EXIT_FAILED)
 
 
 @batch.command("results")
@@ -457,8 +647,7 @@ def batch_results(ctx: click.Context, batch_id: str, out: Path | None) -> None:
 
     b = Batch(_client(ctx), batch_id)
     if not b.exists():
-        render.err.print(f"no batch {batch_id} is known")
-        sys.exit(EXIT_USAGE)
+        raise CliError(f"no batch {batch_id!r} is known", code="unknown_batch")
     items = b.items()
     results = b.results(list(items.values()))
     sink = out.open("w", encoding="utf-8") if out else sys.stdout
@@ -483,8 +672,7 @@ def batch_cancel(ctx: click.Context, batch_id: str) -> None:
 
     b = Batch(_client(ctx), batch_id)
     if not b.exists():
-        render.err.print(f"no batch {batch_id} is known")
-        sys.exit(EXIT_USAGE)
+        raise CliError(f"no batch {batch_id!r} is known", code="unknown_batch")
     render.out.print(f"cancel requested for {b.cancel()} task(s) of batch {batch_id}")
 
 

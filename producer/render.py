@@ -85,7 +85,10 @@ def print_result(result: AgentResult) -> None:
 
 
 class BatchProgress:
-    """A live progress bar for batches: done / failed / running / queued, cost, rate, ETA."""
+    """A live progress bar for batches: done / failed / running / queued, cost, rate, ETA.
+
+    On a terminal a bar; otherwise a line every 10 s; with `enabled=False` (`--no-progress`)
+    nothing at all."""
 
     def __init__(self, total: int, enabled: bool = True) -> None:
         from rich.progress import (
@@ -97,6 +100,7 @@ class BatchProgress:
             TimeRemainingColumn,
         )
 
+        self.shown = enabled
         self.enabled = enabled and err.is_terminal
         self._bar = Progress(TextColumn("[bold]batch"), BarColumn(), MofNCompleteColumn(),
                              TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
@@ -114,13 +118,19 @@ class BatchProgress:
         if self.enabled:
             self._bar.stop()
 
+    def resume_from(self, finished: int) -> None:
+        """Start the bar at what earlier runs finished, so its speed and ETA count only
+        this run's work (an update from 0 would count them as done in the first second)."""
+        self._bar.reset(self._task, completed=finished)
+
     def update(self, p: Any) -> None:
-        elapsed = max(1e-6, time.monotonic() - p.started)
+        unknown = f" [yellow]{p.unknown} unknown[/]" if p.unknown else ""
         detail = (f"[green]{p.done} ok[/] [red]{p.failed} failed[/] {p.running} running "
-                  f"{p.queued} queued ${p.cost_usd:.4f} {p.finished / elapsed:.1f}/s")
+                  f"{p.queued} queued{unknown} ${p.cost_usd:.4f} "
+                  f"{p.rate(time.monotonic()):.1f}/s")
         if self.enabled:
             self._bar.update(self._task, completed=p.finished, detail=detail)
-        elif time.monotonic() - self._last_line > 10:  # a log line now and then, not a bar
+        elif self.shown and time.monotonic() - self._last_line > 10:  # a line, not a bar
             self._last_line = time.monotonic()
             err.print(f"{p.finished}/{p.total} " + detail, markup=True)
 
@@ -145,7 +155,6 @@ def print_batch_summary(summary: dict[str, Any]) -> None:
               f"duration p50 {summary['duration_p50_s']}s p95 {summary['duration_p95_s']}s  "
               f"elapsed {summary['elapsed_s']}s")
     if summary.get("stopped"):
-        out.print(f"[bold yellow]stopped early:[/] {escape(summary['stopped'])}; queued tasks "
-                  "were cancelled")
+        out.print(f"[bold yellow]stopped early:[/] {escape(summary['stopped'])}")
     if summary.get("out"):
         out.print(f"results: {summary['out']}")

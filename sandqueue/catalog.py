@@ -45,8 +45,9 @@ def server_names() -> list[str]:
 
 
 def closest(name: str, choices: list[str], n: int = 3) -> list[str]:
-    """Closest names, case-insensitively: names extending the typo's stem first (so
-    `githubb` and `github` suggest `githubOfficial`), then difflib's similar names."""
+    """Closest names, case-insensitively: difflib's closest first, then names extending the
+    typo's stem (so `githubb` suggests `github`, then `githubChat`, `githubOfficial`), then
+    difflib's other similar names."""
     lowered = {c.lower(): c for c in choices}
     stem = name.lower().rstrip("0123456789")
     stem = stem[:-1] if len(stem) > 3 else stem

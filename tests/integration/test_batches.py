@@ -5,6 +5,8 @@ and its resume, bad input files, budgets, status / results from another process 
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -137,6 +139,60 @@ def test_batch_killed_midway_resumes_without_running_anything_twice(
     assert sim_counts(rdb) == (0, total, total), "some input ran twice"
 
 
+# -- Ctrl-C of the batch command, then resume -----------------------------------------------
+
+@pytest.mark.usefixtures("one_at_a_time")
+def test_ctrl_c_exits_130_prints_the_resume_command_and_that_command_finishes(
+    rdb: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    total = 30
+    source = write_jsonl(tmp_path / "inputs.jsonl", [
+        {"id": f"c{i}", "prompt": f"Item {i}", "envs": {"SIM_LATENCY_S": "0.1"}}
+        for i in range(total)])
+    out = tmp_path / "results.jsonl"
+    # No --batch-id: the hint must name the derived one.
+    argv = ["batch", "run", str(source), "--out", str(out), "--queue", SMALL_QUEUE,
+            "--no-progress"]
+    first = subprocess.Popen([sys.executable, "-m", "producer.cli", *argv],
+                             env=product_env(redis_url), cwd=tmp_path,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: count_lines(out) >= total * 0.3 or first.poll() is not None, 60,
+                   "30% of the results")
+        first.send_signal(signal.SIGINT)
+        stdout, stderr = (b.decode() for b in first.communicate(timeout=30))
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    print(f"\nbatch command interrupted with {count_lines(out)}/{total} results written")
+    assert first.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stdout == "", stderr[-3000:]
+    assert "interrupted" in stderr
+    hint = next(line.strip() for line in stderr.splitlines()
+                if line.strip().startswith("sandqueue batch run"))
+    resume = shlex.split(hint)
+    assert resume[resume.index("--batch-id") + 1] == rdb.keys("sq:batch:*:items")[0].decode(
+        ).split(":")[2]
+    assert [a for a in resume[1:] if a not in ("--batch-id", resume[-1])] == argv
+
+    again = subprocess.run([sys.executable, "-m", "producer.cli", *resume[1:]],
+                           env=product_env(redis_url), cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=BATCH_TIMEOUT_S)
+    err = again.stderr.decode()
+    assert again.returncode == 0, err[-3000:]
+    plan = re.search(r"resuming: (\d+) input\(s\) finished before are skipped, (\d+) in "
+                     r"flight are followed, (\d+) to submit", " ".join(err.split()))
+    assert plan, err
+    assert sum(int(n) for n in plan.groups()) == total
+    assert int(plan.group(1)) >= total * 0.3
+    lines = read_results(out)
+    assert sorted(line["id"] for line in lines) == sorted(f"c{i}" for i in range(total))
+    assert Counter(line["status"] for line in lines) == {"succeeded": total}
+    assert sim_counts(rdb) == (0, total, total), "some input ran twice"
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 def test_bad_lines_are_all_reported_and_nothing_is_submitted(
@@ -227,6 +283,31 @@ def test_max_failures_stops_the_batch_and_cancels_what_is_queued(
     assert json.loads(stdout)["status"] == "stopped"
 
 
+@pytest.mark.usefixtures("worker")
+def test_max_failures_message_agrees_with_the_summary(cli: RunCli, tmp_path: Path) -> None:
+    """Tasks already running when the budget trips finish and fail too: the message counts
+    them, as the table does."""
+    total = 10  # all run at once; 3 fail fast and trip --max-failures 2, 7 fail later
+    source = write_jsonl(tmp_path / "inputs.jsonl", [
+        {"id": f"m{i}", "prompt": f"Item {i}",
+         "envs": {"SIM_FAIL": "agent:is_error", "SIM_LATENCY_S": "0.05" if i < 3 else "3"}}
+        for i in range(total)])
+    code, stdout, err = cli("batch", "run", str(source), "--max-failures", "2", "--json",
+                            "--no-progress", timeout=BATCH_TIMEOUT_S)
+    assert code == 1, err[-3000:]
+    summary = json.loads(stdout)
+    by_status = summary["by_status"]
+    print(f"\n{summary['stopped']} | {by_status}")
+    failures = by_status.get("failed", 0) + by_status.get("timed_out", 0)
+    said = re.match(r"--max-failures 2 exceeded: (\d+) task\(s\) failed \(.*\), (\d+) when "
+                    r"the budget tripped and (\d+) more that were already running"
+                    r"(?:; (\d+) queued task\(s\) cancelled)?$", summary["stopped"])
+    assert said, summary["stopped"]
+    assert int(said.group(1)) == failures == int(said.group(2)) + int(said.group(3))
+    assert int(said.group(4) or 0) == by_status.get("cancelled", 0)
+    assert failures + by_status.get("cancelled", 0) == total
+
+
 @pytest.mark.usefixtures("one_at_a_time")
 def test_max_cost_stops_the_batch_after_about_its_budget(
     cli: RunCli, rdb: redis.Redis, tmp_path: Path
@@ -295,8 +376,12 @@ def test_status_results_and_retry_failed(cli: RunCli, rdb: redis.Redis, tmp_path
     code, stdout, err = cli(*run, timeout=BATCH_TIMEOUT_S)
     assert code == 1, err[-3000:]
     assert sim_counts(rdb)[1] == 10, "a resume without --retry-failed ran something again"
+    said = " ".join(err.split())
+    assert "10 input(s) finished before are skipped, 0 in flight" in said, err
+    assert "3 failed/cancelled input(s) keep their result: add --retry-failed" in said, err
     code, stdout, err = cli(*run, "--retry-failed", timeout=BATCH_TIMEOUT_S)
     assert code == 1, err[-3000:]  # they fail again (SIM_FAIL on every attempt)
+    assert "3 failed/cancelled input(s) run again (--retry-failed)" in " ".join(err.split())
     assert sim_counts(rdb)[1] == 13, "--retry-failed ran more (or less) than the 3 failed inputs"
     second = {line["id"]: line for line in read_results(out)}
     assert sorted(second) == sorted(keys_in_order)

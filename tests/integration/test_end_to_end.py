@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,12 @@ def test_submit_without_wait_then_status_and_result(cli: RunCli) -> None:
     status = json.loads(out)
     assert status["id"] == task_id
     assert status["status"] == "succeeded"
-    assert status["attempt"] == "1"
+    assert status["attempt"] == 1  # typed, not the record's strings
     assert status["sandbox_id"] == result["sandbox_id"]
+    assert status["cancel_requested"] is False
+    started_at, updated_at = (datetime.fromisoformat(status[k])
+                              for k in ("started_at", "updated_at"))
+    assert started_at.tzinfo is not None and updated_at >= started_at
 
     code, out, err = cli("status", task_id)
     assert code == 0, err
@@ -144,13 +149,24 @@ def test_result_of_an_unfinished_task_exits_4(cli: RunCli, rdb: redis.Redis) -> 
 
     code, out, _ = cli("result", task_id, "--json")
     assert code == 4
-    assert json.loads(out) == {"id": task_id, "status": "queued", "result": None}
+    assert json.loads(out) == {"id": task_id, "status": "queued", "result": None,
+                               "error": "not_finished", "category": "pending",
+                               "message": f"{task_id} has not finished: queued"}
 
     started = time.monotonic()
     code, _, err = cli("result", task_id, "--wait", "--wait-timeout", "1")
     assert code == 4, err
     # Generous: a slow machine starts Python slowly; a --wait-timeout ignored waits forever.
     assert time.monotonic() - started < 45
+
+    # --json errors name the task that keeps running, also right after a submit.
+    code, out, err = cli("submit", "Never picked up either", "--queue", "sqit-nobody",
+                         "--wait", "--wait-timeout", "1", "--json")
+    assert code == 4, (out, err)
+    error = json.loads(out)
+    assert (error["error"], error["category"]) == ("wait_timeout", "pending")
+    assert UUID.match(error["id"]) and error["id"] in error["message"]
+    assert rdb.llen("sqit-nobody") == 2
 
     code, out, err = cli("status", task_id)
     assert code == 0, err
@@ -164,6 +180,21 @@ def test_unknown_task_id_exits_2(cli: RunCli) -> None:
     code, _, err = cli("status", missing)
     assert code == 2, err
     assert missing in err
+    for command in ("status", "result", "watch", "cancel"):
+        code, out, err = cli(command, missing, "--json")
+        assert code == 2, (command, out, err)
+        if command != "cancel":
+            assert json.loads(out) == {
+                "error": "unknown_task", "category": "usage", "id": missing,
+                "message": f"no task {missing} is known (wrong id, or its record expired "
+                           "after SANDQUEUE_RESULT_EXPIRES_S)"}
+        assert "Traceback" not in err
+    code, out, err = cli("cancel", missing, "--json")
+    assert json.loads(out) == {"tasks": [{"id": missing, "outcome": "unknown",
+                                          "status": "unknown"}]}
+    for command in ("status", "result", "watch"):  # an empty id reached Celery and crashed
+        code, out, err = cli(command, "")
+        assert code == 2 and "task id is empty" in err and "Traceback" not in err, err
 
 
 # -- the prompt arrives byte for byte --------------------------------------------------------

@@ -145,7 +145,8 @@ def test_cancel_a_queued_task_it_never_starts(cli: RunCli, rdb: redis.Redis,
     task_id = submit_id(cli, "Never run me", "--queue", queue)
     code, out, err = cli("cancel", task_id, "--json")
     assert code == 0, err
-    assert json.loads(out) == {"cancelled": [task_id], "unknown": []}
+    assert json.loads(out) == {"tasks": [{"id": task_id, "outcome": "cancelled",
+                                          "status": "cancelled"}]}
     code, out, err = cli("status", task_id)
     assert out.split()[:2] == [task_id, "cancelled"]  # at once: no worker holds it
 
@@ -157,6 +158,10 @@ def test_cancel_a_queued_task_it_never_starts(cli: RunCli, rdb: redis.Redis,
     assert result["sandbox_id"] is None
     assert sim_counts(rdb) == (0, 0, 0), "a sandbox was created for a cancelled task"
     assert "sandbox_created" not in [e["phase"] for e in task_events(rdb, task_id)]
+
+    code, out, err = cli("cancel", task_id)  # it has ended: nothing to cancel, exit 5
+    assert code == 5, (out, err)
+    assert out.strip() == f"{task_id} already ended (cancelled); nothing to cancel"
 
     unknown = str(uuid.uuid4())
     code, out, err = cli("cancel", unknown)

@@ -47,3 +47,24 @@ def test_readme_names_exactly_two_setup_commands() -> None:
     makefile = (ROOT / "Makefile").read_text()
     for target in commands:
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+def test_readme_did_you_mean_examples_are_what_the_cli_suggests() -> None:
+    """`(typo` → `name)` examples: the typo is not a catalog server (`github` is one, so it
+    gets no suggestion) and the suggestion is among those the CLI gives for it."""
+    from sandqueue import catalog
+
+    readme = (ROOT / "README.md").read_text()
+    examples = re.findall(r"`([\w/-]+)` → `([\w/-]+)`", readme)
+    assert examples, "the README shows no did-you-mean example"
+    names = catalog.server_names()
+    for typo, suggested in examples:
+        assert typo not in names, f"`{typo}` is itself a catalog server"
+        assert suggested in catalog.closest(typo, names), (typo, suggested)
+
+
+def test_readme_states_the_prompt_size_limit() -> None:
+    from sandqueue.contract import MAX_PROMPT_BYTES
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"A prompt may be up to {MAX_PROMPT_BYTES // 1024} KiB" in readme
