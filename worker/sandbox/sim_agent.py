@@ -122,8 +122,9 @@ class ScriptedAgent:
             if fails("agent", what):
                 subtype = "error_during_execution" if what == "is_error" else "success"
                 return self._finish(proc, opts, n_tools + 1, is_error=True, subtype=subtype,
-                                    text=text)
-        return self._finish(proc, opts, n_tools + 1, is_error=False, text=self._echo(opts))
+                                    text=text + self._leak())
+        return self._finish(proc, opts, n_tools + 1, is_error=False,
+                            text=self._echo(opts) + self._leak())
 
     def _mcp_tools(self, opts: dict[str, Any]) -> list[str]:
         if GATEWAY_NAME not in (opts.get("mcp_config") or {}) or self.sandbox.fails(
@@ -161,6 +162,18 @@ class ScriptedAgent:
                   f"(sha256 {prompt_digest(prompt)}), model {opts.get('--model') or 'default'}, "
                   f"MCP servers: {servers}.")
         return f"{header}\n--- prompt ---\n{prompt.decode('utf-8', 'surrogatepass')}"
+
+    def _leak(self) -> str:
+        """What SIM_ECHO asks the agent to repeat: sandbox env values and MCP settings."""
+        said = []
+        for item in filter(None, (p.strip() for p in self.envs.get("SIM_ECHO", "").split(","))):
+            if item.startswith("mcp:"):
+                server, _, key = item[4:].rpartition(".")
+                value = (self.sandbox.spec.mcp.get(server) or {}).get(key)
+            else:
+                value = self.envs.get(item)
+            said.append(f"\n{item} is {value}")
+        return "".join(said)
 
     def _finish(self, proc: SimCommand, opts: dict[str, Any], turns: int, *, is_error: bool,
                 text: str, subtype: str = "success") -> int:
