@@ -575,6 +575,7 @@ def check(ctx: click.Context, as_json: bool) -> None:
 @cli.command()
 @click.option("--prompt", default=None, help="Prompt of the example task.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
 def demo(prompt: str | None, as_json: bool) -> None:
     """Start Redis (if REDIS_URL is unset) and a worker, run an example task, stop them."""
     from producer.demo import run_demo

@@ -70,9 +70,11 @@ def redis_user(rdb: redis.Redis, redis_url: str) -> Iterator[tuple[str, str]]:
 
 def test_a_wrong_password_is_not_printed_either(cli: RunCli, redis_user: tuple[str, str],
                                                 inputs: Path) -> None:
+    # Redis answers here (an authentication error), unlike the unreachable case above.
     url, password = redis_user
     wrong = f"WRONG{uuid.uuid4().hex}"
-    for command in commands(inputs):
+    for command in (("submit", "Hello"), ("status", TASK), ("check",),
+                    ("batch", "run", str(inputs))):
         result = cli(*command, env={"REDIS_URL": url.replace(password, wrong)}, timeout=30)
         assert result.code != 0, (command, result)
         assert_not_shown(wrong, result)
@@ -109,10 +111,15 @@ def assert_config_error(result: CliResult, what: object) -> str:
     return text
 
 
-@pytest.mark.parametrize("url", ["notaurl", "http://x", "redis://127.0.0.1:99999/0"])
-def test_a_malformed_url_is_a_configuration_error_everywhere(cli: RunCli, inputs: Path,
-                                                              url: str) -> None:
-    for command in [*commands(inputs), ("worker", "--concurrency", "1")]:
+def test_a_malformed_url_is_a_configuration_error_everywhere(cli: RunCli, inputs: Path) -> None:
+    for command in [*commands(inputs), ("worker", "--concurrency", "1"), ("demo",)]:
+        assert_config_error(cli(*command, env={"REDIS_URL": "notaurl"}, timeout=30), command)
+
+
+@pytest.mark.parametrize("url", ["http://x", "redis://127.0.0.1:99999/0"])
+def test_other_malformed_urls_from_the_issue(cli: RunCli, url: str) -> None:
+    # Settings validates once for every command (the unit tests cover each shape of URL).
+    for command in (("submit", "Hello"), ("status", TASK), ("check",), ("worker",)):
         assert_config_error(cli(*command, env={"REDIS_URL": url}, timeout=30), command)
 
 

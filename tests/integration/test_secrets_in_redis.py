@@ -69,7 +69,7 @@ def test_no_token_reaches_redis_cli_output_or_logs_even_when_the_agent_echoes_it
         assert code == expect, (args, out, err)
         return out
 
-    common = ("--mcp", "githubOfficial", "--queue", QUEUE, "--env", "SIM_LATENCY_S=2",
+    common = ("--mcp", "githubOfficial", "--queue", QUEUE, "--env", "SIM_LATENCY_S=3",
               "--env", "SIM_TOOL_CALLS=1", "--json")
     # Given two tasks queued where no worker listens yet: one with an inline token, one
     # with a credential in its envs, each asking the agent to echo it.
