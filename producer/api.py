@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,9 +28,11 @@ from sandqueue import errors, keys
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
 from sandqueue.events import EventLog
-from sandqueue.sealing import Sealer, seal_mcp
-from sandqueue.settings import Settings, load_settings
+from sandqueue.sealing import Sealer, SecretPolicy
+from sandqueue.settings import Settings, load_settings, mask_url
 from sandqueue.store import TaskStore
+
+log = logging.getLogger("sandqueue.producer")
 
 STRANDED_AFTER_S = 10.0
 """A task still `submitting` this long after it was recorded lost its producer mid-submit
@@ -51,7 +54,7 @@ class WaitTimeout(errors.SandqueueError):
 
 def _redis_error(e: Exception, settings: Settings) -> RedisUnavailable:
     return RedisUnavailable(
-        f"cannot reach Redis at {settings.redis_url} ({type(e).__name__}: {e}); "
+        f"cannot reach Redis at {mask_url(settings.redis_url)} ({type(e).__name__}: {e}); "
         "check REDIS_URL and that Redis is running"
     )
 
@@ -159,6 +162,7 @@ class Client:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or load_settings()
+        self._warned_clear = False
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -215,9 +219,14 @@ class Client:
                 f"timeout_s {agent_task.timeout_s:.0f} is above this deployment's maximum "
                 f"({self.settings.max_timeout_s:.0f}s, SANDQUEUE_MAX_TIMEOUT_S)"
             )
-        if agent_task.mcp:
-            agent_task = agent_task.model_copy(
-                update={"mcp": seal_mcp(agent_task.mcp, self.sealer)})
+        policy = SecretPolicy(self.sealer, self.settings.allow_clear_secrets)
+        agent_task = agent_task.model_copy(
+            update={"mcp": policy.mcp(agent_task.mcp), "envs": policy.envs(agent_task.envs)})
+        if policy.sent_in_clear and not self._warned_clear:
+            self._warned_clear = True  # once per client, not once per input of a batch
+            log.warning("SANDQUEUE_ALLOW_CLEAR_SECRETS is on: %s travel(s) through Redis in "
+                        "clear; for development only, set SANDQUEUE_SECRET_KEYS instead",
+                        ", ".join(policy.sent_in_clear))
         return agent_task
 
     def submit(self, task: AgentTask | str | dict[str, Any], /, *, queue: str | None = None,

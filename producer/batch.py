@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from producer.outbox import fingerprint
 from sandqueue import errors, keys
 from sandqueue.contract import FINAL_STATUSES, AgentResult, AgentTask, TaskStatus
 
@@ -637,8 +638,10 @@ def submit_batch(tasks: list[AgentTask | dict[str, Any] | str], *, batch_id: str
             bad.append(BadLine(n, e.message.removeprefix("invalid task: ")))
     if bad:
         raise BatchInvalid(bad)
+    # Fingerprints, not the tasks: sealed values differ on every run (fresh IVs), and the
+    # same inputs must be the same batch so that a re-run resumes it.
     batch = Batch(client, batch_id or hashlib.sha256(
-        json.dumps([i.task.model_dump(mode="json") for i in inputs], sort_keys=True).encode()
+        json.dumps([[i.key, fingerprint(i.task)] for i in inputs]).encode()
     ).hexdigest()[:16])
     batch.register(inputs, "api")
     known = batch.items()

@@ -7,7 +7,7 @@ from typing import Any
 import redis
 
 from sandqueue import errors
-from sandqueue.settings import Settings, load_settings
+from sandqueue.settings import Settings, load_settings, mask_url
 
 
 def _item(name: str, state: str, detail: str) -> dict[str, str]:
@@ -49,9 +49,9 @@ def run_checks(overrides: dict[str, Any]) -> dict[str, Any]:
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3,
                                       socket_timeout=3)
         version = client.info("server").get("redis_version", "?")
-        checks.append(_item("redis", "ok", f"{settings.redis_url} (Redis {version})"))
-    except (redis.RedisError, ValueError) as e:
-        checks.append(_item("redis", "unreachable", f"{settings.redis_url}: {e}"))
+        checks.append(_item("redis", "ok", f"{mask_url(settings.redis_url)} (Redis {version})"))
+    except redis.RedisError as e:
+        checks.append(_item("redis", "unreachable", f"{mask_url(settings.redis_url)}: {e}"))
     checks.append(_check_e2b(settings))
     if settings.anthropic_api_key is None:
         state = "fail" if settings.provider == "e2b" else "warn"

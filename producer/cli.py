@@ -268,7 +268,8 @@ def parse_pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
               help="Whole-task deadline in seconds (all attempts).")
 @click.option("--template", help="E2B template (default: mcp-gateway).")
 @click.option("--env", "envs", multiple=True, metavar="KEY=VALUE",
-              help="Non-secret environment variable for the sandbox (repeatable).")
+              help="Environment variable for the sandbox (repeatable); VALUE may be ${ENV} "
+                   "resolved on the worker. Credential-looking values need SANDQUEUE_SECRET_KEYS.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE",
               help="Label carried to the result and the sandbox metadata (repeatable).")
 @click.option("--idempotency-key", help="Submitting twice with one key runs the task once.")
@@ -718,7 +719,23 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, pool
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
     if hostname:
         argv.append(f"--hostname={hostname}")
-    app.worker_main([*argv, *celery_args])
+    sys.exit(_run_celery(app, [*argv, *celery_args]))
+
+
+def _run_celery(app: Any, argv: list[str]) -> int:
+    """Run Celery's command line and return its exit code. `app.worker_main()` drops it
+    (Celery runs its click command in non-standalone mode and ignores what it returns), so
+    a worker that failed to start, e.g. an "Unrecoverable error", used to exit 0."""
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # what app.start() does: `-A` defaults to app
+    try:
+        code = celery_command.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    finally:
+        celery_command.params[0].default = None
+    return code if isinstance(code, int) else 0
 
 
 # -- check --------------------------------------------------------------------------------
@@ -796,6 +813,7 @@ def template_build(claude_version: str | None, name: str | None, base: str,
 @cli.command()
 @click.option("--prompt", default=None, help="Prompt of the example task.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@handle_errors
 def demo(prompt: str | None, as_json: bool) -> None:
     """Start Redis (if REDIS_URL is unset) and a worker, run an example task, stop them."""
     from producer.demo import run_demo

@@ -9,9 +9,21 @@ runs twice; `Settings` refuses a configuration where that could happen).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from sandqueue.contract import TASK_NAME
 from sandqueue.settings import Settings
+
+
+def celery_url(redis_url: str) -> str:
+    """The URL as Celery and kombu spell it: redis-py's `unix:///path?db=N` is their
+    `redis+socket:///path?virtual_host=N`; redis:// and rediss:// are the same for all."""
+    parts = urlsplit(redis_url)
+    if parts.scheme != "unix":
+        return redis_url
+    query = dict(parse_qsl(parts.query))
+    query["virtual_host"] = query.pop("db", "0")
+    return f"redis+socket://{parts.netloc}{parts.path}?{urlencode(query)}"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -24,8 +36,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "health_check_interval": 25,
     }
     return {
-        "broker_url": settings.redis_url,
-        "result_backend": settings.redis_url,
+        "broker_url": celery_url(settings.redis_url),
+        "result_backend": celery_url(settings.redis_url),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from typing import Literal
+from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sandqueue.errors import ConfigError
@@ -19,6 +20,54 @@ from sandqueue.errors import ConfigError
 
 def _alias(name: str) -> AliasChoices:
     return AliasChoices(f"SANDQUEUE_{name}", name)
+
+
+REDIS_URL_EXAMPLE = "redis://127.0.0.1:6379/0 (with a password: redis://:PASSWORD@HOST:6379/0)"
+MASKED = "**"
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password shown as `**`, as Celery's worker banner shows it.
+
+    Every message and log line that names a Redis URL goes through here: a password in
+    `REDIS_URL` (the userinfo part or a `?password=` query) must never be printed."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        netloc = f"{user}{':' + MASKED if sep else ''}@{host}"
+    query = "&".join(f"{k}={MASKED if k.lower() == 'password' else v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    if netloc == parts.netloc and "password" not in parts.query.lower():
+        return url
+    return f"{parts.scheme}://{netloc}{parts.path}{'?' + query if query else ''}"
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, or None. Checked here so that a typo is a clear
+    configuration error, not a traceback from redis-py or a worker that cannot start."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        query = dict(parse_qsl(parts.query))
+    except ValueError:  # urllib: a port out of range or not a number
+        return "the port must be a number from 1 to 65535"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return "the scheme must be redis://, rediss:// or unix://"
+    if parts.scheme == "unix":
+        return None if parts.path else "unix:// needs the socket's path, e.g. unix:///run/redis.sock"
+    if not parts.hostname:
+        return "it names no host"
+    if port is not None and not 1 <= port <= 65535:
+        return f"port {port} is out of range 1-65535"
+    db = query.get("db", parts.path.strip("/") or "0")
+    if not db.isdigit():
+        return f"the database {db!r} is not a number (the path is /DB, e.g. /0)"
+    return None
 
 
 class Settings(BaseSettings):
@@ -34,6 +83,7 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         validation_alias=_alias("REDIS_URL"),
         description="Redis for the broker, results, events and limits",
+        repr=False,  # it may hold a password
     )
     e2b_api_key: SecretStr | None = Field(
         None, validation_alias=_alias("E2B_API_KEY"), description="E2B API key (workers)"
@@ -121,6 +171,21 @@ class Settings(BaseSettings):
         "decrypt (rotation); `sandqueue keygen` makes one",
         repr=False,
     )
+    allow_clear_secrets: bool = Field(
+        False, description="development only: let inline MCP values and credential-looking "
+        "envs travel through Redis in clear when no SECRET_KEYS are set (producers warn)"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_valid(cls, value: str) -> str:
+        problem = redis_url_problem(value)
+        if problem is not None:
+            raise ConfigError(
+                f"REDIS_URL {mask_url(value)!r} is not a usable Redis URL: {problem}; "
+                f"set it like REDIS_URL={REDIS_URL_EXAMPLE}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _timeouts_ordered(self) -> Settings:

@@ -35,7 +35,7 @@ from worker.agent.watchdog import Watchdog
 from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import SandboxProvider, SandboxSpec
-from worker.secrets import resolve_mcp
+from worker.secrets import resolve_envs, resolve_mcp
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,11 @@ class Pipeline:
         progress.timings.queued_s = max(0.0, ctx.started_at - ctx.message.submitted_at)
         try:
             mcp, secrets = resolve_mcp(task.mcp, self.environ, self.sealer)
-            redactor.add(*secrets)
+            envs, env_secrets = resolve_envs(task.envs, self.environ, self.sealer)
+            redactor.add(*secrets, *env_secrets)
+            if envs != task.envs:  # the sandbox gets the opened values; Redis never does
+                ctx.message = ctx.message.model_copy(
+                    update={"task": task.model_copy(update={"envs": envs})})
             self._attempts(ctx, mcp, progress, redactor)
         except errors.WorkerStopping:
             raise  # the worker hands the task back; no result is stored

@@ -3,7 +3,8 @@
 Tokens stay on the workers (their environment or `.env`), so they never travel through
 Redis; inline per-task secrets arrive sealed (`sandqueue.sealing`) and are opened here.
 Every resolved value, and every inline string value of an MCP config, is returned as a
-secret for the redactor.
+secret for the redactor; so is every task env value that was sealed, came from `${ENV}`, or
+has a credential's format (sent in clear under SANDQUEUE_ALLOW_CLEAR_SECRETS).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from sandqueue import errors
 from sandqueue.catalog import ENV_REF
-from sandqueue.sealing import Sealer, is_sealed
+from sandqueue.sealing import Sealer, is_sealed, looks_like_credential
 
 INLINE_SECRET_MIN_CHARS = 8
 
@@ -50,4 +51,30 @@ def resolve_mcp(
         return value
 
     resolved = {name: walk(config, f"mcp.{name}") for name, config in mcp.items()}
+    return resolved, secrets
+
+
+def resolve_envs(
+    envs: Mapping[str, str], environ: Mapping[str, str], sealer: Sealer | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """A task's sandbox envs with sealed values opened and `${ENV}` values resolved."""
+    sealer = sealer or Sealer(None)
+    resolved: dict[str, str] = {}
+    secrets: list[str] = []
+    for name, value in envs.items():
+        match = ENV_REF.match(value)
+        if is_sealed(value):
+            value = sealer.unseal(value, f"envs.{name}")
+        elif match is not None:
+            if match.group(1) not in environ:
+                raise errors.McpConfigError(
+                    f"envs.{name} refers to ${{{match.group(1)}}}, which is not set in this "
+                    f"worker's environment; set {match.group(1)} on every worker"
+                )
+            value = environ[match.group(1)]
+        elif not looks_like_credential(value):
+            resolved[name] = value
+            continue
+        secrets.append(value)
+        resolved[name] = value
     return resolved, secrets

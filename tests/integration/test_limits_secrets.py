@@ -180,10 +180,9 @@ def test_env_and_sealed_inline_tokens_never_appear_in_clear(
     assert code == 0, err
     secret_keys = out.strip()
     keyed = {"SANDQUEUE_SECRET_KEYS": secret_keys}
-    worker = worker_factory(concurrency=4, env={**keyed, "SQIT_GH_TOKEN": env_token})
     outputs = [out, err]
 
-    common = ("--mcp", "githubOfficial", "--env", "SIM_LATENCY_S=1.5", "--env",
+    common = ("--mcp", "githubOfficial", "--env", "SIM_LATENCY_S=3", "--env",
               "SIM_TOOL_CALLS=2", "--json")
     by_ref = "githubOfficial.githubPersonalAccessToken=${SQIT_GH_TOKEN}"
     code, out, err = cli("submit", "List my repositories", "--mcp-config", by_ref, *common,
@@ -198,6 +197,9 @@ def test_env_and_sealed_inline_tokens_never_appear_in_clear(
     assert code == 0, err
     inline = json.loads(out)["id"]
 
+    # The worker starts once both are queued, so both run at once however slow the
+    # submits were (a worker started first could finish one before the other arrives).
+    worker = worker_factory(concurrency=4, env={**keyed, "SQIT_GH_TOKEN": env_token})
     # Mid-run: sandboxes alive, progress keys written, messages in the broker's unacked hash.
     wait_until(lambda: rdb.scard(keys.SIM_LIVE) == 2, 15, "both sandboxes to be created")
     for token in (env_token, inline_token):

@@ -270,7 +270,9 @@ def test_inline_secret_without_sealing_keys_is_refused(broker: _Broker) -> None:
                      "notion.internalIntegrationToken=ntn_plaintext_secret")
     assert result.exit_code == 2
     stderr = _one_line(result.stderr)
-    assert "looks like a secret" in stderr
+    assert "mcp.notion.internalIntegrationToken" in stderr
+    assert "would travel through Redis in clear" in stderr
+    assert "${ENV_NAME}" in stderr and "SANDQUEUE_SECRET_KEYS" in stderr
     assert "ntn_plaintext_secret" not in stderr
     assert broker.celery.calls == []
 

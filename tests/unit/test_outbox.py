@@ -241,3 +241,15 @@ def test_cancelling_a_running_task_asks_its_worker(queue: Queue) -> None:
                                                        "nope": ("unknown", None)}
     assert c.redis.zscore(keys.CANCELLED, handle.id) is not None
     assert status(c, handle.id) == "running"
+
+
+def test_a_batch_with_sealed_secrets_is_the_same_batch_when_run_again(queue: Queue) -> None:
+    # Sealing uses a fresh IV each time: the batch id must not depend on the ciphertext
+    c = client(secret_keys=generate_key())
+    tasks = [{"id": f"in-{i}", "prompt": f"item {i}",
+              "mcp": {"notion": {"internalIntegrationToken": "ntn_secret_123456"}}}
+             for i in range(3)]
+    first = submit_batch([dict(t) for t in tasks], client=c)
+    again = submit_batch([dict(t) for t in tasks], client=c)
+    assert again.id == first.id
+    assert len(queue.messages) == 3

@@ -384,3 +384,22 @@ def test_without_a_model_key_the_sim_agent_still_runs() -> None:
     h = make_harness()
     result = h.run(envs=FAST)
     assert result.ok, result.error
+
+
+def test_secrets_an_agent_echoes_are_masked_in_the_result_and_events() -> None:
+    # Given a sealed credential env, a ${ENV} env and a ${ENV} MCP token that the agent
+    # repeats (SIM_ECHO), when the task runs, the agent had the opened values (it says
+    # something that is masked, not the sealed form) and nothing shows them.
+    key = generate_key()
+    h = make_harness(anthropic_api_key=MODEL_KEY, secret_keys=key)
+    gh_token = "ghp_" + "Q7" * 20
+    envs = {**FAST, "GH": Sealer(key).seal(gh_token), "FROM_WORKER": "${NOTION_TOKEN}",
+            "SIM_ECHO": "GH,FROM_WORKER,mcp:notion.internalIntegrationToken"}
+    result = h.run(envs=envs, mcp=NOTION)
+    assert result.ok, result.error
+    assert result.result is not None
+    for said in ("GH", "FROM_WORKER", "mcp:notion.internalIntegrationToken"):
+        assert f"\n{said} is {MASK}" in result.result
+    shown = result.model_dump_json() + json.dumps(h.events) + json.dumps(h.states, default=str)
+    assert gh_token not in shown and NOTION_TOKEN not in shown
+    assert any(MASK in e.get("text", "") for e in h.events if e["phase"] == "agent_text")

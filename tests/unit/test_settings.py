@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from pydantic import AliasChoices, SecretStr
 
+from sandqueue.celeryconf import celery_url
 from sandqueue.errors import ConfigError
-from sandqueue.settings import Settings, load_settings
+from sandqueue.settings import Settings, load_settings, mask_url, redis_url_problem
 
 REPO = Path(__file__).resolve().parents[2]
 SANDBOX_KEY = "e2b_test_key_0123456789"
@@ -194,3 +195,57 @@ def test_readme_documents_every_setting() -> None:
     known = {name for field in Settings.model_fields for name in _env_names(field)}
     unknown = sorted(set(re.findall(r"\bSANDQUEUE_[A-Z][A-Z0-9_]*\b", text)) - known)
     assert unknown == [], f"the README names settings that do not exist: {unknown}"
+
+
+# -- REDIS_URL ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "masked"), [
+    ("redis://user:PASSWORD@db.internal:6380/2", "redis://user:**@db.internal:6380/2"),
+    ("rediss://:PASSWORD@db.internal/0", "rediss://:**@db.internal/0"),
+    ("redis://user:p@ss:w0rd@h/0", "redis://user:**@h/0"),
+    ("redis://h/0?password=PASSWORD&ssl_cert_reqs=none",
+     "redis://h/0?password=**&ssl_cert_reqs=none"),
+    ("unix://:PASSWORD@/run/redis.sock?db=1", "unix://:**@/run/redis.sock?db=1"),
+    ("redis://user@h:1/0", "redis://user@h:1/0"),
+    ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+])
+def test_mask_url_hides_the_password_and_keeps_the_rest(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://user:pw@h.example:1/15",
+                                 "redis://h", "redis://h:65535", "unix:///run/redis.sock?db=3",
+                                 "redis://h/?db=2"])
+def test_usable_redis_urls_are_accepted(url: str) -> None:
+    assert redis_url_problem(url) is None
+    assert _settings(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("notaurl", "scheme"), ("http://x", "scheme"), ("redis://127.0.0.1:99999/0", "port"),
+    ("redis://127.0.0.1:0/0", "port"), ("redis://h:abc/0", "port"), ("redis://", "host"),
+    ("redis://h/zero", "database"), ("redis://h/0?db=x", "database"), ("unix://", "path"),
+])
+def test_malformed_redis_urls_are_config_errors_naming_redis_url(url: str, problem: str
+                                                                 ) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _settings(redis_url=url)
+    assert problem in exc.value.message
+    assert "REDIS_URL" in exc.value.message and "redis://127.0.0.1:6379/0" in exc.value.message
+
+
+def test_a_malformed_url_error_does_not_show_its_password(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://u:SECRETPW@h:99999/0")
+    with pytest.raises(ConfigError) as exc:
+        load_settings(_env_file=None)
+    assert "SECRETPW" not in exc.value.message and "u:**@h" in exc.value.message
+    assert "SECRETPW" not in repr(_settings(redis_url="redis://u:SECRETPW@h/0"))
+
+
+def test_a_unix_socket_url_is_spelled_for_celery() -> None:
+    assert celery_url("unix:///run/redis.sock?db=3") == \
+        "redis+socket:///run/redis.sock?virtual_host=3"
+    assert celery_url("rediss://h:1/2") == "rediss://h:1/2"

@@ -13,6 +13,9 @@ Behaviour is set per task through the task's `envs` (they become the sandbox's e
     SIM_CREATE_LATENCY_S=0.5  how long sandbox creation takes
     SIM_TOOL_CALLS=3          tool calls the agent makes before answering
     SIM_COST_USD=0.01         the cost the result reports
+    SIM_ECHO=NAME,mcp:S.KEY   the agent also says the value of sandbox env NAME and of MCP
+                              setting KEY of server S, as an agent that leaks a token would
+                              (tests of redaction)
     SIM_FAIL=where:what[:n],...  fail the first n attempts (all when n is omitted):
         create:rate_limit|unavailable|auth|gateway_config|template
         gateway:timeout|unauthorized|no_tools (tools/list stays empty)

@@ -213,13 +213,28 @@ class ScriptedAgent:
             return 137
         for what in ("overloaded", "rate_limit"):
             if fails("agent", what):
-                return self._api_error(proc, opts, *API_ERRORS[what])
+                status, kind, text = API_ERRORS[what]
+                return self._api_error(proc, opts, status, kind, text + self._leak())
         if fails("agent", "is_error"):
             return self._finish(proc, opts, steps, subtype="error_during_execution",
-                                errors_=["The agent could not complete the task"])
-        self._assistant(proc, opts, [{"type": "text", "text": self._echo(opts)}],
+                                errors_=["The agent could not complete the task"
+                                         + self._leak()])
+        answer = self._echo(opts) + self._leak()
+        self._assistant(proc, opts, [{"type": "text", "text": answer}],
                         input_tokens=50, output_tokens=30)
-        return self._finish(proc, opts, steps, text=self._echo(opts))
+        return self._finish(proc, opts, steps, text=answer)
+
+    def _leak(self) -> str:
+        """What SIM_ECHO asks the agent to repeat: sandbox env values and MCP settings."""
+        said = []
+        for item in filter(None, (p.strip() for p in self.envs.get("SIM_ECHO", "").split(","))):
+            if item.startswith("mcp:"):
+                server, _, key = item[4:].rpartition(".")
+                value = (self.sandbox.spec.mcp.get(server) or {}).get(key)
+            else:
+                value = self.envs.get(item)
+            said.append(f"\n{item} is {value}")
+        return "".join(said)
 
     def _planned_calls(self, mcp_tools: list[str]) -> list[str]:
         """The tool calls the scripted model attempts: SIM_TOOLS names them (in order,
