@@ -30,7 +30,6 @@ from producer.outbox import fingerprint
 from sandqueue import errors, keys
 from sandqueue.contract import FINAL_STATUSES, AgentResult, AgentTask, TaskStatus
 
-BATCH_PREFIX = f"{keys.PREFIX}batch:"
 _MERGED = ("mcp", "envs", "labels")
 _FAILURES = (TaskStatus.FAILED.value, TaskStatus.TIMED_OUT.value)
 """What `--max-failures` counts: tasks that failed, not those the batch itself cancelled."""
@@ -39,7 +38,7 @@ _WAITING = frozenset({TaskStatus.QUEUED.value, "submitting"})
 
 
 def batch_key(batch_id: str, suffix: str = "") -> str:
-    return f"{BATCH_PREFIX}{batch_id}{':' + suffix if suffix else ''}"
+    return keys.batch(batch_id, suffix)
 
 
 @dataclass(frozen=True)

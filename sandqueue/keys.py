@@ -43,3 +43,31 @@ def events(task_id: str) -> str:
 
 CANCELLED = f"{PREFIX}cancelled"
 """Sorted set: task id -> time cancellation was asked; workers poll it for their tasks."""
+
+
+DEADLETTER = f"{PREFIX}deadletter"
+"""List: broker messages workers refused as unreadable, kept for inspection."""
+
+
+def batch(batch_id: str, suffix: str = "") -> str:
+    """`sq:batch:<id>` (hash: meta, status), `:keys` (list, input order), `:items` (hash:
+    input key -> current task id), `:gen` (hash: input key -> retry generation)."""
+    return f"{PREFIX}batch:{batch_id}{':' + suffix if suffix else ''}"
+
+
+LIMIT_PREFIX = f"{PREFIX}limit:"
+LIMIT_SANDBOXES = f"{LIMIT_PREFIX}sandboxes"
+"""Sorted set: live sandbox slots, fleet-wide (holder -> lease expiry)."""
+LIMIT_RATE = f"{LIMIT_PREFIX}rate"
+"""Hash: the creation-rate token bucket."""
+LIMIT_COOLDOWN = f"{LIMIT_PREFIX}cooldown"
+"""String with TTL: creations paused after a 429."""
+LIMIT_SLOWDOWN = f"{LIMIT_PREFIX}slowdown"
+"""String with TTL: creations at half rate after a 429."""
+LIMIT_WAKE = f"{LIMIT_PREFIX}wake"
+"""List: a nudge to waiters when a slot frees."""
+
+
+def limit_key(kind: str, value: str) -> str:
+    """Sorted set: running-task slots of one key (`label.tenant=acme`, a credential digest)."""
+    return f"{LIMIT_PREFIX}key:{kind}:{value}"

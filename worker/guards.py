@@ -22,7 +22,7 @@ from sandqueue import keys
 
 log = logging.getLogger(__name__)
 
-DEADLETTER = f"{keys.PREFIX}deadletter"
+DEADLETTER = keys.DEADLETTER
 
 
 def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:

@@ -24,16 +24,15 @@ from dataclasses import dataclass
 
 import redis
 
-from sandqueue import errors
+from sandqueue import errors, keys
 from sandqueue.contract import AgentTask
 from sandqueue.settings import Settings
 
-PREFIX = "sq:limit:"
-SANDBOXES = f"{PREFIX}sandboxes"
-RATE = f"{PREFIX}rate"
-COOLDOWN = f"{PREFIX}cooldown"
-SLOWDOWN = f"{PREFIX}slowdown"
-WAKE = f"{PREFIX}wake"
+SANDBOXES = keys.LIMIT_SANDBOXES
+RATE = keys.LIMIT_RATE
+COOLDOWN = keys.LIMIT_COOLDOWN
+SLOWDOWN = keys.LIMIT_SLOWDOWN
+WAKE = keys.LIMIT_WAKE
 
 # KEYS: n slot sets..., then rate, cooldown, slowdown. ARGV: holder, now, expiry, n,
 # limits (n of them), rate per s (0 = none), burst.
@@ -118,12 +117,12 @@ class Limiter:
             if kind.startswith("label."):
                 label = kind.removeprefix("label.")
                 if label in task.labels:
-                    slots.append(Slot(f"{PREFIX}key:{kind}:{task.labels[label]}", limit))
+                    slots.append(Slot(keys.limit_key(kind, task.labels[label]), limit))
             elif kind == "credential":
-                slots += [Slot(f"{PREFIX}key:cred:{_digest(s)}", limit) for s in set(secrets)]
+                slots += [Slot(keys.limit_key("cred", _digest(s)), limit) for s in set(secrets)]
             elif kind == "anthropic_key" and self.settings.anthropic_api_key is not None:
                 key = self.settings.anthropic_api_key.get_secret_value()
-                slots.append(Slot(f"{PREFIX}key:anthropic:{_digest(key)}", limit))
+                slots.append(Slot(keys.limit_key("anthropic", _digest(key)), limit))
         return slots
 
     def sandbox_slots(self) -> list[Slot]:

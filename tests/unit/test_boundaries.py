@@ -112,3 +112,21 @@ def test_the_scanner_sees_through_blocks_but_not_into_functions() -> None:
     visitor = _ModuleLevelImports()
     visitor.visit(ast.parse(source))
     assert visitor.found == {"os", "alpha", "gamma", "delta"}
+
+
+def test_every_redis_key_prefix_is_named_in_one_module() -> None:
+    """`sq:` key names are spelt only in sandqueue/keys.py (docstrings may mention them)."""
+    offenders = []
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            if path == REPO / "sandqueue/keys.py":
+                continue
+            tree = ast.parse(path.read_text())
+            docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                          if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef)
+                          and node.body and isinstance(node.body[0], ast.Expr)}
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                        and node.value.startswith("sq:") and id(node) not in docstrings):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == [], offenders
