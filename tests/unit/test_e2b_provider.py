@@ -708,12 +708,13 @@ def test_gateway_that_never_answers_times_out(cloud: FakeE2BCloud) -> None:
 
 
 def test_gateway_refusing_the_token_fails_at_once(cloud: FakeE2BCloud) -> None:
-    """Waiting cannot fix a refused token; one request and out."""
+    """Waiting cannot fix a refused token; one request and out, a permanent auth error."""
     sandbox = gateway_sandbox(cloud)
     only(cloud).gateway_token = "a-different-token"
-    with pytest.raises(errors.McpUnavailable, match="401"):
+    with pytest.raises(errors.AuthError, match="401") as info:
         sandbox.wait_gateway_ready(5)
     assert only(cloud).gateway_requests == 1
+    assert info.value.retryable is False
 
 
 def test_gateway_forbidden_fails_at_once(cloud: FakeE2BCloud) -> None:
@@ -723,8 +724,9 @@ def test_gateway_forbidden_fails_at_once(cloud: FakeE2BCloud) -> None:
         calls.append(1)
         return httpx.Response(403)
 
-    with pytest.raises(errors.McpUnavailable, match="403"):
+    with pytest.raises(errors.AuthError, match="403") as info:
         gateway_sandbox(cloud, forbidden).wait_gateway_ready(5)
+    assert info.value.category.value == "auth"
     assert len(calls) == 1
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from producer.cli import cli
+from sandqueue.contract import ErrorCategory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,3 +48,11 @@ def test_readme_names_exactly_two_setup_commands() -> None:
     makefile = (ROOT / "Makefile").read_text()
     for target in commands:
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+def test_readme_error_table_names_every_category() -> None:
+    """Every category a result can carry is explained to users, `internal` included."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| category | meaning | retried |", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
+    assert listed == {c.value for c in ErrorCategory}

@@ -137,7 +137,7 @@ class E2BSandbox(Sandbox):
 
         E2B's proxy answers 502 until the port is open; any answer from the gateway itself
         (even 4xx for our minimal request) means it listens. 401/403 means it refused the
-        token, which waiting will not fix.
+        token, which neither waiting nor a retry will fix: a permanent `auth` error.
         """
         url, token = self.mcp_url(), self.mcp_token()
         deadline = time.monotonic() + timeout_s
@@ -150,8 +150,11 @@ class E2BSandbox(Sandbox):
                 response = self._http.post(url, json=body, headers=headers,
                                            timeout=min(5.0, timeout_s))
                 if response.status_code in (401, 403):
-                    raise errors.McpUnavailable(
-                        f"the MCP gateway refused its token (HTTP {response.status_code})"
+                    # Permanent: a new sandbox gets a new token from the same config, and
+                    # a refused one means the gateway or its config is wrong, not slow.
+                    raise errors.AuthError(
+                        f"the MCP gateway refused its token (HTTP {response.status_code}); "
+                        "check the sandbox template's MCP gateway and SANDQUEUE_TEMPLATE"
                     )
                 if response.status_code < 500:
                     return
