@@ -268,6 +268,7 @@ class SimSandbox(Sandbox):
         if self._dead:
             return
         self._dead = True
+        self.killed = True
         for command in self.commands:
             command.kill()
         self._provider.forget(self.sandbox_id)
