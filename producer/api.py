@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -37,6 +38,8 @@ log = logging.getLogger("sandqueue.producer")
 STRANDED_AFTER_S = 10.0
 """A task still `submitting` this long after it was recorded lost its producer mid-submit
 (publishing takes milliseconds); `wait()` publishes it."""
+WORKER_LIMITS_CACHE_S = 30.0
+"""How long a producer trusts the limits workers advertised (one Redis read per period)."""
 
 
 class RedisUnavailable(errors.SandqueueError):
@@ -126,24 +129,36 @@ class TaskHandle:
         producer died between recording and publishing it is published first: nobody
         waits on a task that nobody would run."""
         self.client.republish_stranded([self.id], older_than_s=STRANDED_AFTER_S)
+        async_result = None
         try:
             self.client.redis.ping()  # fail fast and clearly, not after the backend's retries
-            value = self.client.celery.AsyncResult(self.id).get(
-                timeout=timeout, interval=poll_s, propagate=False
-            )
+            async_result = self.client.celery.AsyncResult(self.id)
+            value = async_result.get(timeout=timeout, interval=poll_s, propagate=False)
         except RuntimeError as e:
             # Celery's result consumer gives up reconnecting with a bare RuntimeError.
             if isinstance(e.__cause__, redis.RedisError | OperationalError):
                 raise _redis_error(e.__cause__, self.client.settings) from e
             raise
         except CeleryTimeout as e:
+            _release(async_result)
             raise WaitTimeout(
-                f"task {self.id} did not finish within {timeout:.0f}s; it keeps running, "
+                f"task {self.id} did not finish within {timeout:g}s; it keeps running, "
                 f"follow it with `sandqueue status {self.id}`", task_id=self.id
             ) from e
         except (redis.RedisError, OperationalError) as e:
             raise _redis_error(e, self.client.settings) from e
+        _release(async_result)
         return _to_result(self.id, value)
+
+
+def _release(async_result: Any) -> None:
+    """Stop listening for this result now. Left to `AsyncResult.__del__`, the unsubscribe
+    runs at interpreter exit (the timeout's traceback keeps the object alive), when redis-py
+    can no longer reconnect, and Python prints an ignored-exception traceback."""
+    if async_result is None:
+        return
+    with contextlib.suppress(Exception):  # best effort: the caller already has its answer
+        async_result.backend.remove_pending_result(async_result)
 
 
 def _to_result(task_id: str, value: Any) -> AgentResult:
@@ -211,14 +226,11 @@ class Client:
         except ValidationError as e:
             raise errors.InvalidTask(_describe(e)) from e
 
-    def prepare(self, task: AgentTask | str | dict[str, Any], **fields: Any) -> AgentTask:
+    def prepare(self, task: AgentTask | str | dict[str, Any], *, queue: str | None = None,
+                **fields: Any) -> AgentTask:
         """Validate a task for this deployment and seal its inline secrets."""
         agent_task = self.build(task, **fields)
-        if agent_task.timeout_s is not None and agent_task.timeout_s > self.settings.max_timeout_s:
-            raise errors.InvalidTask(
-                f"timeout_s {agent_task.timeout_s:.0f} is above this deployment's maximum "
-                f"({self.settings.max_timeout_s:.0f}s, SANDQUEUE_MAX_TIMEOUT_S)"
-            )
+        self._check_timeout(agent_task, queue)
         policy = SecretPolicy(self.sealer, self.settings.allow_clear_secrets)
         agent_task = agent_task.model_copy(
             update={"mcp": policy.mcp(agent_task.mcp), "envs": policy.envs(agent_task.envs)})
@@ -229,10 +241,63 @@ class Client:
                         ", ".join(policy.sent_in_clear))
         return agent_task
 
+    def _check_timeout(self, task: AgentTask, queue: str | None) -> None:
+        """Two limits may differ: this producer's SANDQUEUE_MAX_TIMEOUT_S refuses a task
+        above it; a worker's clamps the deadline (and says so in the result). When the
+        workers of the queue advertise a lower limit, warn now rather than surprise later."""
+        if task.timeout_s is None:
+            return
+        if task.timeout_s > self.settings.max_timeout_s:
+            raise errors.InvalidTask(
+                f"timeout_s {task.timeout_s:g} is above this producer's maximum "
+                f"({self.settings.max_timeout_s:g}s, SANDQUEUE_MAX_TIMEOUT_S where you "
+                "submit); lower timeout_s or raise that setting (workers apply their own)"
+            )
+        queue = queue or self.settings.queue
+        limit = self.worker_max_timeout_s(queue)
+        if limit is not None and task.timeout_s > limit:
+            note = (f"timeout_s {task.timeout_s:g} is above the SANDQUEUE_MAX_TIMEOUT_S of the "
+                    f"workers on queue {queue!r} ({limit:g}s): they will run the task with a "
+                    f"{limit:g}s deadline (see timeout_s_applied in its result)")
+            if note not in self._warned:  # once per client, not once per line of a batch
+                self._warned.add(note)
+                log.warning(note)
+
+    @cached_property
+    def _warned(self) -> set[str]:
+        return set()
+
+    @cached_property
+    def _limits(self) -> dict[str, tuple[float, float | None]]:
+        return {}
+
+    def worker_max_timeout_s(self, queue: str | None = None) -> float | None:
+        """The lowest SANDQUEUE_MAX_TIMEOUT_S among the live workers of `queue`, as they
+        advertise it in Redis; None when no worker is known. Cached for a few seconds."""
+        queue = queue or self.settings.queue
+        cached = self._limits.get(queue)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        try:
+            raw = self.redis.hgetall(keys.WORKER_LIMITS)
+        except redis.RedisError:
+            raw = {}  # submitting will say that Redis is unreachable
+        now, found = time.time(), []
+        for value in raw.values():
+            try:
+                entry = json.loads(value)
+                if float(entry["until"]) >= now and queue in entry["queues"]:
+                    found.append(float(entry["max_timeout_s"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        limit = min(found) if found else None
+        self._limits[queue] = (time.monotonic() + WORKER_LIMITS_CACHE_S, limit)
+        return limit
+
     def submit(self, task: AgentTask | str | dict[str, Any], /, *, queue: str | None = None,
                task_id: str | None = None, **fields: Any) -> TaskHandle:
         """Validate and enqueue one task. Raises InvalidTask or RedisUnavailable."""
-        agent_task = self.prepare(task, **fields)
+        agent_task = self.prepare(task, queue=queue, **fields)
         return self.submit_many([agent_task], queue=queue,
                                 task_ids=[task_id] if task_id else None)[0]
 

@@ -51,7 +51,8 @@ def _fmt_s(value: float | None) -> str:
 
 def print_result(result: AgentResult) -> None:
     if result.simulated:
-        err.print(f"[bold yellow]{SIM_BANNER}[/]")
+        # One line however narrow the terminal: wrapped by rich, it read as two banners.
+        err.print(f"[bold yellow]{SIM_BANNER}[/]", soft_wrap=True)
     table = Table.grid(padding=(0, 2))
     table.add_column(style="dim")
     table.add_column()

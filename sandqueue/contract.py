@@ -202,6 +202,31 @@ class ToolCallCount(BaseModel):
     count: int
 
 
+class AttemptRecord(BaseModel):
+    """One attempt of a task: where it ran, how it ended, and whether its sandbox is gone.
+
+    `outcome` is `succeeded`, an error category (`rate_limited`, `timeout`, ...),
+    `handed_back` (its worker stopped and put the task back on the queue), `worker_lost`
+    (its worker died or lost the lease mid-attempt) or `running` (not finished yet).
+    `sandbox_killed` is True only when a kill was confirmed (`killed_by`: `worker` or
+    `reaper`), None when nobody knows (the worker died and no reaper has reported yet).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    attempt: int
+    delivery: int | None = None
+    worker: str | None = None
+    sandbox_id: str | None = None
+    outcome: str = "running"
+    error: str | None = None
+    retried: bool = False
+    sandbox_killed: bool | None = None
+    killed_by: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+
 class AgentResult(BaseModel):
     """The structured outcome of one task, as stored in the Redis result backend."""
 
@@ -219,6 +244,9 @@ class AgentResult(BaseModel):
     agent_version: str | None = Field(None, description="the agent CLI's version, as it said")
     timings: Timings = Field(default_factory=Timings)
     attempts: int = 0
+    attempt_log: list[AttemptRecord] = Field(
+        default_factory=list, description="every attempt, across deliveries, in order"
+    )
     sandbox_id: str | None = None
     mcp_servers: list[McpServerStatus] = Field(default_factory=list)
     mcp_tools: list[str] = Field(default_factory=list,
@@ -227,6 +255,15 @@ class AgentResult(BaseModel):
     error: TaskError | None = None
     simulated: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+    timeout_s_requested: float | None = Field(
+        None, description="the task's timeout_s as submitted (None: the worker's default)"
+    )
+    timeout_s_applied: float | None = Field(
+        None, description="the deadline the worker ran the task under, in seconds"
+    )
+    warnings: list[str] = Field(
+        default_factory=list, description="what the worker changed or doubted, e.g. a clamp"
+    )
     finished_at: float = Field(default_factory=time.time)
 
     @property

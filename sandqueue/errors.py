@@ -13,7 +13,7 @@
     │   └── WorkerStopping          this worker stops or lost the task's lease worker_lost
     └── PermanentError              retrying cannot help
         ├── InvalidTask             the task fails validation               invalid_task
-        ├── AuthError               a key is missing or refused             auth
+        ├── AuthError               a key or the MCP gateway token refused  auth
         ├── McpConfigError          bad MCP config, unresolvable ${ENV}     mcp_config
         ├── AgentMissing            the agent CLI is not in the template    agent_missing
         ├── AgentError              the agent reported an error result      agent_error

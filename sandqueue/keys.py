@@ -41,6 +41,10 @@ def events(task_id: str) -> str:
     return f"{PREFIX}events:{task_id}"
 
 
+WORKER_LIMITS = f"{PREFIX}workers:limits"
+"""Hash: worker name -> JSON {queues, max_timeout_s, until}: what each live worker enforces,
+so producers can warn about a deadline the workers will clamp."""
+
 CANCELLED = f"{PREFIX}cancelled"
 """Sorted set: task id -> time cancellation was asked; workers poll it for their tasks."""
 

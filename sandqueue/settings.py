@@ -165,6 +165,14 @@ class Settings(BaseSettings):
         "anthropic_key=50"
     )
     events_max_len: int = Field(1000, ge=10, description="events kept per task (Redis stream)")
+    task_events: bool = Field(
+        False, description="workers send Celery task events (for Flower), without args or "
+        "results"
+    )
+    health_file: str | None = Field(
+        None, description="worker: a file touched every few seconds while it is healthy "
+        "(maintenance running, Redis reachable); `python -m worker.health` checks it"
+    )
     secret_keys: str | None = Field(
         None,
         description="comma-separated Fernet keys; the first encrypts inline secrets, all "

@@ -6,6 +6,11 @@ before, and it survives a worker crash:
 - `sq:task:<id>` (hash): status, attempt (counted across deliveries, so each sandbox's
   metadata names a unique attempt), deadline (kept from the first delivery), tool calls
   made so far (the side-effect rule reads it after a crash), last text, cost so far.
+- `attempt_log:<n>` fields of the same hash: one JSON `AttemptRecord` per attempt, written
+  when it starts and again when it ends. One field per attempt makes each write atomic and
+  never a read-modify-write, so a delivery after a `kill -9` still sees the dead attempt
+  (left `running`) and reports it as `worker_lost`; `reaped:<n>` notes the reaper's kill of
+  that attempt's sandbox.
 - `sq:running` (sorted set): task id -> lease expiry. A worker renews the leases of the
   tasks it runs every few seconds; a lease that expires means its worker died, and another
   worker hands the task back to the queue (`worker/leases.py`).
@@ -20,7 +25,10 @@ from typing import Any
 import redis
 
 from sandqueue import keys
-from sandqueue.contract import TaskStatus
+from sandqueue.contract import AttemptRecord, TaskStatus
+
+ATTEMPT_FIELD = "attempt_log:"
+REAPED_FIELD = "reaped:"
 
 # A delivery begins, in one round trip. KEYS: task, running, owners.
 # ARGV: task id, worker, now, deadline_s, ttl_s, lease expiry.
@@ -86,6 +94,17 @@ return 1
 """
 
 
+# Note a reaped sandbox on its task's record, without creating a record that has expired.
+# KEYS: task. ARGV: field, sandbox id.
+_NOTE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class Begin:
     """What a delivery finds when it starts."""
@@ -117,6 +136,7 @@ class TaskStore:
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._claim = client.register_script(_CLAIM)
+        self._note = client.register_script(_NOTE)
 
     # -- producer side -----------------------------------------------------------------
     def mark_queued(self, task_id: str, submitted_at: float, pipe: Any) -> None:
@@ -181,6 +201,28 @@ class TaskStore:
         pipe.hincrby(keys.task(task_id), "tool_calls", 1)
         pipe.hincrby(keys.task(task_id), f"tool:{name}", 1)
         pipe.execute()
+
+    def note_reaped(self, task_id: str, attempt: int, sandbox_id: str) -> None:
+        """The reaper killed this attempt's sandbox: the task's attempt log says so."""
+        self._note(keys=[keys.task(task_id)], args=[f"{REAPED_FIELD}{attempt}", sandbox_id])
+
+    @staticmethod
+    def attempt_log(record: dict[str, str]) -> list[AttemptRecord]:
+        """The attempts recorded so far, in order, with the reaper's kills applied."""
+        entries = []
+        for name, value in record.items():
+            if name.startswith(ATTEMPT_FIELD):
+                entry = AttemptRecord.model_validate_json(value)
+                reaped = record.get(f"{REAPED_FIELD}{entry.attempt}")
+                if reaped and not entry.sandbox_killed and reaped == entry.sandbox_id:
+                    entry.sandbox_killed, entry.killed_by = True, "reaper"
+                entries.append(entry)
+        return sorted(entries, key=lambda e: e.attempt)
+
+    @staticmethod
+    def attempt_values(entry: AttemptRecord) -> dict[str, str]:
+        """The record field of one attempt (pass to `values()`/HSET)."""
+        return {f"{ATTEMPT_FIELD}{entry.attempt}": entry.model_dump_json(exclude_none=True)}
 
     def tool_counts(self, record: dict[str, str]) -> dict[str, int]:
         return {k[5:]: int(v) for k, v in record.items() if k.startswith("tool:")}

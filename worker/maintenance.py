@@ -8,10 +8,13 @@ fleet (recovery, reaping) take a short Redis lock so one worker does each per in
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
     from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+ADVERTISE_INTERVAL_S = 10.0
+"""How often a worker tells producers its limits (`sq:workers:limits`)."""
 
 
 class Maintenance:
@@ -35,6 +41,7 @@ class Maintenance:
             (1.0, self.poll_cancellations),
             (s.recover_interval_s, self.recover),
             (s.reap_interval_s, self.reap),
+            (ADVERTISE_INTERVAL_S, self.advertise),
         ]
         self._due = [0.0] * len(self._duties)
         self._polls = 0
@@ -74,6 +81,37 @@ class Maintenance:
                             "stopping this run", task_id)
                 ctx.lease_lost.set()
                 ctx.stop.set()
+        self.beat()
+
+    def beat(self) -> None:
+        """Rewrite the health file: this thread runs and Redis answers. A container
+        healthcheck (`python -m worker.health`) reads its age."""
+        path = self.rt.settings.health_file
+        if not path:
+            return
+        self.rt.redis.ping()  # an idle worker renews nothing: ask Redis anyway
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"worker": self.rt.worker_name, "pid": os.getpid(),
+                                   "beat_at": time.time()}))
+        os.replace(tmp, target)
+
+    def advertise(self) -> None:
+        """Publish the limits this worker enforces, so producers can warn about a timeout_s
+        it will clamp; entries of workers gone quiet are pruned."""
+        s = self.rt.settings
+        now = time.time()
+        entry = {"queues": sorted(self.rt.queues or [s.queue]),
+                 "max_timeout_s": s.max_timeout_s, "until": now + 3 * ADVERTISE_INTERVAL_S}
+        r = self.rt.redis
+        stale = [name for name, raw in r.hgetall(keys.WORKER_LIMITS).items()
+                 if _until(raw) < now]
+        pipe = r.pipeline(transaction=False)
+        if stale:
+            pipe.hdel(keys.WORKER_LIMITS, *stale)
+        pipe.hset(keys.WORKER_LIMITS, self.rt.worker_name, json.dumps(entry))
+        pipe.expire(keys.WORKER_LIMITS, int(10 * ADVERTISE_INTERVAL_S))
+        pipe.execute()
 
     def poll_cancellations(self) -> None:
         self._polls += 1
@@ -104,3 +142,10 @@ class Maintenance:
             from worker.reaper import reap
 
             reap(self.rt.pipeline.provider, self.rt.store, self.rt.settings)
+
+
+def _until(raw: bytes | str) -> float:
+    try:
+        return float(json.loads(raw)["until"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0

@@ -21,6 +21,7 @@ from typing import Any
 from sandqueue import errors
 from sandqueue.contract import (
     AgentResult,
+    AttemptRecord,
     McpServerStatus,
     TaskMessage,
     TaskStatus,
@@ -34,7 +35,7 @@ from worker.agent.runner import AgentRunner
 from worker.agent.watchdog import Watchdog
 from worker.limits import Limiter
 from worker.redact import Redactor
-from worker.sandbox.base import SandboxProvider, SandboxSpec
+from worker.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
 from worker.secrets import resolve_envs, resolve_mcp
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,15 @@ class TaskContext:
     on_tool_call: Callable[[str], None] = _noop
     next_attempt: Callable[[], int] | None = None
     """Attempt numbers counted across deliveries (the store's counter); local if None."""
+    on_attempt: Callable[[AttemptRecord], None] = _noop
+    """Persists an attempt's record (when it starts, gets a sandbox, ends): see store.py."""
+    attempt_log: list[AttemptRecord] = field(default_factory=list)
+    """Attempts of earlier deliveries (the runtime fills it in), then this delivery's."""
+    worker: str | None = None
+    delivery: int | None = None
+    timeout_s_applied: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    """Told to the caller in the result, e.g. that the deadline was clamped."""
     stop: threading.Event = field(default_factory=threading.Event)
     """Set when the worker stops or lost this task's lease: hand the task back."""
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -88,6 +98,10 @@ class _Progress:
     """What the attempts so far produced, kept for the result whatever the ending."""
 
     attempts: int = 0
+    entry: AttemptRecord | None = None
+    """The current attempt's record."""
+    sandbox: Sandbox | None = None
+    """The current attempt's sandbox, once created (its `killed` says if the kill held)."""
     run: AgentRun = field(default_factory=AgentRun)
     timings: Timings = field(default_factory=Timings)
     sandbox_id: str | None = None
@@ -138,10 +152,10 @@ class Pipeline:
                     f"all {task.retry.max_attempts} attempts were used up across deliveries "
                     "(workers stopped or died while running this task)"
                 )
-            progress.run = AgentRun()
-            ctx.on_state(status=TaskStatus.RUNNING, attempt=progress.attempts)
+            self._open_attempt(ctx, progress)
             try:
                 self._attempt(ctx, mcp, progress, redactor)
+                self._close_attempt(ctx, progress, None, redactor, retried=False)
                 return
             except errors.SandqueueError as e:
                 err = e
@@ -150,25 +164,10 @@ class Pipeline:
                 err = errors.SandqueueError(f"internal error: {type(e).__name__}: {e}")
             finally:
                 progress.spent_usd += progress.run.cost_usd
-            tool_calls = sum(progress.run.tool_calls.values())
-            if isinstance(err, errors.WorkerStopping | errors.Cancelled):
-                raise err
-            interrupted = ctx.interruption()
-            if interrupted is not None:
-                raise interrupted
-            if not err.retryable or progress.attempts >= task.retry.max_attempts:
-                raise err
-            if tool_calls and not task.retry.retry_after_side_effects:
-                err.message += (
-                    f" (not retried: the agent had already made {tool_calls} tool call(s), "
-                    "whose effects a retry could repeat; set retry.retry_after_side_effects "
-                    "to allow it)"
-                )
-                raise err
-            delay = self._backoff(task.retry.backoff_s, task.retry.backoff_max_s,
-                                  progress.attempts, err.retry_after_s)
-            if time.time() + delay >= ctx.deadline_at:
-                err.message += " (no time left before the task's deadline for another attempt)"
+            err, delay = self._verdict(ctx, err, progress)
+            self._close_attempt(ctx, progress, err, redactor, retried=delay is not None
+                                or isinstance(err, errors.WorkerStopping))
+            if delay is None:
                 raise err
             log.info("task %s: attempt %d failed (%s), retrying in %.1fs", ctx.task_id,
                      progress.attempts, err.category.value, delay)
@@ -176,6 +175,64 @@ class Pipeline:
             ctx.on_event({"phase": "retrying", "attempt": progress.attempts,
                           "error": redactor.text(err.message), "delay_s": round(delay, 2)})
             self._wait(ctx, delay)
+
+    def _verdict(self, ctx: TaskContext, err: errors.SandqueueError,
+                 progress: _Progress) -> tuple[errors.SandqueueError, float | None]:
+        """The error that ends this attempt, and the backoff before the next (None: none)."""
+        task = ctx.message.task
+        if isinstance(err, errors.WorkerStopping | errors.Cancelled):
+            return err, None
+        interrupted = ctx.interruption()
+        if interrupted is not None:
+            return interrupted, None
+        if not err.retryable or progress.attempts >= task.retry.max_attempts:
+            return err, None
+        tool_calls = sum(progress.run.tool_calls.values())
+        if tool_calls and not task.retry.retry_after_side_effects:
+            err.message += (
+                f" (not retried: the agent had already made {tool_calls} tool call(s), "
+                "whose effects a retry could repeat; set retry.retry_after_side_effects "
+                "to allow it)"
+            )
+            return err, None
+        delay = self._backoff(task.retry.backoff_s, task.retry.backoff_max_s,
+                              progress.attempts, err.retry_after_s)
+        if time.time() + delay >= ctx.deadline_at:
+            err.message += " (no time left before the task's deadline for another attempt)"
+            return err, None
+        return err, delay
+
+    @staticmethod
+    def _open_attempt(ctx: TaskContext, progress: _Progress) -> None:
+        progress.run = AgentRun()
+        progress.sandbox = None
+        progress.entry = AttemptRecord(attempt=progress.attempts, delivery=ctx.delivery,
+                                       worker=ctx.worker, started_at=round(time.time(), 3))
+        ctx.attempt_log.append(progress.entry)
+        ctx.on_attempt(progress.entry)
+        ctx.on_state(status=TaskStatus.RUNNING, attempt=progress.attempts)
+
+    @staticmethod
+    def _close_attempt(ctx: TaskContext, progress: _Progress,
+                       err: errors.SandqueueError | None, redactor: Redactor, *,
+                       retried: bool) -> None:
+        """Record how the attempt ended and whether its sandbox's kill was confirmed."""
+        entry = progress.entry
+        if entry is None:
+            return
+        if err is None:
+            entry.outcome = "succeeded"
+        elif isinstance(err, errors.WorkerStopping):
+            entry.outcome = "worker_lost" if ctx.lease_lost.is_set() else "handed_back"
+        else:
+            entry.outcome = err.category.value
+        entry.error = redactor.text(err.message) if err is not None else None
+        entry.retried = retried
+        if progress.sandbox is not None:
+            entry.sandbox_killed = progress.sandbox.killed
+            entry.killed_by = "worker" if progress.sandbox.killed else None
+        entry.ended_at = round(time.time(), 3)
+        ctx.on_attempt(entry)
 
     @staticmethod
     def _wait(ctx: TaskContext, delay: float) -> None:
@@ -236,6 +293,10 @@ class Pipeline:
         with self.provider.session(spec) as sandbox:
             progress.timings.sandbox_create_s = time.monotonic() - t0
             progress.sandbox_id = sandbox.sandbox_id
+            progress.sandbox = sandbox
+            if progress.entry is not None:
+                progress.entry.sandbox_id = sandbox.sandbox_id
+                ctx.on_attempt(progress.entry)
             ctx.on_state(sandbox_id=sandbox.sandbox_id)
             ctx.on_event({"phase": "sandbox_created", "attempt": progress.attempts,
                           "sandbox_id": sandbox.sandbox_id})
@@ -304,6 +365,7 @@ class Pipeline:
             agent_version=run.agent_version,
             timings=progress.timings,
             attempts=progress.attempts,
+            attempt_log=list(ctx.attempt_log),
             sandbox_id=progress.sandbox_id,
             mcp_servers=[McpServerStatus(**s) for s in run.mcp_servers],
             mcp_tools=progress.mcp_tools,
@@ -312,5 +374,8 @@ class Pipeline:
             error=error.to_error() if error is not None else None,
             simulated=self.provider.simulated,
             labels=ctx.message.task.labels,
+            timeout_s_requested=ctx.message.task.timeout_s,
+            timeout_s_applied=ctx.timeout_s_applied,
+            warnings=list(ctx.warnings),
         )
         return redactor.model(result)

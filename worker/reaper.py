@@ -80,6 +80,21 @@ def reap(provider: SandboxProvider, store: TaskStore, settings: Settings, *,
                 log.warning("reaped sandbox %s: %s", sandbox.sandbox_id, reason)
             except Exception as e:
                 log.error("could not reap sandbox %s: %s", sandbox.sandbox_id, e)
+            if killed:
+                _note(store, sandbox)
         verdicts.append(Verdict(sandbox.sandbox_id, sandbox.metadata.get(META_TASK_ID),
                                 reason, killed))
     return verdicts
+
+
+def _note(store: TaskStore, sandbox: LiveSandbox) -> None:
+    """Tell the task's attempt log that this attempt's sandbox is gone (its worker died,
+    so nobody else can)."""
+    task_id = sandbox.metadata.get(META_TASK_ID)
+    attempt = sandbox.metadata.get(META_ATTEMPT)
+    if task_id and attempt and attempt.isdigit():
+        try:
+            store.note_reaped(task_id, int(attempt), sandbox.sandbox_id)
+        except Exception as e:  # bookkeeping; the kill itself succeeded
+            log.warning("could not note the reaping of %s on task %s: %s",
+                        sandbox.sandbox_id, task_id, e)

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from sandqueue import errors, keys
 from sandqueue.contract import (
     AgentResult,
+    AttemptRecord,
     TaskMessage,
     TaskStatus,
     ToolCallCount,
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 STEP_ASIDE_AFTER_S = 0.5
 """How long a task over a per-key limit waits for a slot before going to the queue's back."""
 
+LOST_ATTEMPT = ("its worker stopped renewing the task's lease during this attempt (killed, or "
+                "cut off from Redis); the task was put back on the queue")
+
 
 def describe_validation_error(e: ValidationError) -> str:
     parts = []
@@ -61,6 +65,8 @@ class Runtime:
         self.settings = settings
         self.celery_app = celery_app
         self.worker_name = worker_name or f"{socket.gethostname()}:{id(self):x}"
+        self.queues: list[str] = []
+        """The queues this worker consumes (set when Celery says it is ready)."""
         self._active: dict[str, TaskContext] = {}
         self._delivering: set[str] = set()
         self._lock = threading.Lock()
@@ -186,8 +192,9 @@ class Runtime:
 
     def _deliver(self, task_id: str, message: TaskMessage, started: float) -> dict[str, Any]:
         task = message.task
-        begin = self.store.begin(task_id, self.settings.deadline_for(task.timeout_s),
-                                 self.worker_name, self.settings.lease_ttl_s)
+        deadline_s = self.settings.deadline_for(task.timeout_s)
+        begin = self.store.begin(task_id, deadline_s, self.worker_name,
+                                 self.settings.lease_ttl_s)
         if isinstance(begin, NotMine):
             if begin.final_status == TaskStatus.CANCELLED and not self._has_result(task_id):
                 # Cancelled while queued by a producer that died before storing the result.
@@ -196,6 +203,13 @@ class Runtime:
             log.info("task %s: duplicate delivery ignored: %s", task_id, begin.reason)
             raise Ignore()
         ctx = self._context(task_id, message, started, begin)
+        ctx.timeout_s_applied = deadline_s
+        if task.timeout_s is not None and task.timeout_s > deadline_s:
+            ctx.warnings.append(
+                f"timeout_s {task.timeout_s:g} is above this worker's SANDQUEUE_MAX_TIMEOUT_S "
+                f"({self.settings.max_timeout_s:g}s): the task ran with a {deadline_s:g}s "
+                "deadline")
+            log.warning("task %s: %s", task_id, ctx.warnings[-1])
         with self._lock:
             self._active[task_id] = ctx
         try:
@@ -260,23 +274,59 @@ class Runtime:
             # Durable at once: after a crash the side-effect rule depends on it.
             on_tool_call=lambda name: self._safe(self.store.record_tool_call, task_id, name),
             next_attempt=next_attempt,
+            on_attempt=lambda entry: self._state(task_id, self.store.attempt_values(entry)),
+            attempt_log=self._history(task_id, begin),
+            worker=self.worker_name,
+            delivery=begin.delivery,
         )
         if begin.cancel_requested:
             ctx.cancel.set()
         return ctx
 
+    def _history(self, task_id: str, begin: Begin) -> list[AttemptRecord]:
+        """The attempts of earlier deliveries. One still `running` died with its worker
+        (this delivery holds the lease now), as did a number with no record at all (the
+        worker died before its record was written)."""
+        if begin.delivery <= 1:
+            return []
+        try:
+            entries = {e.attempt: e for e in self.store.attempt_log(self.store.get(task_id))}
+        except redis.RedisError as e:  # the log is an account, not a guarantee
+            log.warning("task %s: could not read its attempt log: %s", task_id, e)
+            return []
+        for n in range(1, begin.attempt):
+            entry = entries.setdefault(n, AttemptRecord(attempt=n))
+            if entry.outcome == "running":
+                entry.outcome, entry.error = "worker_lost", LOST_ATTEMPT
+        return [entries[n] for n in sorted(entries)]
+
+    @staticmethod
+    def _settle_lost(ctx: TaskContext, retried: bool) -> None:
+        """Record the attempts a dead worker left, now that we know if they are retried."""
+        for entry in ctx.attempt_log:
+            if entry.outcome == "worker_lost" and entry.ended_at is None:
+                entry.retried = retried
+                ctx.on_attempt(entry)
+
     def _run(self, ctx: TaskContext, begin: Begin) -> AgentResult:
         task = ctx.message.task
-        ctx.on_event({"phase": "started", "delivery": begin.delivery, "worker": self.worker_name})
+        started: dict[str, Any] = {"phase": "started", "delivery": begin.delivery,
+                                   "worker": self.worker_name}
+        if ctx.warnings:
+            started["warnings"] = list(ctx.warnings)
+        ctx.on_event(started)
         if ctx.cancel.is_set():
+            self._settle_lost(ctx, retried=False)
             return self._ended(ctx, begin,
                                errors.Cancelled("the task was cancelled before it started"))
         if begin.delivery > 1 and begin.tool_calls and not task.retry.retry_after_side_effects:
+            self._settle_lost(ctx, retried=False)
             return self._ended(ctx, begin, errors.WorkerLost(
                 f"the worker running this task stopped after the agent had made "
                 f"{begin.tool_calls} tool call(s); not run again because their effects could "
                 "repeat (set retry.retry_after_side_effects to allow it)"
             ), record=self.store.get(ctx.task_id))
+        self._settle_lost(ctx, retried=True)
         return self.pipeline.run(ctx)
 
     def _ended(self, ctx: TaskContext, begin: Begin, error: errors.SandqueueError,
@@ -288,12 +338,16 @@ class Runtime:
             task_id=ctx.task_id, status=status, error=error.to_error(),
             result=record.get("last_text"),
             attempts=begin.attempt - 1,  # begin counted one that never ran
+            attempt_log=list(ctx.attempt_log),
             sandbox_id=record.get("sandbox_id"),
             tool_calls=[ToolCallCount(name=n, count=c)
                         for n, c in self.store.tool_counts(record).items()],
             total_cost_usd=float(record["cost_usd"]) if record.get("cost_usd") else None,
             simulated=self.pipeline.provider.simulated,
             labels=ctx.message.task.labels,
+            timeout_s_requested=ctx.message.task.timeout_s,
+            timeout_s_applied=ctx.timeout_s_applied,
+            warnings=list(ctx.warnings),
         )
         result.timings.queued_s = max(0.0, ctx.started_at - ctx.message.submitted_at)
         result.timings.total_s = time.time() - ctx.started_at

@@ -17,7 +17,7 @@ from worker.runtime import get_runtime
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-          Strategy="worker.guards:guarded_strategy")
+          Strategy="worker.guards:guarded_strategy", Request="worker.privacy:PrivateRequest")
 def run_agent_task(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
     return get_runtime().handle(self.request.id, args, kwargs)
 
@@ -28,6 +28,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     runtime = get_runtime()
     if sender is not None and getattr(sender, "hostname", None):
         runtime.worker_name = f"{sender.hostname}/{os.getpid()}"
+    if sender is not None and getattr(sender, "app", None) is not None:
+        runtime.queues = sorted(sender.app.amqp.queues.consume_from or ())
     runtime.start_maintenance()
 
 

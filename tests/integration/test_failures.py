@@ -126,9 +126,10 @@ def test_invalid_task_exits_2_and_enqueues_nothing(
     assert named in err
     assert rdb.llen(QUEUE) == 0
     assert list(rdb.scan_iter("sq:task:*")) == []
-    # Workers' own bookkeeping (exchange bindings, maintenance locks) is not the submit's.
+    # Workers' own bookkeeping (exchange bindings, maintenance locks, advertised limits)
+    # is not the submit's.
     leftovers = [k for k in rdb.scan_iter()
-                 if not k.startswith((b"_kombu.binding.", b"sq:lock:"))]
+                 if not k.startswith((b"_kombu.binding.", b"sq:lock:", b"sq:workers:"))]
     assert leftovers == []
 
 

@@ -519,3 +519,24 @@ def test_a_gateway_that_fails_to_start_is_a_config_error_without_retry(
     assert result.attempts == 1
     assert h.claude.runs == []
     h.assert_all_killed()
+
+
+def test_a_gateway_refusing_its_token_is_a_permanent_auth_error(cloud: FakeE2BCloud) -> None:
+    """Given a gateway that answers 401 to the token the SDK gave it, the task fails at
+    once as `auth`: no second sandbox, no agent run (a retry gets the same refusal)."""
+    def stale_token(request: httpx.Request) -> httpx.Response:
+        request.headers["Authorization"] = "Bearer not-the-gateway-token"
+        return cloud.handle_gateway(request)
+
+    h = Harness(cloud, FakeClaude("ok"))
+    h.pipeline.provider._http = httpx.Client(  # type: ignore[attr-defined]
+        transport=httpx.MockTransport(stale_token))
+    result = h.run(make_task(max_attempts=3))
+    assert result.status is TaskStatus.FAILED
+    assert result.error is not None and result.error.category.value == "auth"
+    assert result.error.retryable is False
+    assert "401" in result.error.message
+    assert result.attempts == 1
+    assert len(cloud.create_calls) == 1
+    assert h.claude.runs == []
+    h.assert_all_killed()

@@ -727,6 +727,7 @@ def test_gateway_refusing_the_token_is_a_permanent_auth_error(cloud: FakeE2BClou
         sandbox.wait_gateway_ready(5, ["notion"])
     assert not info.value.retryable
     assert only(cloud).gateway_requests == 1
+    assert info.value.retryable is False
 
 
 def test_gateway_forbidden_fails_at_once(cloud: FakeE2BCloud) -> None:

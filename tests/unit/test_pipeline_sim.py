@@ -216,12 +216,39 @@ def test_mcp_failure_is_reported_with_the_gateway_status(harness: Harness) -> No
     [("create:auth", ErrorCategory.AUTH), ("create:gateway_config", ErrorCategory.MCP_CONFIG),
      ("gateway:unauthorized", ErrorCategory.AUTH),
      ("create:template", ErrorCategory.INVALID_TASK), ("agent:auth", ErrorCategory.AUTH),
+     ("gateway:unauthorized", ErrorCategory.AUTH),
      ("agent:is_error", ErrorCategory.AGENT_ERROR)],
 )
 def test_permanent_failures_end_after_one_attempt(harness: Harness, fail: str,
                                                   category: ErrorCategory) -> None:
     result = harness.run(envs={**FAST, "SIM_FAIL": fail}, mcp=NOTION)
     _failed(result, category, attempts=1, retryable=False)
+
+
+@pytest.mark.parametrize(
+    ("fail", "says"),
+    [("agent:hnag", "not a simulated failure"), ("sandbox:rate_limit", "not a simulated failure"),
+     ("create:rate_limit:two", "attempt count 'two'"), ("create:rate_limit:0", "at least 1"),
+     ("agent", "where:what[:attempts]"), ("agent:hang:1:2", "where:what[:attempts]"),
+     ("create::2", "where:what[:attempts]")],
+)
+def test_bad_sim_fail_directives_are_the_tasks_fault(harness: Harness, fail: str,
+                                                     says: str) -> None:
+    """A typo in SIM_FAIL must not pass as a success, nor crash as `internal` with a
+    Python ValueError: it is an invalid task, permanent, saying what is wrong."""
+    result = harness.run(envs={**FAST, "SIM_FAIL": fail}, mcp=NOTION)
+    _failed(result, ErrorCategory.INVALID_TASK, attempts=1, retryable=False)
+    assert result.error is not None
+    assert says in result.error.message
+    assert "ValueError" not in result.error.message
+    assert harness.created == 0
+
+
+def test_unknown_sim_fail_directive_lists_the_known_ones(harness: Harness) -> None:
+    result = harness.run(envs={**FAST, "SIM_FAIL": "create:rate_limit:1,gateway:401"})
+    assert result.error is not None
+    assert "'gateway:401'" in result.error.message
+    assert "gateway:timeout|unauthorized" in result.error.message
 
 
 def test_agent_error_result_is_kept(harness: Harness) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from producer.cli import cli
+from sandqueue.contract import ErrorCategory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,3 +69,11 @@ def test_readme_states_the_prompt_size_limit() -> None:
 
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert f"A prompt may be up to {MAX_PROMPT_BYTES // 1024} KiB" in readme
+
+
+def test_readme_error_table_names_every_category() -> None:
+    """Every category a result can carry is explained to users, `internal` included."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| category | meaning | retried |", 1)[1].split("\n\n", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
+    assert listed == {c.value for c in ErrorCategory}

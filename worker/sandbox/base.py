@@ -87,6 +87,8 @@ class RunningCommand(abc.ABC):
 class Sandbox(abc.ABC):
     sandbox_id: str
     simulated: bool = False
+    killed: bool = False
+    """True once `kill` was confirmed (the provider said it is gone); results report it."""
 
     @abc.abstractmethod
     def mcp_url(self) -> str: ...

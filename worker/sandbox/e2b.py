@@ -177,8 +177,9 @@ class E2BSandbox(Sandbox):
         if self._killed:
             return
         try:
-            self._sdk.kill()
+            self._sdk.kill()  # False when already gone: gone either way
             self._killed = True
+            self.killed = True
         except Exception as e:
             # The sandbox still dies at its E2B timeout (derived from the task deadline).
             log.error("could not kill sandbox %s: %s", self.sandbox_id, e)

@@ -60,15 +60,48 @@ from worker.writebehind import WriteBehind
 GATEWAY_NAME = "e2b-mcp-gateway"
 
 
+SIM_FAILURES: dict[str, tuple[str, ...]] = {
+    "create": ("rate_limit", "unavailable", "auth", "gateway_config", "template"),
+    "gateway": ("timeout", "unauthorized", "no_tools"),
+    "agent": ("hang", "silent_exit", "is_error", "overloaded", "rate_limit", "auth",
+              "mcp_failed", "crash", "missing"),
+}
+"""Every SIM_FAIL directive the simulated provider acts on, by where it strikes."""
+
+
 def parse_failures(spec: str) -> dict[tuple[str, str], int | None]:
-    """`create:rate_limit:2,agent:hang` -> {("create","rate_limit"): 2, ("agent","hang"): None}"""
+    """`create:rate_limit:2,agent:hang` -> {("create","rate_limit"): 2, ("agent","hang"): None}
+
+    A directive this provider does not know is the task's mistake (a typo would otherwise
+    make a "failure test" silently succeed): InvalidTask, permanent, naming the valid ones.
+    """
     out: dict[tuple[str, str], int | None] = {}
     for item in filter(None, (p.strip() for p in spec.split(","))):
-        parts = item.split(":")
-        if len(parts) not in (2, 3):
-            raise errors.InvalidTask(f"SIM_FAIL item {item!r} must be where:what[:attempts]")
-        out[(parts[0], parts[1])] = int(parts[2]) if len(parts) == 3 else None
+        parts = [p.strip() for p in item.split(":")]
+        if len(parts) not in (2, 3) or not all(parts):
+            raise errors.InvalidTask(
+                f"SIM_FAIL item {item!r} must be where:what[:attempts], "
+                "e.g. create:rate_limit:2 or agent:hang"
+            )
+        where, what = parts[0], parts[1]
+        if what not in SIM_FAILURES.get(where, ()):
+            raise errors.InvalidTask(f"SIM_FAIL item {item!r} is not a simulated failure; "
+                                     f"known: {_known_failures()}")
+        out[(where, what)] = _attempt_count(item, parts[2]) if len(parts) == 3 else None
     return out
+
+
+def _attempt_count(item: str, text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise errors.InvalidTask(
+            f"SIM_FAIL item {item!r}: the attempt count {text!r} must be a whole number "
+            "of at least 1 (omit it to fail every attempt)"
+        )
+    return int(text)
+
+
+def _known_failures() -> str:
+    return ", ".join(f"{where}:{'|'.join(whats)}" for where, whats in SIM_FAILURES.items())
 
 
 class _Registry:
@@ -223,6 +256,7 @@ class SimSandbox(Sandbox):
                 f"[simulated] the MCP gateway did not list tools for {', '.join(servers)} "
                 f"within {timeout_s:.0f}s (last: tools/list listed no tools yet)")
         if self.fails("gateway", "unauthorized"):
+            # As E2B's gateway answers a wrong token: permanent, waiting or retrying cannot help.
             raise errors.AuthError("[simulated] the MCP gateway refused its bearer token "
                                    "(HTTP 401): waiting cannot fix that")
         return gateway_tools(self._spec.mcp)
@@ -264,6 +298,7 @@ class SimSandbox(Sandbox):
         if self._dead:
             return
         self._dead = True
+        self.killed = True
         for command in self.commands:
             command.kill()
         self._provider.forget(self.sandbox_id)
