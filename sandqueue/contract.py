@@ -223,6 +223,9 @@ class AttemptRecord(BaseModel):
     retried: bool = False
     sandbox_killed: bool | None = None
     killed_by: str | None = None
+    agent_ran: bool = False
+    """The agent process started in this attempt (else it failed before: an infrastructure
+    retry, which does not count against `retry.max_attempts`)."""
     started_at: float | None = None
     ended_at: float | None = None
 
@@ -244,6 +247,13 @@ class AgentResult(BaseModel):
     agent_version: str | None = Field(None, description="the agent CLI's version, as it said")
     timings: Timings = Field(default_factory=Timings)
     attempts: int = 0
+    """Sandboxes tried (every attempt, across deliveries)."""
+    agent_runs: int = 0
+    """Attempts in which the agent ran: what `retry.max_attempts` bounds."""
+    infra_retries: int = 0
+    """Attempts retried because the infrastructure failed before the agent ran (sandbox
+    creation 429/5xx/timeouts, E2B unreachable, gateway not ready): no side effects, so
+    they are retried with backoff for as long as the deadline allows."""
     attempt_log: list[AttemptRecord] = Field(
         default_factory=list, description="every attempt, across deliveries, in order"
     )

@@ -98,6 +98,12 @@ class Settings(BaseSettings):
         validation_alias=_alias("CLAUDE_CODE_OAUTH_TOKEN"),
         description="alternative to ANTHROPIC_API_KEY: a `claude setup-token` token (workers)",
     )
+    infra_backoff_s: float = Field(
+        1.0, ge=0, description="first backoff of an infrastructure retry (before the agent "
+        "ran), doubled per retry")
+    infra_backoff_max_s: float = Field(
+        30.0, ge=0, description="longest backoff between infrastructure retries; they go on "
+        "until the task's deadline")
     sandbox: Literal["auto", "e2b", "sim"] = Field(
         "auto", description="sandbox provider; auto = e2b when E2B_API_KEY is set, else sim"
     )

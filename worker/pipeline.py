@@ -40,6 +40,10 @@ from worker.secrets import resolve_envs, resolve_mcp
 
 log = logging.getLogger(__name__)
 
+INFRA_MIN_DELAY_S = 0.05
+"""Floor of an infrastructure retry's backoff, also with backoff off (tests): a failing
+dependency is never hammered in a tight loop."""
+
 StateSink = Callable[..., None]
 EventSink = Callable[[dict[str, Any]], None]
 """Receives the task's progress events (dicts as published to its stream)."""
@@ -107,6 +111,10 @@ class _Progress:
     sandbox_id: str | None = None
     spent_usd: float = 0.0
     mcp_tools: list[str] = field(default_factory=list)
+    agent_runs: int = 0
+    infra_retries: int = 0
+    infra_streak: int = 0
+    """Infrastructure failures in a row (the exponent of their backoff)."""
 
 
 class Pipeline:
@@ -145,13 +153,16 @@ class Pipeline:
     def _attempts(self, ctx: TaskContext, mcp: dict[str, Any], progress: _Progress,
                   redactor: Redactor) -> None:
         task = ctx.message.task
+        progress.agent_runs = sum(1 for e in ctx.attempt_log if e.agent_ran)
+        progress.infra_retries = sum(1 for e in ctx.attempt_log
+                                     if not e.agent_ran and e.outcome != "running")
         while True:
-            progress.attempts = ctx.attempt_number()
-            if progress.attempts > task.retry.max_attempts:
+            if progress.agent_runs >= task.retry.max_attempts:
                 raise errors.WorkerLost(
-                    f"all {task.retry.max_attempts} attempts were used up across deliveries "
+                    f"all {task.retry.max_attempts} agent runs were used up across deliveries "
                     "(workers stopped or died while running this task)"
                 )
+            progress.attempts = ctx.attempt_number()
             self._open_attempt(ctx, progress)
             try:
                 self._attempt(ctx, mcp, progress, redactor)
@@ -185,7 +196,12 @@ class Pipeline:
         interrupted = ctx.interruption()
         if interrupted is not None:
             return interrupted, None
-        if not err.retryable or progress.attempts >= task.retry.max_attempts:
+        if not err.retryable:
+            return err, None
+        if not progress.run.started:
+            return self._infra_retry(ctx, err, progress)
+        progress.infra_streak = 0
+        if progress.agent_runs >= task.retry.max_attempts:
             return err, None
         tool_calls = sum(progress.run.tool_calls.values())
         if tool_calls and not task.retry.retry_after_side_effects:
@@ -200,6 +216,23 @@ class Pipeline:
         if time.time() + delay >= ctx.deadline_at:
             err.message += " (no time left before the task's deadline for another attempt)"
             return err, None
+        return err, delay
+
+    def _infra_retry(self, ctx: TaskContext, err: errors.SandqueueError,
+                     progress: _Progress) -> tuple[errors.SandqueueError, float | None]:
+        """A failure before the agent ran had no side effects: retry it, with capped
+        exponential backoff and jitter, for as long as the deadline allows, so that a
+        30-second E2B outage does not fail a batch. These attempts do not count against
+        `retry.max_attempts`, which bounds agent runs."""
+        progress.infra_streak += 1
+        s = self.settings
+        delay = max(INFRA_MIN_DELAY_S, self._backoff(
+            s.infra_backoff_s, s.infra_backoff_max_s, progress.infra_streak, err.retry_after_s))
+        if time.time() + delay >= ctx.deadline_at:
+            err.message += (f" (retried {progress.infra_retries} time(s) before the agent "
+                            "could start; no time left before the task's deadline)")
+            return err, None
+        progress.infra_retries += 1
         return err, delay
 
     @staticmethod
@@ -247,7 +280,7 @@ class Pipeline:
 
     def _backoff(self, base: float, cap: float, attempt: int, hint: float | None) -> float:
         """Exponential, jittered to 50-100%, capped; a server's Retry-After wins when longer."""
-        delay = min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        delay = min(cap, base * 2 ** min(attempt - 1, 30)) * random.uniform(0.5, 1.0)
         if hint:
             delay = max(delay, hint)
         return delay * self.settings.backoff_scale
@@ -314,9 +347,19 @@ class Pipeline:
                 self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,
                                 run=progress.run, with_mcp=with_mcp,
                                 on_event=self._agent_events(ctx, redactor, progress),
-                                interrupted=ctx.interruption)
+                                interrupted=ctx.interruption,
+                                on_started=lambda: self._agent_started(ctx, progress))
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
+
+    @staticmethod
+    def _agent_started(ctx: TaskContext, progress: _Progress) -> None:
+        """Counted and persisted at once: after a crash, the next delivery must know this
+        attempt was an agent run (max_attempts), not an infrastructure retry."""
+        progress.agent_runs += 1
+        if progress.entry is not None:
+            progress.entry.agent_ran = True
+            ctx.on_attempt(progress.entry)
 
     @staticmethod
     def _check_time(ctx: TaskContext, phase: str) -> None:
@@ -365,6 +408,8 @@ class Pipeline:
             agent_version=run.agent_version,
             timings=progress.timings,
             attempts=progress.attempts,
+            agent_runs=progress.agent_runs,
+            infra_retries=progress.infra_retries,
             attempt_log=list(ctx.attempt_log),
             sandbox_id=progress.sandbox_id,
             mcp_servers=[McpServerStatus(**s) for s in run.mcp_servers],

@@ -30,8 +30,9 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 
-PHASES = ["queued", "started", "sandbox_created", "agent_started", "tool_call", "tool_call",
-          "agent_text", "result"]
+PHASES = ["queued", "started", "sandbox_created", "agent_started",
+          "agent_text", "tool_call",  # the model says what it does, then calls a tool
+          "agent_text", "tool_call", "agent_text", "result"]
 
 
 @pytest.fixture(scope="module")

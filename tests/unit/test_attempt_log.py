@@ -48,7 +48,8 @@ def _run(provider: SimProvider, **fields: Any) -> tuple[AgentResult, list[dict[s
     now = time.time()
     writes: list[dict[str, Any]] = []
     ctx = TaskContext(task_id="t", message=TaskMessage(task=task, submitted_at=now),
-                      started_at=now, deadline_at=now + 60, worker="w1", delivery=1,
+                      started_at=now, deadline_at=now + (task.timeout_s or 60), worker="w1",
+                      delivery=1,
                       on_attempt=lambda e: writes.append(e.model_dump()))
     return pipeline.run(ctx), writes
 
@@ -108,8 +109,9 @@ def test_attempt_errors_are_redacted_in_the_result_and_in_what_is_persisted() ->
         def create(self, spec: SandboxSpec) -> Sandbox:
             raise errors.SandboxUnavailable(f"E2B echoed key={spec.envs['ANTHROPIC_API_KEY']}")
 
-    result, writes = _run(LeakyProvider(_settings()), envs=FAST, retry={"max_attempts": 2})
-    assert [e.outcome for e in result.attempt_log] == ["sandbox_unavailable"] * 2
+    result, writes = _run(LeakyProvider(_settings()), envs=FAST, timeout_s=0.5)
+    outcomes = [e.outcome for e in result.attempt_log]
+    assert len(outcomes) >= 2 and set(outcomes) == {"sandbox_unavailable"}
     assert MODEL_KEY not in result.model_dump_json()
     assert MASK in (result.attempt_log[0].error or "")
     assert writes and MODEL_KEY not in json.dumps(writes)

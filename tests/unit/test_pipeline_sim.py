@@ -179,11 +179,7 @@ def test_transient_failures_are_retried_then_succeed(harness: Harness, fail: str
 
 @pytest.mark.parametrize(
     ("fail", "category", "mcp"),
-    [("create:rate_limit", ErrorCategory.RATE_LIMITED, {}),
-     ("create:unavailable", ErrorCategory.SANDBOX_UNAVAILABLE, {}),
-     ("gateway:timeout", ErrorCategory.GATEWAY_TIMEOUT, NOTION),
-     ("agent:mcp_failed", ErrorCategory.MCP_UNAVAILABLE, NOTION),
-     ("gateway:no_tools", ErrorCategory.GATEWAY_TIMEOUT, NOTION),
+    [("agent:mcp_failed", ErrorCategory.MCP_UNAVAILABLE, NOTION),
      ("agent:silent_exit", ErrorCategory.AGENT_NO_RESULT, {}),
      ("agent:overloaded", ErrorCategory.MODEL_UNAVAILABLE, {})],
 )
@@ -192,13 +188,42 @@ def test_exhausted_retries_fail_with_the_category(harness: Harness, fail: str,
                                                   mcp: dict[str, Any]) -> None:
     result = harness.run(envs={**FAST, "SIM_FAIL": fail}, mcp=mcp)
     _failed(result, category, attempts=3, retryable=True)
+    assert result.agent_runs == 3 and result.infra_retries == 0
+
+
+@pytest.mark.parametrize(
+    ("fail", "category", "mcp"),
+    [("create:rate_limit", ErrorCategory.RATE_LIMITED, {}),
+     ("create:unavailable", ErrorCategory.SANDBOX_UNAVAILABLE, {}),
+     ("gateway:timeout", ErrorCategory.GATEWAY_TIMEOUT, NOTION),
+     ("gateway:no_tools", ErrorCategory.GATEWAY_TIMEOUT, NOTION)],
+)
+def test_infrastructure_failures_are_retried_until_the_deadline(
+        harness: Harness, fail: str, category: ErrorCategory, mcp: dict[str, Any]) -> None:
+    # Before the agent runs nothing has side effects: retried past max_attempts (3), with
+    # backoff, for as long as the deadline allows
+    result = harness.run(envs={**FAST, "SIM_FAIL": fail}, mcp=mcp, timeout_s=1.5)
+    assert result.status is TaskStatus.FAILED
+    assert result.error is not None and result.error.category is category
+    assert result.agent_runs == 0
+    assert result.infra_retries > 3 and result.attempts == result.infra_retries + 1
+    assert "no time left before the task's deadline" in result.error.message
+
+
+def test_six_creation_failures_in_a_row_are_ridden_out(harness: Harness) -> None:
+    result = harness.run(envs={**FAST, "SIM_FAIL": "create:unavailable:6"})
+    assert result.ok, result.error
+    assert (result.infra_retries, result.agent_runs, result.attempts) == (6, 1, 7)
+    assert [e.outcome for e in result.attempt_log] == ["sandbox_unavailable"] * 6 + [
+        "succeeded"]
+    assert [e.agent_ran for e in result.attempt_log] == [False] * 6 + [True]
 
 
 def test_max_attempts_of_the_task_is_honoured(harness: Harness) -> None:
-    result = harness.run(envs={**FAST, "SIM_FAIL": "create:rate_limit"},
+    result = harness.run(envs={**FAST, "SIM_FAIL": "agent:overloaded"},
                          retry={"max_attempts": 5})
-    _failed(result, ErrorCategory.RATE_LIMITED, attempts=5, retryable=True)
-    assert harness.created == 0
+    _failed(result, ErrorCategory.MODEL_UNAVAILABLE, attempts=5, retryable=True)
+    assert result.agent_runs == 5 and harness.created == 5
 
 
 def test_mcp_failure_is_reported_with_the_gateway_status(harness: Harness) -> None:
@@ -400,9 +425,9 @@ def test_a_sealed_secret_the_worker_cannot_open_fails_before_any_sandbox(
 def test_no_retry_when_the_backoff_would_pass_the_deadline() -> None:
     h = make_harness(backoff_scale=1)
     started = time.monotonic()
-    result = h.run(envs={**FAST, "SIM_FAIL": "create:rate_limit"}, timeout_s=1,
+    result = h.run(envs={**FAST, "SIM_FAIL": "agent:overloaded"}, timeout_s=2,
                    retry={"backoff_s": 5})
-    _failed(result, ErrorCategory.RATE_LIMITED, attempts=1, retryable=True)
+    _failed(result, ErrorCategory.MODEL_UNAVAILABLE, attempts=1, retryable=True)
     assert "no time left" in result.error.message  # type: ignore[union-attr]
     assert time.monotonic() - started < 4  # generous, and below the 5 s backoff it skipped
 

@@ -83,6 +83,8 @@ class AgentRun:
     agent_version: str | None = None
     usage_by_message: dict[str, dict[str, int]] = field(default_factory=dict)
     estimated_cost_usd: float = 0.0
+    started: bool = False
+    """The agent's process was started (before that, a failure had no side effects)."""
     exit_code: int | None = None
     duration_s: float = 0.0
     stderr_tail: str = ""

@@ -31,7 +31,7 @@ class AgentRunner:
     def run(self, agent: Agent, sandbox: Sandbox, task: AgentTask, *, deadline_at: float,
             run: AgentRun, with_mcp: bool = True, on_event: EventSink | None = None,
             interrupted: Callable[[], errors.SandqueueError | None] | None = None,
-            ) -> AgentRun:
+            on_started: Callable[[], None] | None = None) -> AgentRun:
         """Run the agent to its end, or raise the error that describes the failure."""
         run.agent_version = agent.check(sandbox)
         cmd = agent.prepare(sandbox, task, with_mcp)
@@ -42,6 +42,9 @@ class AgentRunner:
         sink = _Output(agent, agent.stream(task, with_mcp, run), task, watch, on_event)
         started = time.monotonic()
         remaining = max(1.0, deadline_at - time.time())
+        run.started = True
+        if on_started is not None:
+            on_started()
         holder["cmd"] = sandbox.start(cmd, on_stdout=sink.on_stdout, on_stderr=sink.on_stderr,
                                       timeout_s=remaining + 5)
         self.watchdog.watch(watch)
