@@ -31,7 +31,7 @@ from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, T
 from sandqueue.events import EventLog
 from sandqueue.sealing import Sealer, SecretPolicy
 from sandqueue.settings import Settings, load_settings, mask_url
-from sandqueue.store import TaskStore
+from sandqueue.store import TaskStore, as_text
 
 log = logging.getLogger("sandqueue.producer")
 
@@ -377,10 +377,10 @@ class Client:
             for task_id in task_ids:
                 status, body, queue, at = self.redis.hmget(
                     keys.task(task_id), "status", "message", "queue", "submitted_at")
-                if (_str(status) == TaskStatus.SUBMITTING.value and body
+                if (as_text(status) == TaskStatus.SUBMITTING.value and body
                         and float(at or 0) <= before):
                     stranded.append((task_id, json.loads(body),
-                                     _str(queue) or self.settings.queue))
+                                     as_text(queue) or self.settings.queue))
             self._publish(stranded)
             pipe = self.redis.pipeline(transaction=False)
             self.outbox.confirm([t for t, _, _ in stranded], pipe)
@@ -440,17 +440,8 @@ def _conflict(e: IdempotencyConflict) -> errors.InvalidTask:
         "the existing one back")
 
 
-def _str(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _describe(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:10]:
-        where = ".".join(str(p) for p in err["loc"]) or "task"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "invalid task: " + "; ".join(parts)
+    return "invalid task: " + errors.describe(e)
 
 
 _default: Client | None = None

@@ -29,6 +29,7 @@ from typing import Any
 from producer.outbox import fingerprint
 from sandqueue import errors, keys
 from sandqueue.contract import FINAL_STATUSES, AgentResult, AgentTask, TaskStatus
+from sandqueue.store import as_text
 
 _MERGED = ("mcp", "envs", "labels")
 _FAILURES = (TaskStatus.FAILED.value, TaskStatus.TIMED_OUT.value)
@@ -237,10 +238,6 @@ class Progress:
         }
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class Batch:
     """A batch's state in Redis, usable from any machine: submit, follow, cancel, read."""
 
@@ -257,14 +254,15 @@ class Batch:
         return bool(self.r.exists(batch_key(self.id)))
 
     def meta(self) -> dict[str, str]:
-        return {_s(k): _s(v) for k, v in self.r.hgetall(batch_key(self.id)).items()}
+        return {as_text(k): as_text(v) for k, v in self.r.hgetall(batch_key(self.id)).items()}
 
     def input_keys(self) -> list[str]:
-        return [_s(k) for k in self.r.lrange(batch_key(self.id, "keys"), 0, -1)]
+        return [as_text(k) for k in self.r.lrange(batch_key(self.id, "keys"), 0, -1)]
 
     def items(self) -> dict[str, str]:
         """Input key -> the task id currently answering for it."""
-        return {_s(k): _s(v) for k, v in self.r.hgetall(batch_key(self.id, "items")).items()}
+        raw = self.r.hgetall(batch_key(self.id, "items"))
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     def register(self, inputs: list[BatchInput], source: str) -> bool:
         """Record the batch once (its inputs' order); True when it is new."""
@@ -287,7 +285,7 @@ class Batch:
     def submit(self, inputs: list[BatchInput], *, queue: str | None = None,
                chunk: int = 1000, stop: Callable[[], bool] | None = None) -> dict[str, str]:
         """Submit inputs in pipelined chunks; returns {task id: input key} submitted."""
-        gens = {_s(k): int(v) for k, v in self.r.hgetall(batch_key(self.id, "gen")).items()}
+        gens = {as_text(k): int(v) for k, v in self.r.hgetall(batch_key(self.id, "gen")).items()}
         submitted: dict[str, str] = {}
         for start in range(0, len(inputs), chunk):
             if stop is not None and stop():
@@ -325,7 +323,7 @@ class Batch:
             for task_id in part:
                 pipe.hmget(keys.task(task_id), "status", "cost_usd")
             for task_id, (status, cost) in zip(part, pipe.execute(), strict=True):
-                out[task_id] = (_s(status) if status else TaskStatus.UNKNOWN.value,
+                out[task_id] = (as_text(status) if status else TaskStatus.UNKNOWN.value,
                                 float(cost) if cost else 0.0)
         return out
 

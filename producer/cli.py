@@ -696,7 +696,7 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, pool
            loglevel: str, hostname: str | None, celery_args: tuple[str, ...]) -> None:
     """Start a worker (a Celery worker with sandqueue's pool and options)."""
     # The worker's settings (pool sizes, Celery's pool) are read from the environment when
-    # worker.app is imported: flags must be in it first, or Celery's defaults win.
+    # worker.broker.app is imported: flags must be in it first, or Celery's defaults win.
     for name, value in (("REDIS_URL", ctx.obj["overrides"].get("redis_url")),
                         ("SANDQUEUE_CONCURRENCY", concurrency), ("SANDQUEUE_POOL", pool)):
         if value:
@@ -713,7 +713,7 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, pool
         )
     if settings.provider == "sim":
         render.err.print(f"[bold yellow]{render.SIM_BANNER}[/]")
-    from worker.app import app  # the worker side is imported only here
+    from worker.broker.app import app  # the worker side is imported only here
 
     argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]

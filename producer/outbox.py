@@ -34,6 +34,7 @@ import redis
 from sandqueue import keys
 from sandqueue.contract import FINAL_STATUSES, AgentTask
 from sandqueue.sealing import is_sealed
+from sandqueue.store import as_text
 
 _FINAL = [s.value for s in FINAL_STATUSES]
 
@@ -208,17 +209,12 @@ class Outbox:
         """Task id -> (outcome, final status if it had already ended)."""
         out = self._cancel(keys=[keys.RUNNING, keys.CANCELLED],
                            args=[now, self.ttl_s, keys.task(""), ",".join(_FINAL), *task_ids])
-        return {t: (_s(v[0]), _s(v[1]) if len(v) > 1 else None)
+        return {t: (as_text(v[0]), as_text(v[1]) if len(v) > 1 else None)
                 for t, v in zip(task_ids, out, strict=True)}
 
 
 def _claim(value: list[Any]) -> Claim:
-    verdict, task_id = _s(value[0]), _s(value[1])
+    verdict, task_id = as_text(value[0]), as_text(value[1])
     if verdict == "republish":
-        return Claim(verdict, task_id, json.loads(_s(value[2])), _s(value[3]) or None)
+        return Claim(verdict, task_id, json.loads(as_text(value[2])), as_text(value[3]) or None)
     return Claim(verdict, task_id)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-

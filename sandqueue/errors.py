@@ -28,7 +28,19 @@ SDK errors are translated into this tree at the boundary (`worker/sandbox/e2b.py
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from sandqueue.contract import ErrorCategory, TaskError
+
+
+def describe(e: ValidationError, whole: str = "task") -> str:
+    """A pydantic error as the user needs it: where (`mcp.notion.token`) and what, for at
+    most ten problems, in one line. Used by producers and workers alike."""
+    parts = []
+    for err in e.errors()[:10]:
+        where = ".".join(str(p) for p in err["loc"]) or whole
+        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
 
 
 class SandqueueError(Exception):

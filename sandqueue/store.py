@@ -13,7 +13,7 @@ before, and it survives a worker crash:
   that attempt's sandbox.
 - `sq:running` (sorted set): task id -> lease expiry. A worker renews the leases of the
   tasks it runs every few seconds; a lease that expires means its worker died, and another
-  worker hands the task back to the queue (`worker/leases.py`).
+  worker hands the task back to the queue (`worker/broker/recovery.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import redis
 
 from sandqueue import keys
-from sandqueue.contract import AttemptRecord, TaskStatus
+from sandqueue.contract import FINAL_STATUSES, AttemptRecord, TaskStatus
 
 ATTEMPT_FIELD = "attempt_log:"
 REAPED_FIELD = "reaped:"
@@ -37,8 +37,7 @@ REAPED_FIELD = "reaped:"
 # {"ok", delivery, attempt, deadline_at, tool_calls, last_text, cost_usd, cancel}.
 _BEGIN = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'succeeded' or status == 'failed' or status == 'timed_out'
-   or status == 'cancelled' then
+if FINAL_STATUSES then
   return {'final', status}
 end
 local now = tonumber(ARGV[3])
@@ -58,7 +57,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 local v = redis.call('HMGET', KEYS[1], 'deadline_at', 'tool_calls', 'last_text', 'cost_usd',
                      'cancel')
 return {'ok', delivery, attempt, v[1], v[2] or '', v[3] or '', v[4] or '', v[5] or ''}
-"""
+""".replace(
+    "FINAL_STATUSES",  # the one definition of final statuses: sandqueue/contract.py
+    " or ".join(f"status == '{status.value}'" for status in sorted(FINAL_STATUSES)))
 
 # Renew leases still owned by ARGV[1]. KEYS: running, owners. ARGV: me, expiry, ids...
 # Returns the ids this worker no longer owns (recovered elsewhere while it was cut off).
@@ -154,20 +155,20 @@ class TaskStore:
         out = self._begin(keys=[keys.task(task_id), keys.RUNNING, keys.RUNNING_OWNERS],
                           args=[task_id, worker, now, deadline_s, self.ttl_s,
                                 now + lease_ttl_s])
-        verdict = _s(out[0])
+        verdict = as_text(out[0])
         if verdict == "final":
-            return NotMine(f"the task has already finished ({_s(out[1])})", _s(out[1]))
+            return NotMine(f"the task has already finished ({as_text(out[1])})", as_text(out[1]))
         if verdict == "busy":
-            return NotMine(f"the task is running on {_s(out[1])}")
+            return NotMine(f"the task is running on {as_text(out[1])}")
         delivery, attempt, deadline, calls, text, cost, cancel = out[1:]
         return Begin(
             deadline_at=float(deadline),
             delivery=int(delivery),
             attempt=int(attempt),
-            tool_calls=int(_s(calls) or 0),
-            last_text=_s(text) or None,
-            cost_usd=float(_s(cost) or 0.0),
-            cancel_requested=bool(_s(cancel)),
+            tool_calls=int(as_text(calls) or 0),
+            last_text=as_text(text) or None,
+            cost_usd=float(as_text(cost) or 0.0),
+            cancel_requested=bool(as_text(cancel)),
         )
 
     def next_attempt(self, task_id: str) -> int:
@@ -179,7 +180,7 @@ class TaskStore:
             return []
         lost = self._renew(keys=[keys.RUNNING, keys.RUNNING_OWNERS],
                            args=[worker, time.time() + ttl_s, *task_ids])
-        return [_s(t) for t in lost]
+        return [as_text(t) for t in lost]
 
     def claim_expired(self, task_id: str) -> bool:
         """Take an expired lease away from its (dead) owner; False if it is alive again."""
@@ -245,8 +246,9 @@ class TaskStore:
 
     def get(self, task_id: str) -> dict[str, str]:
         raw = self.r.hgetall(keys.task(task_id))
-        return {_s(k): _s(v) for k, v in raw.items()}
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
 
-def _s(value: bytes | str) -> str:
+def as_text(value: bytes | str) -> str:
+    """A Redis reply as text (clients may or may not decode replies)."""
     return value.decode() if isinstance(value, bytes) else value

@@ -22,7 +22,11 @@ import redis
 from sandqueue import keys
 
 if TYPE_CHECKING:
-    from worker.runtime import Runtime
+    from sandqueue.settings import Settings
+    from sandqueue.store import TaskStore
+    from worker.limits import Limiter
+    from worker.pipeline import TaskContext
+    from worker.sandbox.base import SandboxProvider
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +35,26 @@ ADVERTISE_INTERVAL_S = 10.0
 
 
 class Maintenance:
-    def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
+    """Gets what its duties touch, not the whole worker: testable on its own, and it
+    cannot reach into the broker (recovery is a function the composition root gives)."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis, store: TaskStore,
+                 limiter: Limiter, *, worker_name: str, queues: list[str] | None,
+                 active: Callable[[], dict[str, TaskContext]],
+                 recover: Callable[[], object] | None,
+                 provider: Callable[[], SandboxProvider]) -> None:
+        self.settings = settings
+        self.redis = redis_client
+        self.store = store
+        self.limiter = limiter
+        self.worker_name = worker_name
+        self.queues = queues
+        self.active = active
+        self._recover = recover
+        self._provider = provider
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        s = runtime.settings
+        s = settings
         self._duties: list[tuple[float, Callable[[], None]]] = [
             (min(s.lease_ttl_s / 3, 5.0), self.renew_leases),
             (1.0, self.poll_cancellations),
@@ -70,10 +89,10 @@ class Maintenance:
                     log.exception("maintenance duty %s failed", duty.__name__)
 
     def renew_leases(self) -> None:
-        active = self.rt.active_contexts()
-        self.rt.limiter.renew()
-        lost = self.rt.store.renew_leases(list(active), self.rt.worker_name,
-                                          self.rt.settings.lease_ttl_s)
+        active = self.active()
+        self.limiter.renew()
+        lost = self.store.renew_leases(list(active), self.worker_name,
+                                          self.settings.lease_ttl_s)
         for task_id in lost:
             ctx = active.get(task_id)
             if ctx is not None and not ctx.stop.is_set():
@@ -86,62 +105,61 @@ class Maintenance:
     def beat(self) -> None:
         """Rewrite the health file: this thread runs and Redis answers. A container
         healthcheck (`python -m worker.health`) reads its age."""
-        path = self.rt.settings.health_file
+        path = self.settings.health_file
         if not path:
             return
-        self.rt.redis.ping()  # an idle worker renews nothing: ask Redis anyway
+        self.redis.ping()  # an idle worker renews nothing: ask Redis anyway
         target = Path(path)
         tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"worker": self.rt.worker_name, "pid": os.getpid(),
+        tmp.write_text(json.dumps({"worker": self.worker_name, "pid": os.getpid(),
                                    "beat_at": time.time()}))
         os.replace(tmp, target)
 
     def advertise(self) -> None:
         """Publish the limits this worker enforces, so producers can warn about a timeout_s
         it will clamp; entries of workers gone quiet are pruned."""
-        s = self.rt.settings
+        s = self.settings
         now = time.time()
-        entry = {"queues": sorted(self.rt.queues or [s.queue]),
+        entry = {"queues": sorted(self.queues or [s.queue]),
                  "max_timeout_s": s.max_timeout_s, "until": now + 3 * ADVERTISE_INTERVAL_S}
-        r = self.rt.redis
+        r = self.redis
         stale = [name for name, raw in r.hgetall(keys.WORKER_LIMITS).items()
                  if _until(raw) < now]
         pipe = r.pipeline(transaction=False)
         if stale:
             pipe.hdel(keys.WORKER_LIMITS, *stale)
-        pipe.hset(keys.WORKER_LIMITS, self.rt.worker_name, json.dumps(entry))
+        pipe.hset(keys.WORKER_LIMITS, self.worker_name, json.dumps(entry))
         pipe.expire(keys.WORKER_LIMITS, int(10 * ADVERTISE_INTERVAL_S))
         pipe.execute()
 
     def poll_cancellations(self) -> None:
         self._polls += 1
         if self._polls % 600 == 1:  # about every ten minutes: forget old cancellations
-            horizon = time.time() - self.rt.settings.result_expires_s
-            self.rt.redis.zremrangebyscore(keys.CANCELLED, "-inf", horizon)
-        active = self.rt.active_contexts()
+            horizon = time.time() - self.settings.result_expires_s
+            self.redis.zremrangebyscore(keys.CANCELLED, "-inf", horizon)
+        active = self.active()
         if not active:
             return
         ids = list(active)
-        scores = self.rt.redis.zmscore(keys.CANCELLED, ids)
+        scores = self.redis.zmscore(keys.CANCELLED, ids)
         for task_id, score in zip(ids, scores, strict=True):
             if score is not None:
                 active[task_id].cancel.set()
 
     def _locked(self, name: str, ttl_s: float) -> bool:
-        return bool(self.rt.redis.set(name, self.rt.worker_name, nx=True,
+        return bool(self.redis.set(name, self.worker_name, nx=True,
                                       px=max(100, int(ttl_s * 1000))))
 
     def recover(self) -> None:
-        if self._locked(keys.RECOVER_LOCK, self.rt.settings.recover_interval_s * 0.9):
-            from worker.leases import recover_orphans
-
-            recover_orphans(self.rt.celery_app, self.rt.store, self.rt.settings.lease_ttl_s)
+        if self._recover is not None and self._locked(keys.RECOVER_LOCK,
+                                                      self.settings.recover_interval_s * 0.9):
+            self._recover()
 
     def reap(self) -> None:
-        if self._locked(keys.REAPER_LOCK, self.rt.settings.reap_interval_s * 0.9):
+        if self._locked(keys.REAPER_LOCK, self.settings.reap_interval_s * 0.9):
             from worker.reaper import reap
 
-            reap(self.rt.pipeline.provider, self.rt.store, self.rt.settings)
+            reap(self._provider(), self.store, self.settings)
 
 
 def _until(raw: bytes | str) -> float:

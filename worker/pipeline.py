@@ -33,10 +33,10 @@ from sandqueue.settings import Settings
 from worker.agent.base import Agent, AgentEvent, AgentRun, AgentText, ToolCall, Usage
 from worker.agent.runner import AgentRunner
 from worker.agent.watchdog import Watchdog
+from worker.credentials import resolve_envs, resolve_mcp
 from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
-from worker.secrets import resolve_envs, resolve_mcp
 
 log = logging.getLogger(__name__)
 

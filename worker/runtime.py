@@ -13,14 +13,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
 import redis
-from celery import Celery
-from celery.exceptions import Ignore, Reject
 from pydantic import ValidationError
 
 from sandqueue import errors, keys
@@ -32,14 +30,14 @@ from sandqueue.contract import (
     ToolCallCount,
 )
 from sandqueue.events import EventLog
-from sandqueue.settings import Settings, load_settings
+from sandqueue.settings import Settings
 from sandqueue.store import Begin, NotMine, TaskStore
 from worker.agent import make_agent
+from worker.credentials import resolve_mcp
 from worker.limits import WAKE, Limiter
 from worker.maintenance import Maintenance
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox import make_provider
-from worker.secrets import resolve_mcp
 from worker.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -51,19 +49,25 @@ LOST_ATTEMPT = ("its worker stopped renewing the task's lease during this attemp
                 "cut off from Redis); the task was put back on the queue")
 
 
-def describe_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:10]:
-        where = ".".join(str(p) for p in err["loc"]) or "message"
-        parts.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
+class Duplicate(Exception):
+    """This delivery must not run (a copy of a task that runs or has finished): acknowledge
+    it and store nothing."""
+
+
+class HandBack(Exception):
+    """Put this delivery back on the queue for another worker (this one stops, or the task
+    is over a per-key limit)."""
 
 
 class Runtime:
-    def __init__(self, settings: Settings, celery_app: Celery | None = None,
-                 worker_name: str | None = None) -> None:
+    def __init__(self, settings: Settings, worker_name: str | None = None, *,
+                 result_exists: Callable[[str], bool] | None = None,
+                 recover: Callable[[], object] | None = None) -> None:
+        """`result_exists` and `recover` come from the broker side (worker/broker/): the
+        runtime itself knows nothing of Celery."""
         self.settings = settings
-        self.celery_app = celery_app
+        self.result_exists = result_exists
+        self.recover = recover
         self.worker_name = worker_name or f"{socket.gethostname()}:{id(self):x}"
         self.queues: list[str] = []
         """The queues this worker consumes (set when Celery says it is ready)."""
@@ -108,8 +112,14 @@ class Runtime:
     def start_maintenance(self) -> None:
         with self._lock:
             if self._maintenance is None:
-                self._maintenance = Maintenance(self)
+                self._maintenance = self.new_maintenance()
             self._maintenance.start()
+
+    def new_maintenance(self) -> Maintenance:
+        return Maintenance(self.settings, self.redis, self.store, self.limiter,
+                           worker_name=self.worker_name, queues=self.queues,
+                           active=self.active_contexts, recover=self.recover,
+                           provider=lambda: self.pipeline.provider)
 
     def active_contexts(self) -> dict[str, TaskContext]:
         with self._lock:
@@ -132,8 +142,8 @@ class Runtime:
     # -- one delivery --------------------------------------------------------------------
     def handle(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Decode, run, encode. Every outcome is an AgentResult dict, except two:
-        a duplicate delivery raises `Ignore` (acknowledged, nothing stored) and a worker
-        stop raises `Reject(requeue=True)` (back on the queue for another worker)."""
+        a duplicate delivery raises `Duplicate` (acknowledged, nothing stored) and a worker
+        stop raises `HandBack` (back on the queue for another worker)."""
         started = time.time()
         try:
             message = self._decode(args, kwargs)
@@ -157,7 +167,7 @@ class Runtime:
             if task_id in self._delivering:
                 log.info("task %s: duplicate delivery ignored: this worker is running it",
                          task_id)
-                raise Ignore()
+                raise Duplicate()
             self._delivering.add(task_id)
         try:
             yield
@@ -186,7 +196,7 @@ class Runtime:
             left = end - time.monotonic()
             if left <= 0:
                 self._state(task_id, {"status": TaskStatus.QUEUED, "throttled_at": time.time()})
-                raise Reject("over a per-key limit; back of the queue", requeue=True)
+                raise HandBack("over a per-key limit; back of the queue")
             self.redis.blpop([WAKE], timeout=max(0.05, min(wait_s, left)))
         return holder
 
@@ -201,7 +211,7 @@ class Runtime:
                 log.info("task %s: cancelled before it started", task_id)
                 return self._cancelled_before_start(task_id, message)
             log.info("task %s: duplicate delivery ignored: %s", task_id, begin.reason)
-            raise Ignore()
+            raise Duplicate()
         ctx = self._context(task_id, message, started, begin)
         ctx.timeout_s_applied = deadline_s
         if task.timeout_s is not None and task.timeout_s > deadline_s:
@@ -219,12 +229,12 @@ class Runtime:
                 # Another worker took the task over (its message was already put back).
                 log.warning("task %s: lease lost; this run stops, the task lives on", task_id)
                 self.writer.sync()
-                raise Ignore() from None
+                raise Duplicate() from None
             self._state(task_id, {"status": TaskStatus.QUEUED, "handed_back_at": time.time()})
             self.writer.submit(lambda p: self.store.release_lease(task_id, self.worker_name, p))
             self._event(task_id, {"phase": "handed_back"})
             self.writer.sync()
-            raise Reject("worker stopping", requeue=True) from None
+            raise HandBack("worker stopping") from None
         finally:
             with self._lock:
                 self._active.pop(task_id, None)
@@ -232,9 +242,7 @@ class Runtime:
         return result.model_dump(mode="json")
 
     def _has_result(self, task_id: str) -> bool:
-        if self.celery_app is None:
-            return True
-        return bool(self.redis.exists(self.celery_app.backend.get_key_for_task(task_id)))
+        return True if self.result_exists is None else self.result_exists(task_id)
 
     def _cancelled_before_start(self, task_id: str, message: TaskMessage) -> dict[str, Any]:
         result = AgentResult(
@@ -255,7 +263,7 @@ class Runtime:
         try:
             return TaskMessage.model_validate(args[0])
         except ValidationError as e:
-            raise errors.InvalidTask(describe_validation_error(e)) from e
+            raise errors.InvalidTask(errors.describe(e, "message")) from e
 
     def _context(self, task_id: str, message: TaskMessage, started: float,
                  begin: Begin) -> TaskContext:
@@ -393,24 +401,3 @@ class Runtime:
             log.warning("task %s: progress writes are behind (is Redis slow?)", task_id)
         log.info("task %s %s after %d attempt(s)%s", task_id, result.status.value,
                  result.attempts, f" ({result.error.category.value})" if result.error else "")
-
-
-_lock = threading.Lock()
-_runtime: Runtime | None = None
-
-
-def get_runtime() -> Runtime:
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            from worker.app import app
-
-            _runtime = Runtime(load_settings(), app)
-        return _runtime
-
-
-def set_runtime(runtime: Runtime | None) -> None:
-    """For tests and embedding: replace the process's runtime."""
-    global _runtime
-    with _lock:
-        _runtime = runtime

@@ -212,7 +212,7 @@ def test_a_stopped_attempt_is_handed_back_or_lost(lease_lost: bool) -> None:
     `worker_lost`. Either way its sandbox was killed and the task runs again elsewhere."""
     import threading
 
-    from celery.exceptions import Ignore, Reject
+    from worker.runtime import Duplicate, HandBack
 
     rt = _runtime()
     outcome: dict[str, Any] = {}
@@ -220,7 +220,7 @@ def test_a_stopped_attempt_is_handed_back_or_lost(lease_lost: bool) -> None:
     def deliver() -> None:
         try:
             rt.handle("t5", (_message(envs={"SIM_LATENCY_S": "5"}),), {})
-        except (Ignore, Reject) as e:
+        except (Duplicate, HandBack) as e:
             outcome["raised"] = type(e).__name__
 
     thread = threading.Thread(target=deliver)
@@ -233,7 +233,7 @@ def test_a_stopped_attempt_is_handed_back_or_lost(lease_lost: bool) -> None:
         ctx.lease_lost.set()
     ctx.stop.set()
     thread.join(5)
-    assert outcome == {"raised": "Ignore" if lease_lost else "Reject"}
+    assert outcome == {"raised": "Duplicate" if lease_lost else "HandBack"}
     (entry,) = TaskStore.attempt_log(rt.store.get("t5"))
     assert entry.outcome == ("worker_lost" if lease_lost else "handed_back")
     assert (entry.retried, entry.sandbox_killed, entry.killed_by) == (True, True, "worker")

@@ -130,3 +130,53 @@ def test_every_redis_key_prefix_is_named_in_one_module() -> None:
                         and node.value.startswith("sq:") and id(node) not in docstrings):
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == [], offenders
+
+
+def _worker_modules() -> dict[str, set[str]]:
+    """Module -> the worker modules it imports (at module level or in functions)."""
+    graph: dict[str, set[str]] = {}
+    for path in (REPO / "worker").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        found: set[str] = set()
+        tree = ast.parse(path.read_text())
+        for block in [n for n in tree.body if isinstance(n, ast.If)
+                      and ast.unparse(n.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")]:
+            tree.body.remove(block)  # imports for type checkers only: no runtime cycle
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        graph[name] = found
+    return graph
+
+
+def test_celery_and_kombu_are_imported_only_in_the_broker_folder() -> None:
+    offenders = sorted(m for m, imports in _worker_modules().items()
+                       if not m.startswith("worker.broker")
+                       and any(i.split(".")[0] in ("celery", "kombu") for i in imports))
+    assert offenders == []
+
+
+def test_worker_imports_have_no_cycle_outside_the_broker() -> None:
+    graph = _worker_modules()
+    names = set(graph)
+    edges = {m: {i for i in imports if i in names and i != m}
+             for m, imports in graph.items() if not m.startswith("worker.broker")}
+    edges = {m: {i for i in deps if not i.startswith("worker.broker")}
+             for m, deps in edges.items()}
+    seen: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        seen[node] = 1
+        for nxt in edges.get(node, ()):
+            if seen.get(nxt) == 1:
+                raise AssertionError(" -> ".join([*path, node, nxt]))
+            if nxt not in seen:
+                visit(nxt, [*path, node])
+        seen[node] = 2
+
+    for module in edges:
+        if module not in seen:
+            visit(module, [])

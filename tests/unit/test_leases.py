@@ -16,7 +16,6 @@ from sandqueue import keys
 from sandqueue.contract import AgentTask, TaskMessage
 from sandqueue.settings import Settings
 from sandqueue.store import TaskStore
-from worker.maintenance import Maintenance
 from worker.pipeline import TaskContext
 from worker.runtime import Runtime
 
@@ -102,7 +101,7 @@ def test_the_maintenance_duty_keeps_running_tasks_and_stops_the_taken_over() -> 
     taken_expiry = _expiry(rt.store, "taken")
 
     # When its maintenance renews leases
-    Maintenance(rt).renew_leases()
+    rt.new_maintenance().renew_leases()
 
     # Then its own task holds a live lease (recovery leaves it alone) and runs on
     assert rt.store.has_live_lease("mine")
@@ -119,7 +118,7 @@ def test_the_maintenance_thread_renews_before_the_lease_runs_out() -> None:
     _running(rt, "long", "w1")
     first = _expiry(rt.store, "long")
     assert first is not None
-    maintenance = Maintenance(rt)
+    maintenance = rt.new_maintenance()
     # When the maintenance thread runs, Then it renews the lease, again and again
     maintenance.start()
     try:

@@ -18,8 +18,8 @@ from sandqueue.contract import (
     TaskStatus,
     ToolCallCount,
 )
+from worker.credentials import INLINE_SECRET_MIN_CHARS, resolve_mcp
 from worker.redact import MASK, MIN_SECRET_CHARS, Redactor
-from worker.secrets import INLINE_SECRET_MIN_CHARS, resolve_mcp
 
 # -- Redactor.text ------------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-from celery.exceptions import Ignore
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from sandqueue import keys
 from sandqueue.contract import AgentResult, AgentTask, TaskMessage, TaskStatus
 from sandqueue.settings import Settings
-from worker.runtime import Runtime
+from worker.runtime import Duplicate, Runtime
 
 
 def _runtime() -> Runtime:
@@ -57,7 +56,7 @@ def test_any_raw_message_ends_as_invalid_task_without_a_sandbox(args: list[Any],
     before = _sandboxes_created(RT)
     try:
         outcome = RT.handle("t-junk", tuple(args), kwargs)
-    except Ignore:
+    except Duplicate:
         return  # only for a task id already finished: not this case
     result = AgentResult.model_validate(outcome)
     if result.status is TaskStatus.FAILED and result.error is not None:
@@ -93,7 +92,7 @@ def test_a_valid_message_runs_and_records_its_state() -> None:
 def test_a_duplicate_delivery_of_a_finished_task_is_ignored() -> None:
     rt = _runtime()
     rt.handle("t3", (_message(),), {})
-    with pytest.raises(Ignore):
+    with pytest.raises(Duplicate):
         rt.handle("t3", (_message(),), {})
     assert _sandboxes_created(rt) == 1
 
@@ -101,7 +100,7 @@ def test_a_duplicate_delivery_of_a_finished_task_is_ignored() -> None:
 def test_a_delivery_while_another_worker_holds_the_lease_is_ignored() -> None:
     rt = _runtime()
     rt.store.begin("t4", 600, "other-worker", lease_ttl_s=30)  # a live worker has it
-    with pytest.raises(Ignore):
+    with pytest.raises(Duplicate):
         rt.handle("t4", (_message(),), {})
     assert _sandboxes_created(rt) == 0
 
@@ -168,7 +167,6 @@ def test_a_run_whose_lease_was_taken_over_stops_without_touching_the_new_owner()
     when it notices (lease renewal), its run stops and the new owner's lease is left alone."""
     import threading
 
-    from worker.maintenance import Maintenance
 
     rt = _runtime()
     outcome: dict[str, Any] = {}
@@ -176,7 +174,7 @@ def test_a_run_whose_lease_was_taken_over_stops_without_touching_the_new_owner()
     def deliver() -> None:
         try:
             outcome["value"] = rt.handle("t10", (_message(envs={"SIM_LATENCY_S": "5"}),), {})
-        except Ignore:
+        except Duplicate:
             outcome["ignored"] = True
 
     thread = threading.Thread(target=deliver)
@@ -185,7 +183,7 @@ def test_a_run_whose_lease_was_taken_over_stops_without_touching_the_new_owner()
     while "t10" not in rt.active_contexts() and time.time() < deadline:
         time.sleep(0.01)
     rt.redis.hset(keys.RUNNING_OWNERS, "t10", "other-worker")  # recovered elsewhere
-    Maintenance(rt).renew_leases()
+    rt.new_maintenance().renew_leases()
     thread.join(5)
     assert outcome == {"ignored": True}
     assert rt.redis.hget(keys.RUNNING_OWNERS, "t10") == b"other-worker"
@@ -194,12 +192,8 @@ def test_a_run_whose_lease_was_taken_over_stops_without_touching_the_new_owner()
 
 def test_a_task_cancelled_while_queued_is_answered_once_by_the_worker_that_receives_it() -> None:
     # Given a task a producer cancelled while queued, and died before storing its result
-    class _Backend:
-        def get_key_for_task(self, task_id: str) -> str:
-            return f"celery-task-meta-{task_id}"
-
     rt = _runtime()
-    rt.celery_app = type("App", (), {"backend": _Backend()})()  # type: ignore[assignment]
+    rt.result_exists = lambda task_id: bool(rt.redis.exists(f"celery-task-meta-{task_id}"))
     rt.redis.hset(keys.task("t-c"), mapping={"status": "cancelled", "cancel": 1})
 
     # When its message arrives, a result is stored (returned) and no sandbox is created
@@ -209,7 +203,7 @@ def test_a_task_cancelled_while_queued_is_answered_once_by_the_worker_that_recei
 
     # And once its result exists, a further copy is only acknowledged
     rt.redis.set("celery-task-meta-t-c", "{}")
-    with pytest.raises(Ignore):
+    with pytest.raises(Duplicate):
         rt.handle("t-c", (_message(),), {})
 
 
@@ -227,7 +221,7 @@ def test_a_second_copy_of_a_running_task_in_the_same_worker_is_dropped() -> None
         time.sleep(0.01)
 
     # When a second copy of its message arrives at the same worker, it is only acknowledged
-    with pytest.raises(Ignore):
+    with pytest.raises(Duplicate):
         rt.handle("t-dup", (message,), {})
     first.join(10)
 

@@ -16,7 +16,7 @@ from sandqueue.sealing import (
     looks_like_credential,
     seal_mcp,
 )
-from worker.secrets import resolve_envs, resolve_mcp
+from worker.credentials import resolve_envs, resolve_mcp
 
 TOKEN = "ghp_inline_user_token_123456"
 

@@ -19,7 +19,6 @@ from producer.api import Client
 from sandqueue import errors, keys
 from sandqueue.contract import AgentResult, AgentTask, TaskMessage
 from sandqueue.settings import Settings
-from worker.maintenance import Maintenance
 from worker.runtime import Runtime
 
 
@@ -79,7 +78,7 @@ def _client(server: fakeredis.FakeServer, **settings: Any) -> Client:
 def _advertising_worker(server: fakeredis.FakeServer, queues: list[str]) -> Runtime:
     rt = _runtime(server)
     rt.queues = queues
-    Maintenance(rt).advertise()
+    rt.new_maintenance().advertise()
     return rt
 
 

@@ -19,9 +19,8 @@ import yaml
 from celery.exceptions import Reject
 
 from sandqueue.settings import Settings
+from worker.broker.privacy import ARGS_REPR, TraceLogFilter, summarize
 from worker.health import DEFAULT_MAX_AGE_S, check
-from worker.maintenance import Maintenance
-from worker.privacy import ARGS_REPR, TraceLogFilter, summarize
 from worker.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +91,7 @@ def _runtime(health_file: Path | None,
 def test_the_lease_renewal_writes_the_heartbeat_and_the_check_reads_it(tmp_path: Path) -> None:
     path = tmp_path / "health"
     assert check(str(path), DEFAULT_MAX_AGE_S)[0] == 1  # not started yet
-    Maintenance(_runtime(path)).renew_leases()
+    _runtime(path).new_maintenance().renew_leases()
     code, why = check(str(path), DEFAULT_MAX_AGE_S)
     assert code == 0 and "w-health" in why
     beat_at = json.loads(path.read_text())["beat_at"]
@@ -107,7 +106,7 @@ def test_no_heartbeat_while_redis_does_not_answer(tmp_path: Path) -> None:
     rt = _runtime(path, server)
     server.connected = False
     with pytest.raises(redis.ConnectionError):
-        Maintenance(rt).renew_leases()
+        rt.new_maintenance().renew_leases()
     assert not path.exists()
 
 

@@ -18,7 +18,6 @@ import httpx
 
 from sandqueue import errors
 from sandqueue.settings import Settings
-from worker.sandbox import mcp_preflight
 from worker.sandbox.base import (
     META_APP,
     CommandResult,
@@ -30,6 +29,7 @@ from worker.sandbox.base import (
     SandboxSpec,
     TemplateRecipe,
 )
+from worker.sandbox.mcp_preflight import Gateway, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ class E2BSandbox(Sandbox):
         """An MCP client session against the gateway, as Claude Code will open it (same
         URL through E2B's edge, same bearer token), until `tools/list` lists tools: see
         worker/sandbox/mcp_preflight.py for why "it answers" is not "it is ready"."""
-        gateway = mcp_preflight.Gateway(self._http, self.mcp_url(), self.mcp_token())
-        return mcp_preflight.wait_ready(gateway, servers, timeout_s)
+        gateway = Gateway(self._http, self.mcp_url(), self.mcp_token())
+        return wait_ready(gateway, servers, timeout_s)
 
     def write_file(self, path: str, data: str | bytes) -> None:
         with _sdk_errors(f"writing {path}"):

@@ -31,7 +31,6 @@ and other processes can see them, as they would list real ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shlex
@@ -55,10 +54,8 @@ from worker.sandbox.base import (
     SandboxProvider,
     SandboxSpec,
 )
+from worker.sandbox.sim_shell import argv_of, gateway_tools
 from worker.writebehind import WriteBehind
-
-GATEWAY_NAME = "e2b-mcp-gateway"
-
 
 SIM_FAILURES: dict[str, tuple[str, ...]] = {
     "create": ("rate_limit", "unavailable", "auth", "gateway_config", "template"),
@@ -386,26 +383,3 @@ class SimProvider(SandboxProvider):
             local.kill()
             return True
         return self.registry.remove(sandbox_id)
-
-
-def gateway_tools(servers: dict[str, object]) -> list[str]:
-    """The tools the simulated gateway lists: unprefixed, one per server, as the real one
-    names a server's tools by their own names."""
-    return [f"{name.replace('/', '_')}_search" for name in servers]
-
-
-def prompt_digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def argv_of(cmd: str) -> tuple[list[str], str | None]:
-    """Split the adapter's `cd DIR && exec claude ... < FILE` as bash would."""
-    tokens = shlex.split(cmd)
-    if "exec" in tokens:
-        tokens = tokens[tokens.index("exec") + 1:]
-    stdin = None
-    if "<" in tokens:
-        i = tokens.index("<")
-        stdin = tokens[i + 1] if i + 1 < len(tokens) else None
-        tokens = tokens[:i] + tokens[i + 2:]
-    return tokens, stdin

@@ -17,7 +17,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from worker.sandbox.sim import GATEWAY_NAME, argv_of, gateway_tools, prompt_digest
+from worker.sandbox.sim_shell import argv_of, gateway_tools, prompt_digest
 
 if TYPE_CHECKING:
     from worker.sandbox.sim import SimCommand, SimSandbox
@@ -245,9 +245,10 @@ class ScriptedAgent:
         return [pool[i % len(pool)] for i in range(n or (len(named) if named else 0))]
 
     def _mcp_tools(self, opts: dict[str, Any]) -> list[str]:
-        if GATEWAY_NAME not in (opts.get("mcp_config") or {}):
-            return []
-        return [f"mcp__{GATEWAY_NAME}__{tool}" for tool in gateway_tools(self.sandbox.spec.mcp)]
+        # As the CLI names them: `mcp__<server as configured>__<tool the server lists>`;
+        # the only server configured is the sandbox's gateway, under whatever name.
+        return [f"mcp__{server}__{tool}" for server in opts.get("mcp_config") or {}
+                for tool in gateway_tools(self.sandbox.spec.mcp)]
 
     def _mcp_status(self) -> str:
         if self.sandbox.fails("agent", "mcp_failed"):

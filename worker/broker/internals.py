@@ -1,10 +1,26 @@
-"""Malformed broker messages must not take a worker down.
+"""Every use of Celery's and kombu's private API, in one module.
 
-Celery and kombu treat some malformations as unrecoverable: an empty JSON body crashes the
-task strategy, and a queue entry that is not a kombu envelope crashes the consumer loop.
-Either way the worker exits, and with acks_late the same message then crashes every
-worker that takes it next. These guards refuse such messages instead: logged, moved to the
-`sq:deadletter` list for inspection, never executed.
+Each one exists because the public API cannot do the job; each is pinned by a test in
+tests/unit/test_broker_internals.py that fails clearly when an upgrade changes it, and the
+versions they were verified with are pinned in pyproject.toml.
+
+- `celery.worker.strategy.default`: wrapped, so a message it cannot parse is refused,
+  not fatal (`guarded_strategy`);
+- `celery.worker.request.Request` `_request_dict`, `_argsrepr`, `_kwargsrepr`: prompts
+  stay out of task events and trace logs (`PrivateRequest`);
+- `kombu.transport.redis.QoS.restore_unacked_once` and `.ack`: a worker survives a Redis
+  restart with tasks in flight (`GuardedQoS`);
+- `kombu.transport.redis.Channel._brpop_read` (with `_queue_cycle`, `_in_poll`,
+  `_flush_brpop_reauth`, `connection._deliver`): queue entries that are not kombu
+  envelopes go to the dead-letter list (`GuardedChannel`);
+- `Channel.unacked_key`, `.unacked_index_key`, `.qos.restore_by_tag`: a dead worker's
+  deliveries are found and put back (`unacked_older_than`, `restore`, `drop`).
+
+Malformed broker messages must not take a worker down: Celery and kombu treat some as
+unrecoverable (an empty JSON body crashes the task strategy, a queue entry that is not a
+kombu envelope crashes the consumer loop), and with acks_late the same message then crashes
+every worker that takes it next. The guards refuse such messages instead: logged, moved to
+the `sq:deadletter` list for inspection, never executed.
 """
 
 from __future__ import annotations
@@ -15,10 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 from celery.worker import strategy as celery_strategy
+from celery.worker.request import Request
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 
 from sandqueue import keys
+from worker.broker.privacy import ARGS_REPR, KWARGS_REPR, summarize
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +56,9 @@ def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Calla
             log.error("refused a malformed message for %s (task id %s): %s: %s",
                       task.name, task_id, type(e).__name__, e)
             if task_id:
-                from worker.runtime import get_runtime
+                from worker.broker.app import process_runtime
 
-                result = get_runtime().invalid_result(str(task_id),
+                result = process_runtime().invalid_result(str(task_id),
                                                       f"unreadable message ({type(e).__name__})")
                 task.backend.store_result(task_id, result, "SUCCESS")
             try:
@@ -60,7 +78,7 @@ class GuardedQoS(kombu_redis.QoS):
     has already been released: an AttributeError that ends the worker ("Unrecoverable
     error") instead of letting it reconnect. Those messages stay in Redis's unacked hash;
     the tasks keep running here, and if this worker dies, sandqueue's recovery
-    (`worker/leases.py`) puts them back.
+    (`worker/broker/recovery.py`) puts them back.
     """
 
     def restore_unacked_once(self, stderr: Any = None) -> None:
@@ -119,3 +137,45 @@ class GuardedChannel(kombu_redis.Channel):
 def install() -> None:
     """Use the guarded channel for every Redis connection of this (worker) process."""
     kombu_redis.Transport.Channel = GuardedChannel
+
+
+class PrivateRequest(Request):
+    """The worker's request for agent tasks: events and logs never see args or results."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._argsrepr = ARGS_REPR
+        self._kwargsrepr = KWARGS_REPR
+        # The trace (success/failure log lines and their `extra` data) reads these.
+        self._request_dict["argsrepr"] = ARGS_REPR
+        self._request_dict["kwargsrepr"] = KWARGS_REPR
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if "result" in fields:
+            fields["result"] = summarize(fields["result"])
+        for name, placeholder in (("args", ARGS_REPR), ("kwargs", KWARGS_REPR)):
+            if name in fields:
+                fields[name] = placeholder
+        super().send_event(type, **fields)
+
+
+# -- a dead worker's deliveries (recovery) ----------------------------------------------------
+
+def unacked_older_than(channel: kombu_redis.Channel, before: float,
+                       limit: int) -> list[tuple[bytes, bytes | None]]:
+    """(delivery tag, raw message) of deliveries unacknowledged since before `before`."""
+    client = channel.client
+    tags = client.zrangebyscore(channel.unacked_index_key, "-inf", before, start=0, num=limit)
+    return [(tag, client.hget(channel.unacked_key, tag)) for tag in tags]
+
+
+def drop(channel: kombu_redis.Channel, tag: bytes) -> None:
+    """Forget a delivery whose task has finished (its ack was lost)."""
+    channel.client.pipeline().hdel(channel.unacked_key, tag).zrem(
+        channel.unacked_index_key, tag).execute()
+
+
+def restore(channel: kombu_redis.Channel, tag: bytes) -> None:
+    """Move a delivery back onto its queue (moved, not copied: the visibility timeout will
+    not deliver it again), rightmost: consumed next, it has waited long enough."""
+    channel.qos.restore_by_tag(tag, client=channel.client, leftmost=False)

@@ -20,6 +20,7 @@ from celery import Celery
 
 from sandqueue.contract import FINAL_STATUSES, TaskStatus
 from sandqueue.store import TaskStore
+from worker.broker import internals
 
 if TYPE_CHECKING:
     from kombu.transport.redis import Channel
@@ -44,11 +45,8 @@ def recover_orphans(app: Celery, store: TaskStore, lease_ttl_s: float,
     with app.connection_for_write() as conn:
         channel: Channel = conn.default_channel  # type: ignore[assignment]
         client = channel.client
-        older_than = time.time() - 2 * lease_ttl_s
-        tags = client.zrangebyscore(channel.unacked_index_key, "-inf", older_than,
-                                    start=0, num=limit)
-        for tag in tags:
-            raw = client.hget(channel.unacked_key, tag)
+        for tag, raw in internals.unacked_older_than(channel, time.time() - 2 * lease_ttl_s,
+                                                     limit):
             task_id = _task_id(raw) if raw is not None else None
             if task_id is None:
                 continue
@@ -58,15 +56,13 @@ def recover_orphans(app: Celery, store: TaskStore, lease_ttl_s: float,
             if status in FINAL or client.exists(app.backend.get_key_for_task(task_id)):
                 # It finished, but its worker could not acknowledge the message (Redis was
                 # down): drop the message, never run the task again.
-                client.pipeline().hdel(channel.unacked_key, tag).zrem(
-                    channel.unacked_index_key, tag).execute()
+                internals.drop(channel, tag)
                 store.claim_expired(task_id)
                 log.info("task %s: finished, but its message was never acknowledged; dropped",
                          task_id)
                 continue
             store.claim_expired(task_id)
-            # rightmost: consumed next (the queue is LPUSHed and BRPOPed), it waited enough.
-            channel.qos.restore_by_tag(tag, client=client, leftmost=False)
+            internals.restore(channel, tag)
             store.update(task_id, status=TaskStatus.QUEUED, recovered_at=time.time())
             recovered.append(task_id)
             log.warning("task %s: its worker stopped renewing the lease; put back on the queue",

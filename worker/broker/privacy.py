@@ -15,7 +15,6 @@ import re
 from typing import Any
 
 from celery.exceptions import Reject
-from celery.worker.request import Request
 
 ARGS_REPR = "(agent task)"
 KWARGS_REPR = "{}"
@@ -32,26 +31,6 @@ def summarize(result_repr: Any) -> str:
     category = _CATEGORY.search(text)
     parts = [m.group(1) for m in (status, category) if m is not None]
     return f"(agent result: {', '.join(parts)})" if parts else "(agent result)"
-
-
-class PrivateRequest(Request):
-    """The worker's request for agent tasks: events and logs never see args or results."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._argsrepr = ARGS_REPR
-        self._kwargsrepr = KWARGS_REPR
-        # The trace (success/failure log lines and their `extra` data) reads these.
-        self._request_dict["argsrepr"] = ARGS_REPR
-        self._request_dict["kwargsrepr"] = KWARGS_REPR
-
-    def send_event(self, type: str, **fields: Any) -> None:
-        if "result" in fields:
-            fields["result"] = summarize(fields["result"])
-        for name, placeholder in (("args", ARGS_REPR), ("kwargs", KWARGS_REPR)):
-            if name in fields:
-                fields[name] = placeholder
-        super().send_event(type, **fields)
 
 
 class TraceLogFilter(logging.Filter):

@@ -1,4 +1,6 @@
-"""The Celery task: thin, like a web view. Decode, run the pipeline, encode the result.
+"""The Celery task: thin, like a web view. Decode, run, encode; map the runtime's outcomes
+to Celery's (`Duplicate` -> `Ignore`: acknowledged, nothing stored; `HandBack` -> `Reject`
+with requeue: back on the queue for another worker).
 
 It accepts any arguments and validates them itself, so a malformed message becomes a
 `failed`/`invalid_task` result instead of an exception that Celery would pickle or retry.
@@ -10,22 +12,29 @@ import os
 from typing import Any
 
 from celery import signals
+from celery.exceptions import Ignore, Reject
 
 from sandqueue.contract import TASK_NAME
-from worker.app import app
-from worker.runtime import get_runtime
+from worker.broker.app import app, process_runtime
+from worker.runtime import Duplicate, HandBack
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-          Strategy="worker.guards:guarded_strategy", Request="worker.privacy:PrivateRequest")
+          Strategy="worker.broker.internals:guarded_strategy",
+          Request="worker.broker.internals:PrivateRequest")
 def run_agent_task(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return get_runtime().handle(self.request.id, args, kwargs)
+    try:
+        return process_runtime().handle(self.request.id, args, kwargs)
+    except Duplicate:
+        raise Ignore() from None
+    except HandBack as e:
+        raise Reject(str(e), requeue=True) from None
 
 
 @signals.worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     """Recovery and reaping run even while this worker is idle."""
-    runtime = get_runtime()
+    runtime = process_runtime()
     if sender is not None and getattr(sender, "hostname", None):
         runtime.worker_name = f"{sender.hostname}/{os.getpid()}"
     if sender is not None and getattr(sender, "app", None) is not None:
@@ -35,4 +44,4 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_shutting_down.connect
 def _on_shutdown(**_: Any) -> None:
-    get_runtime().shutdown()
+    process_runtime().shutdown()
