@@ -30,6 +30,20 @@ from sandqueue.contract import FINAL_STATUSES, AttemptRecord, TaskStatus
 ATTEMPT_FIELD = "attempt_log:"
 REAPED_FIELD = "reaped:"
 
+_IS_FINAL = " or ".join(f"status == '{status.value}'" for status in sorted(FINAL_STATUSES))
+"""Lua: is `status` final? From the one definition of final statuses (sandqueue/contract.py)."""
+
+# Back to the queue without a worker (stepped aside for a per-key limit), unless the task
+# ended meanwhile (a producer cancelled it): a late "queued" must never hide "cancelled".
+# KEYS: task. ARGV: field, value, now, ttl.
+_REQUEUE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if FINAL_STATUSES then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', ARGV[1], ARGV[2], 'updated_at', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+""".replace("FINAL_STATUSES", _IS_FINAL)
+
 # A delivery begins, in one round trip. KEYS: task, running, owners.
 # ARGV: task id, worker, now, deadline_s, ttl_s, lease expiry.
 # {"final", status} for a finished task; {"busy", owner} while another worker holds a live
@@ -57,9 +71,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 local v = redis.call('HMGET', KEYS[1], 'deadline_at', 'tool_calls', 'last_text', 'cost_usd',
                      'cancel')
 return {'ok', delivery, attempt, v[1], v[2] or '', v[3] or '', v[4] or '', v[5] or ''}
-""".replace(
-    "FINAL_STATUSES",  # the one definition of final statuses: sandqueue/contract.py
-    " or ".join(f"status == '{status.value}'" for status in sorted(FINAL_STATUSES)))
+""".replace("FINAL_STATUSES", _IS_FINAL)
 
 # Renew leases still owned by ARGV[1]. KEYS: running, owners. ARGV: me, expiry, ids...
 # Returns the ids this worker no longer owns (recovered elsewhere while it was cut off).
@@ -134,6 +146,7 @@ class TaskStore:
         self.r = client
         self.ttl_s = ttl_s
         self._begin = client.register_script(_BEGIN)
+        self._requeue = client.register_script(_REQUEUE)
         self._release = client.register_script(_RELEASE)
         self._renew = client.register_script(_RENEW)
         self._claim = client.register_script(_CLAIM)
@@ -170,6 +183,12 @@ class TaskStore:
             cost_usd=float(as_text(cost) or 0.0),
             cancel_requested=bool(as_text(cancel)),
         )
+
+    def requeued(self, task_id: str, field: str) -> bool:
+        """Mark a task queued again (stamping `field` with the time) unless it has ended;
+        False when it had."""
+        return bool(self._requeue(keys=[keys.task(task_id)],
+                                  args=[field, time.time(), time.time(), self.ttl_s]))
 
     def next_attempt(self, task_id: str) -> int:
         return int(self.r.hincrby(keys.task(task_id), "attempt", 1))

@@ -195,7 +195,8 @@ class Runtime:
         while (wait_s := self.limiter.try_acquire(holder, slots, rate=False)) > 0:
             left = end - time.monotonic()
             if left <= 0:
-                self._state(task_id, {"status": TaskStatus.QUEUED, "throttled_at": time.time()})
+                # At once, and only if it has not ended: a producer may cancel it now.
+                self.store.requeued(task_id, "throttled_at")
                 raise HandBack("over a per-key limit; back of the queue")
             self.redis.blpop([WAKE], timeout=max(0.05, min(wait_s, left)))
         return holder

@@ -228,3 +228,15 @@ def test_a_second_copy_of_a_running_task_in_the_same_worker_is_dropped() -> None
     # And the task ran once, in one sandbox
     assert AgentResult.model_validate(outcome).status is TaskStatus.SUCCEEDED
     assert _sandboxes_created(rt) == 1
+
+
+def test_a_task_cancelled_while_stepping_aside_stays_cancelled() -> None:
+    # A producer cancels a queued task just as a worker sends it back over a per-key limit:
+    # the worker's late "queued" must not hide "cancelled" (or the next delivery runs it).
+    rt = _runtime()
+    rt.redis.hset(keys.task("t-s"), mapping={"status": "cancelled", "cancel": 1})
+    assert rt.store.requeued("t-s", "throttled_at") is False
+    assert rt.redis.hget(keys.task("t-s"), "status") == b"cancelled"
+    rt.redis.hset(keys.task("t-q"), mapping={"status": "queued"})
+    assert rt.store.requeued("t-q", "throttled_at") is True
+    assert rt.redis.hget(keys.task("t-q"), "throttled_at") is not None
