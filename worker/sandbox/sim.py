@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import random
-import shlex
 import threading
 import time
 import uuid
@@ -203,7 +202,7 @@ class SimCommand(RunningCommand):
         sink = self.on_stdout if stream == "stdout" else self.on_stderr
         i = 0
         while i < len(text):
-            n = random.randint(1, 64)
+            n = random.randint(1, 512)  # lines are split, as network chunks split them
             sink(text[i:i + n])
             i += n
 
@@ -264,7 +263,7 @@ class SimSandbox(Sandbox):
 
     def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
         self._alive()
-        argv = shlex.split(cmd)
+        argv, _ = argv_of(cmd)
         program = self._program(cmd)
         if program is not None and argv[1:] == ["--version"]:
             return CommandResult(*program(self, cmd, dict(self._spec.envs)).version())
