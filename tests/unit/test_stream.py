@@ -60,6 +60,15 @@ TRANSCRIPT = (
 )
 
 
+def _usage(t: Transcript) -> dict[str, int]:
+    """Tokens so far, each model message counted once (as the agent runner sums them)."""
+    total: dict[str, int] = {}
+    for tokens in t.usage_by_message.values():
+        for key, value in tokens.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
 def _parse(chunks: Iterable[str]) -> Transcript:
     buffer, transcript = LineBuffer(), Transcript()
     for chunk in chunks:
@@ -72,7 +81,7 @@ def _parse(chunks: Iterable[str]) -> Transcript:
 
 def _summary(t: Transcript) -> tuple[Any, ...]:
     return (t.init, t.result, dict(t.tool_calls), t.last_text, t.noise_lines, t.events,
-            t.usage_so_far, t.mcp_servers, t.tools)
+            _usage(t), t.mcp_servers, t.tools)
 
 
 def _split(text: str, cuts: Iterable[int]) -> list[str]:
@@ -91,7 +100,7 @@ def test_whole_transcript_is_understood() -> None:
     assert t.last_text == "日本語 last"
     assert t.events == len(EVENTS)  # every JSON object counts, the user event too
     assert t.noise_lines == len(NOISE)  # blank and whitespace-only lines are not noise
-    assert t.usage_so_far == {"input_tokens": 151, "output_tokens": 25,
+    assert _usage(t) == {"input_tokens": 151, "output_tokens": 25,
                               "cache_read_input_tokens": 7}
     assert t.mcp_servers == [{"name": "gw", "status": "connected"},
                              {"name": "other", "status": "failed"}]
@@ -203,7 +212,7 @@ def test_usage_sums_integer_counts_of_assistant_messages_only() -> None:
     t.apply({"type": "assistant", "message": {"usage": "not a dict"}})
     t.apply({"type": "user", "message": {"usage": {"input_tokens": 1000}}})
     t.apply(RESULT)  # the result's own usage is reported separately, not summed in
-    assert t.usage_so_far == {"input_tokens": 7, "output_tokens": 1}
+    assert _usage(t) == {"input_tokens": 7, "output_tokens": 1}
 
 
 def test_init_fields_are_read_defensively() -> None:
@@ -228,6 +237,6 @@ def test_usage_repeated_per_content_block_is_counted_once_per_message_id() -> No
     t.apply({"type": "assistant", "message": {"id": "msg_01B", "content": [_text("done")],
                                                "usage": {"input_tokens": 10,
                                                          "output_tokens": 5}}})
-    assert t.usage_so_far == {"input_tokens": 13, "cache_read_input_tokens": 22749,
+    assert _usage(t) == {"input_tokens": 13, "cache_read_input_tokens": 22749,
                               "output_tokens": 62}
     assert dict(t.tool_calls) == {"Bash": 1, "Read": 1}

@@ -8,6 +8,7 @@ on the running estimate. The adapter (`worker/agent/base.py`) says what the line
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -16,11 +17,13 @@ from typing import Any
 from sandqueue import errors
 from sandqueue.contract import AgentTask
 from worker.agent.base import Agent, AgentEvent, AgentRun, AgentStream, Usage
-from worker.agent.stream import LineBuffer
+from worker.agent.stream import MAX_LINE_CHARS, LineBuffer
 from worker.agent.watchdog import Watch, Watchdog
 from worker.sandbox.base import Sandbox
 
 EventSink = Callable[[AgentEvent], None]
+
+log = logging.getLogger(__name__)
 
 
 class AgentRunner:
@@ -94,6 +97,9 @@ class _Output:
         for line in self.lines.close():
             self._line(line)
         self.run.stderr_tail = "".join(self.stderr_tail)[-4000:]
+        if self.lines.dropped_lines:
+            log.warning("the agent printed %d line(s) over %d characters; they were dropped",
+                        self.lines.dropped_lines, MAX_LINE_CHARS)
 
     def _line(self, line: str) -> None:
         try:

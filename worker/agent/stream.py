@@ -151,12 +151,3 @@ class Transcript:
                 message_id = f"\0anonymous-{self._anonymous}"
             self.usage_by_message[message_id] = {
                 k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
-
-    @property
-    def usage_so_far(self) -> dict[str, int]:
-        """Token counts of the run so far, each model message counted once."""
-        total: dict[str, int] = {}
-        for usage in self.usage_by_message.values():
-            for key, value in usage.items():
-                total[key] = total.get(key, 0) + value
-        return total
