@@ -90,6 +90,12 @@ class RetryPolicy(BaseModel):
     )
 
 
+AGENT_OPTIONS = ("model", "max_turns", "allowed_tools", "disallowed_tools",
+                 "append_system_prompt")
+"""The task fields only the agent adapter interprets (tool names: `mcp:<tool>` for the
+MCP gateway's tools, the agent's own names for its built-in tools)."""
+
+
 class AgentTask(BaseModel):
     """One agent run: a prompt plus the MCP servers the agent may use."""
 
@@ -97,6 +103,8 @@ class AgentTask(BaseModel):
 
     prompt: str
     mcp: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # -- agent options (AGENT_OPTIONS): what the agent adapter turns into its own flags
+    # (worker/agent/claude_code.py); kept flat on the wire so messages stay compatible.
     model: str | None = Field(None, max_length=200)
     max_turns: int | None = Field(None, ge=1, le=10_000)
     allowed_tools: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
@@ -106,6 +114,7 @@ class AgentTask(BaseModel):
         default_factory=list, max_length=500
     )
     append_system_prompt: str | None = None
+    # -- end of agent options
     timeout_s: float | None = Field(
         None, gt=0, le=MAX_TIMEOUT_S, description="whole-task deadline, all attempts included"
     )

@@ -389,3 +389,17 @@ def test_agent_result_ignores_fields_it_does_not_know() -> None:
 def test_final_statuses() -> None:
     assert {s for s in TaskStatus if s.is_final} == {
         TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
+
+
+def test_agent_options_name_real_fields_and_the_adapter_reads_only_those() -> None:
+    import ast
+    from pathlib import Path
+
+    from sandqueue.contract import AGENT_OPTIONS
+
+    assert set(AGENT_OPTIONS) <= set(AgentTask.model_fields)
+    source = (Path(__file__).resolve().parents[2] / "worker/agent/claude_code.py").read_text()
+    read = {node.attr for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            and node.value.id == "task"}
+    assert read <= {*AGENT_OPTIONS, "prompt", "max_cost_usd"}, read
