@@ -43,3 +43,24 @@ def events(task_id: str) -> str:
 
 CANCELLED = f"{PREFIX}cancelled"
 """Sorted set: task id -> time cancellation was asked; workers poll it for their tasks."""
+
+
+def apikey(key_id: str) -> str:
+    """Hash: one API key's sha256 hash (never the key), tenant, scopes, allowed env names,
+    limits, created/last-used/expiry times, revoked flag (`producer/apikeys.py`)."""
+    return f"{PREFIX}apikey:{key_id}"
+
+
+APIKEYS = f"{PREFIX}apikeys"
+"""Set: the ids of every API key, for `sandqueue apikey list`."""
+
+
+def tenant_index(tenant: str) -> str:
+    """Sorted set: task id -> submit time of a tenant's tasks (entries older than the
+    results are trimmed on each submit; the key expires with them). `GET /v1/tasks` reads it."""
+    return f"{PREFIX}idx:tenant:{tenant}"
+
+
+def submit_rate(tenant: str, window: int) -> str:
+    """String: submits of a tenant in one rate-limit window (expires after it)."""
+    return f"{PREFIX}rate:{tenant}:{window}"

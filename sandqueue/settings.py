@@ -115,6 +115,24 @@ class Settings(BaseSettings):
         "anthropic_key=50"
     )
     events_max_len: int = Field(1000, ge=10, description="events kept per task (Redis stream)")
+    api_host: str = Field("127.0.0.1", description="`sandqueue serve`: address to listen on")
+    api_port: int = Field(8080, ge=1, le=65535, description="`sandqueue serve`: port")
+    api_max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="HTTP API: largest request body (413 above it)"
+    )
+    api_max_batch_bytes: int = Field(
+        64 * 1_048_576, ge=1024, description="HTTP API: largest batch body (413 above it)"
+    )
+    api_submit_rate_per_min: int = Field(
+        600, ge=1, description="HTTP API: tasks a tenant may submit per minute unless its "
+        "API key says otherwise (429 above it)"
+    )
+    api_heartbeat_s: float = Field(
+        15, gt=0, description="HTTP API: SSE comment sent this often so proxies keep it open"
+    )
+    api_max_wait_s: float = Field(
+        60, gt=0, description="HTTP API: longest `?wait=` a result long-poll may ask for"
+    )
     secret_keys: str | None = Field(
         None,
         description="comma-separated Fernet keys; the first encrypts inline secrets, all "
