@@ -26,7 +26,7 @@ from sandqueue import errors, keys
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
 from sandqueue.events import EventLog
-from sandqueue.sealing import Sealer, seal_mcp
+from sandqueue.sealing import Sealer, is_sealed, seal_mcp
 from sandqueue.settings import Settings, load_settings
 from sandqueue.store import TaskStore
 
@@ -206,6 +206,12 @@ class Client:
         if agent_task.mcp:
             agent_task = agent_task.model_copy(
                 update={"mcp": seal_mcp(agent_task.mcp, self.sealer)})
+        if agent_task.callback_secret and not is_sealed(agent_task.callback_secret):
+            if not self.sealer.enabled:
+                raise errors.InvalidTask("callback_secret would travel through Redis in clear;"
+                                         " set SANDQUEUE_SECRET_KEYS on producers and workers")
+            agent_task = agent_task.model_copy(
+                update={"callback_secret": self.sealer.seal(agent_task.callback_secret)})
         return agent_task
 
     def submit(self, task: AgentTask | str | dict[str, Any], /, *, queue: str | None = None,

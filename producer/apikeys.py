@@ -17,13 +17,14 @@ import hmac
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from sandqueue import errors, keys
 from sandqueue.contract import ENV_NAME
+from sandqueue.sealing import Sealer
 
 SCOPES = ("submit", "read", "cancel", "admin")
 """`submit` tasks and batches; `read` status, results, events, listings; `cancel` them;
@@ -48,6 +49,9 @@ class ApiKey:
     revoked: bool = False
     submit_rate_per_min: int | None = None
     """Submits per minute for this key's tenant; None = the deployment's default."""
+    webhook_secret: str | None = field(default=None, repr=False)
+    """The key's callback signing secret, sealed (`sandqueue.sealing`); None when the
+    deployment had no SANDQUEUE_SECRET_KEYS to seal it with."""
 
     def refusal(self, now: float) -> str | None:
         """Why this key may not be used now, or None."""
@@ -62,7 +66,8 @@ class ApiKey:
         return {"id": self.id, "tenant": self.tenant, "scopes": sorted(self.scopes),
                 "allow_env": sorted(self.allow_env), "created_at": self.created_at,
                 "last_used_at": self.last_used_at, "expires_at": self.expires_at,
-                "revoked": self.revoked, "submit_rate_per_min": self.submit_rate_per_min}
+                "revoked": self.revoked, "submit_rate_per_min": self.submit_rate_per_min,
+                "webhooks": self.webhook_secret is not None}
 
 
 def _hash(key: str) -> str:
@@ -98,17 +103,22 @@ class ApiKeys:
 
     def create(self, tenant: str, *, scopes: frozenset[str] = frozenset(DEFAULT_SCOPES),
                expires_days: float | None = None, allow_env: frozenset[str] = frozenset(),
-               submit_rate_per_min: int | None = None) -> tuple[ApiKey, str]:
-        """Make a key; returns its record and the key itself (shown once, never stored)."""
+               submit_rate_per_min: int | None = None, sealer: Sealer | None = None,
+               ) -> tuple[ApiKey, str, str | None]:
+        """Make a key; returns its record, the key itself (shown once, only its hash is
+        stored) and, when `sealer` can seal it, its webhook signing secret (shown once,
+        stored sealed: workers open it to sign callbacks)."""
         if not TENANT_NAME.match(tenant):
             raise errors.ConfigError(f"tenant {tenant!r}: use 1-64 letters, digits, '_', '.', "
                                      "'-', starting with a letter or digit")
         now = time.time()
         key_id = secrets.token_hex(8)
         secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        webhook = f"whsec_{secrets.token_urlsafe(32)}" if sealer and sealer.enabled else None
         record = ApiKey(key_id, tenant, scopes, allow_env, now,
                         expires_at=now + expires_days * 86400 if expires_days else None,
-                        submit_rate_per_min=submit_rate_per_min)
+                        submit_rate_per_min=submit_rate_per_min,
+                        webhook_secret=sealer.seal(webhook) if sealer and webhook else None)
         fields: dict[str, Any] = {
             "hash": _hash(secret), "tenant": tenant, "scopes": ",".join(sorted(scopes)),
             "allow_env": ",".join(sorted(allow_env)), "created_at": now,
@@ -117,11 +127,13 @@ class ApiKeys:
             fields["expires_at"] = record.expires_at
         if submit_rate_per_min is not None:
             fields["submit_rate_per_min"] = submit_rate_per_min
+        if record.webhook_secret is not None:
+            fields["webhook_secret"] = record.webhook_secret
         pipe = self.r.pipeline()
         pipe.hset(keys.apikey(key_id), mapping=fields)
         pipe.sadd(keys.APIKEYS, key_id)
         pipe.execute()
-        return record, secret
+        return record, secret, webhook
 
     def get(self, key_id: str) -> ApiKey | None:
         raw = {_s(k): _s(v) for k, v in self.r.hgetall(keys.apikey(key_id)).items()}
@@ -186,4 +198,5 @@ def _record(key_id: str, raw: dict[str, str]) -> ApiKey:
         created_at=float(raw.get("created_at") or 0), last_used_at=number("last_used_at"),
         expires_at=number("expires_at"), revoked=raw.get("revoked") == "1",
         submit_rate_per_min=int(rate) if rate else None,
+        webhook_secret=raw.get("webhook_secret") or None,
     )

@@ -19,6 +19,7 @@ import redis
 from producer import render
 from producer.apikeys import ApiKeys, parse_env_names, parse_scopes
 from sandqueue import errors
+from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -96,16 +97,22 @@ def apikey() -> None:
 def apikey_create(ctx: click.Context, tenant: str, scopes: str, expires_days: float | None,
                   allow_env: str, rate: int | None, as_json: bool) -> None:
     """Make a key and print it once: only its hash is kept."""
-    record, key = _keys(ctx).create(tenant, scopes=parse_scopes(scopes),
-                                    expires_days=expires_days,
-                                    allow_env=parse_env_names(allow_env),
-                                    submit_rate_per_min=rate)
+    sealer = Sealer(_settings(ctx).secret_keys)
+    record, key, webhook = _keys(ctx).create(tenant, scopes=parse_scopes(scopes),
+                                             expires_days=expires_days,
+                                             allow_env=parse_env_names(allow_env),
+                                             submit_rate_per_min=rate, sealer=sealer)
     if as_json:
-        render.print_json({**record.public(), "key": key})
+        render.print_json({**record.public(), "key": key, "webhook_secret": webhook})
         return
     render.out.print(key)
     render.err.print(f"key {record.id} for tenant {tenant} ({', '.join(sorted(record.scopes))})"
                      "; store it now, it is not shown again")
+    if webhook:
+        render.err.print(f"webhook signing secret (shown once): {webhook}")
+    else:
+        render.err.print("no webhook secret: SANDQUEUE_SECRET_KEYS is unset, so this key's "
+                         "tasks cannot use callback_url")
 
 
 @apikey.command("list")

@@ -64,3 +64,14 @@ def tenant_index(tenant: str) -> str:
 def submit_rate(tenant: str, window: int) -> str:
     """String: submits of a tenant in one rate-limit window (expires after it)."""
     return f"{PREFIX}rate:{tenant}:{window}"
+
+
+def webhook(task_id: str) -> str:
+    """Hash: a task's completion callback: URL, sealed secret, body, state, attempts
+    (`worker/webhooks.py`); `<this key>:log` is the list of its attempts. Both expire with
+    the result."""
+    return f"{PREFIX}webhook:{task_id}"
+
+
+WEBHOOKS_DUE = f"{PREFIX}webhooks:due"
+"""Sorted set: task id -> when its callback's next attempt is due (or its claim expires)."""

@@ -133,6 +133,17 @@ class Settings(BaseSettings):
     api_max_wait_s: float = Field(
         60, gt=0, description="HTTP API: longest `?wait=` a result long-poll may ask for"
     )
+    webhook_allow_private: bool = Field(
+        False, description="allow callback URLs on loopback, private or link-local "
+        "addresses (SSRF guard off: only for tests and trusted networks)"
+    )
+    webhook_retry_for_s: float = Field(
+        3600, ge=0, description="a failing callback is retried with backoff for this long"
+    )
+    webhook_timeout_s: float = Field(10, gt=0, description="timeout of one callback POST")
+    webhook_backoff_s: float = Field(
+        2, ge=0, description="first callback retry delay, doubled per attempt (max 5 min)"
+    )
     secret_keys: str | None = Field(
         None,
         description="comma-separated Fernet keys; the first encrypts inline secrets, all "

@@ -12,6 +12,7 @@ from typing import Any
 from celery import signals
 
 from sandqueue.contract import TASK_NAME
+from worker import webhooks
 from worker.app import app
 from worker.runtime import get_runtime
 
@@ -19,7 +20,9 @@ from worker.runtime import get_runtime
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
           Strategy="worker.guards:guarded_strategy")
 def run_agent_task(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    return get_runtime().handle(self.request.id, args, kwargs)
+    result = get_runtime().handle(self.request.id, args, kwargs)
+    webhooks.after_task(get_runtime(), self.request.id, args, result)  # callback_url, if any
+    return result
 
 
 @signals.worker_ready.connect
@@ -29,6 +32,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     if sender is not None and getattr(sender, "hostname", None):
         runtime.worker_name = f"{sender.hostname}/{os.getpid()}"
     runtime.start_maintenance()
+    webhooks.dispatcher(runtime.redis, runtime.settings)  # deliveries left by a dead worker
 
 
 @signals.worker_shutting_down.connect

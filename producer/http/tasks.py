@@ -20,7 +20,7 @@ from producer.http.auth import Caller, require
 from producer.http.models import CancelOutcome, Pending, Submitted, TaskPage, TaskView, links, view
 from producer.http.problems import Problem, not_found
 from producer.outbox import TENANT_LABEL
-from sandqueue import catalog, errors
+from sandqueue import callbacks, catalog, errors
 from sandqueue.contract import AgentResult, AgentTask, TaskStatus
 
 PROBLEM = {"content": {"application/problem+json": {}}}
@@ -50,7 +50,25 @@ def env_references(value: Any) -> set[str]:
     return set()
 
 
-def bind_to_caller(task: AgentTask, caller: Caller, idempotency_key: str | None) -> AgentTask:
+def bind_callback(task: AgentTask, caller: Caller, allow_private: bool) -> dict[str, Any]:
+    """The callback fields of the task as submitted: the URL checked (SSRF), the API key's
+    sealed webhook secret to sign with."""
+    if task.callback_secret is not None:
+        raise errors.InvalidTask("callback_secret: set from your API key (its webhook secret); "
+                                 "leave it out")
+    if task.callback_url is None:
+        return {}
+    why = callbacks.refusal(task.callback_url, allow_private=allow_private)
+    if why:
+        raise errors.InvalidTask(why)
+    if caller.key.webhook_secret is None:
+        raise errors.InvalidTask("callback_url: this API key has no webhook secret (it was "
+                                 "made without SANDQUEUE_SECRET_KEYS); ask for a new key")
+    return {"callback_secret": caller.key.webhook_secret}
+
+
+def bind_to_caller(task: AgentTask, caller: Caller, idempotency_key: str | None, *,
+                   allow_private: bool = False) -> AgentTask:
     """The task as the caller's tenant submits it, or InvalidTask saying what to change."""
     asked = task.labels.get(TENANT_LABEL)
     if asked is not None and asked != caller.tenant:
@@ -68,7 +86,8 @@ def bind_to_caller(task: AgentTask, caller: Caller, idempotency_key: str | None)
                                  "differ; give one of them")
     if key is not None and len(key) > IDEMPOTENCY_KEY_MAX:
         raise errors.InvalidTask(f"idempotency key is over {IDEMPOTENCY_KEY_MAX} characters")
-    update: dict[str, Any] = {"labels": {**task.labels, TENANT_LABEL: caller.tenant}}
+    update: dict[str, Any] = {"labels": {**task.labels, TENANT_LABEL: caller.tenant},
+                              **bind_callback(task, caller, allow_private)}
     if key is not None:
         # Per tenant: one tenant's key can neither collide with nor reveal another's task.
         update["idempotency_key"] = f"t:{caller.tenant}:{key}"
@@ -94,7 +113,8 @@ def submit_task(request: Request, response: Response, task: Annotated[AgentTask,
                 idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
                 ) -> Submitted:
     """Enqueue one agent task (the same `AgentTask` as the CLI and Python API)."""
-    task = bind_to_caller(task, caller, idempotency_key)
+    task = bind_to_caller(task, caller, idempotency_key,
+                          allow_private=request.app.state.settings.webhook_allow_private)
     charge(request, caller, 1)
     client = _client(request)
     handle = client.submit(task)
