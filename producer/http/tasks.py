@@ -23,11 +23,18 @@ from producer.outbox import TENANT_LABEL
 from sandqueue import callbacks, catalog, errors
 from sandqueue.contract import AgentResult, AgentTask, TaskStatus
 
-PROBLEM = {"content": {"application/problem+json": {}}}
+PROBLEM = {"content": {"application/problem+json": {"schema": {
+    "type": "object", "required": ["type", "title", "status", "detail", "category"],
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                   "status": {"type": "integer"}, "detail": {"type": "string"},
+                   "category": {"type": "string"}, "instance": {"type": "string"}}}}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "a malformed cursor, label, Last-Event-ID or body", **PROBLEM},
     401: {"description": "no, unknown, revoked or expired API key", **PROBLEM},
     403: {"description": "the API key lacks the scope", **PROBLEM},
     404: {"description": "no such task, or another tenant's", **PROBLEM},
+    422: {"description": "invalid task or parameters", **PROBLEM},
+    503: {"description": "Redis unreachable", **PROBLEM},
 }
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERRORS)
 IDEMPOTENCY_KEY_MAX = 180
