@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     api_heartbeat_s: float = Field(
         15, gt=0, description="HTTP API: SSE comment sent this often so proxies keep it open"
     )
+    api_max_streams: int = Field(
+        1000, ge=1, description="HTTP API: event streams and long-polls one `serve` process "
+        "holds open at once (each holds a Redis connection); 503 above it"
+    )
     api_max_wait_s: float = Field(
         60, gt=0, description="HTTP API: longest `?wait=` a result long-poll may ask for"
     )

@@ -68,9 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.client = client
         app.state.apikeys = ApiKeys(client.redis)
         # Blocking stream reads last up to a heartbeat: the socket timeout must be longer.
-        app.state.aredis = aioredis.Redis.from_url(
+        app.state.aredis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             settings.redis_url, socket_connect_timeout=5,
-            socket_timeout=settings.api_heartbeat_s + 30)
+            socket_timeout=settings.api_heartbeat_s + 30,
+            max_connections=settings.api_max_streams + 50, timeout=10))
+        app.state.open_streams = 0
         try:
             yield
         finally:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from producer.http.problems import Problem
 from sandqueue import keys
@@ -26,6 +27,33 @@ _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
 _RESULT_LAG_S = 5.0
 """A worker publishes the `result` event just before it stores the result: after the
 event, the result is looked for this long (it is normally there within milliseconds)."""
+
+
+class StreamSlots:
+    """Event streams and long-polls each hold a Redis connection while they wait: one
+    process holds about `api_max_streams` of them at most, and answers 503 (retry, or add
+    replicas) beyond that rather than failing those it already holds. A slot is counted
+    only while its stream runs, so a response that never starts leaks nothing."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def check(self) -> None:
+        if self.state.open_streams >= self.state.settings.api_max_streams:
+            raise Problem(503, "unavailable", "this server holds as many event streams as it "
+                          "may (SANDQUEUE_API_MAX_STREAMS); retry shortly",
+                          headers={"Retry-After": "2"})
+
+    async def hold(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        self.state.open_streams += 1
+        try:
+            async for frame in frames:
+                yield frame
+        except RedisError:
+            # The client reconnects with Last-Event-ID and loses nothing.
+            yield b": redis unavailable, reconnect\n\n"
+        finally:
+            self.state.open_streams -= 1
 
 
 def start_after(last_event_id: str | None) -> str:

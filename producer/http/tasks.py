@@ -192,7 +192,13 @@ async def get_result(request: Request, task_id: str,
         return records.decode_result(await aredis.get(rkey))
 
     wait = min(wait, request.app.state.settings.api_max_wait_s)
-    result = await sse.wait_result(aredis, task_id, wait, stored)
+    slots = sse.StreamSlots(request.app.state)
+    slots.check()
+    request.app.state.open_streams += 1
+    try:
+        result = await sse.wait_result(aredis, task_id, wait, stored)
+    finally:
+        request.app.state.open_streams -= 1
     if result is not None:
         return JSONResponse(result)
     status = (await run_in_threadpool(client.store.get, task_id)).get("status") or "unknown"
@@ -221,7 +227,9 @@ async def follow_task(request: Request, task_id: str,
 
     frames = sse.task_events(aredis, task_id, after,
                              request.app.state.settings.api_heartbeat_s, stored)
-    return StreamingResponse(frames, media_type="text/event-stream",
+    slots = sse.StreamSlots(request.app.state)
+    slots.check()
+    return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
