@@ -104,3 +104,4 @@ def sse_frames(response: httpx.Response) -> Iterator[Frame]:
             entry_id = line[3:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].strip())
+
