@@ -29,7 +29,7 @@ from sandqueue import errors, keys
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
 from sandqueue.events import EventLog
-from sandqueue.sealing import Sealer, SecretPolicy
+from sandqueue.sealing import Sealer, SecretPolicy, is_sealed
 from sandqueue.settings import Settings, load_settings, mask_url
 from sandqueue.store import TaskStore, as_text
 
@@ -239,6 +239,12 @@ class Client:
             log.warning("SANDQUEUE_ALLOW_CLEAR_SECRETS is on: %s travel(s) through Redis in "
                         "clear; for development only, set SANDQUEUE_SECRET_KEYS instead",
                         ", ".join(policy.sent_in_clear))
+        if agent_task.callback_secret and not is_sealed(agent_task.callback_secret):
+            if not self.sealer.enabled:
+                raise errors.InvalidTask("callback_secret would travel through Redis in clear;"
+                                         " set SANDQUEUE_SECRET_KEYS on producers and workers")
+            agent_task = agent_task.model_copy(
+                update={"callback_secret": self.sealer.seal(agent_task.callback_secret)})
         return agent_task
 
     def _check_timeout(self, task: AgentTask, queue: str | None) -> None:

@@ -154,6 +154,14 @@ def load_inputs(path: Path, *, prepare: Callable[[dict[str, Any]], AgentTask],
     except UnicodeDecodeError as e:
         raise errors.InvalidTask(f"{path} is not UTF-8 text ({e.reason})") from e
     fmt = "csv" if path.suffix.lower() == ".csv" else "jsonl"
+    return parse_inputs(text, fmt, prepare=prepare, defaults=defaults, template=template,
+                        source=str(path))
+
+
+def parse_inputs(text: str, fmt: str, *, prepare: Callable[[dict[str, Any]], AgentTask],
+                 defaults: dict[str, Any], template: str | None = None,
+                 source: str = "the input") -> list[BatchInput]:
+    """`load_inputs` for text already read (the HTTP API's batch bodies)."""
     inputs: list[BatchInput] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
@@ -173,7 +181,7 @@ def load_inputs(path: Path, *, prepare: Callable[[dict[str, Any]], AgentTask],
     if bad:
         raise BatchInvalid(bad)
     if not inputs:
-        raise errors.InvalidTask(f"{path} holds no tasks")
+        raise errors.InvalidTask(f"{source} holds no tasks")
     return inputs
 
 

@@ -821,6 +821,12 @@ def demo(prompt: str | None, as_json: bool) -> None:
     sys.exit(run_demo(prompt, as_json))
 
 
+from producer.cli_http import apikey, serve  # noqa: E402  (the HTTP API's commands)
+
+cli.add_command(serve)
+cli.add_command(apikey)
+
+
 def main() -> None:
     cli(prog_name="sandqueue")
 

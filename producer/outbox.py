@@ -38,14 +38,21 @@ from sandqueue.store import as_text
 
 _FINAL = [s.value for s in FINAL_STATUSES]
 
-# ARGV: now, ttl, task key prefix, then 5 per task: id, idempotency key (or ''),
-# fingerprint, message body (JSON), queue. Returns one {verdict, id[, body, queue]} per task.
+TENANT_LABEL = "tenant"
+"""The label that names a task's tenant. The HTTP API sets it from the caller's API key (a
+caller cannot choose it); the claim records it in the task hash (`tenant`) and indexes the
+task under it, in the same atomic step, so no task is ever visible without its owner."""
+
+# ARGV: now, ttl, task key prefix, tenant index prefix, then 7 per task: id, idempotency
+# key (or ''), fingerprint, message body (JSON), queue, tenant (or ''), labels (JSON).
+# Returns one {verdict, id[, body, queue]} per task. A task with a tenant is recorded with
+# it and its labels (what `GET /v1/tasks` filters on) and indexed under that tenant.
 _CLAIM = """
-local now, ttl, prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local n = (#ARGV - 3) / 5
+local now, ttl, prefix, idx = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local n = (#ARGV - 4) / 7
 local verdicts, claimed, conflict = {}, {}, false
 for i = 0, n - 1 do
-  local b = 4 + i * 5
+  local b = 5 + i * 7
   local id, idem, fp = ARGV[b], ARGV[b + 1], ARGV[b + 2]
   local v = {'new', id}
   if idem ~= '' then
@@ -69,7 +76,7 @@ for i = 0, n - 1 do
 end
 if conflict then return verdicts end
 for i = 0, n - 1 do
-  local b = 4 + i * 5
+  local b = 5 + i * 7
   if verdicts[i + 1][1] == 'new' then
     local id, idem = ARGV[b], ARGV[b + 1]
     local key = prefix .. id
@@ -78,6 +85,13 @@ for i = 0, n - 1 do
     if idem ~= '' then
       redis.call('SET', idem, id, 'EX', ttl)
       redis.call('HSET', key, 'message', ARGV[b + 3], 'queue', ARGV[b + 4])
+    end
+    local tenant = ARGV[b + 5]
+    if tenant ~= '' then
+      redis.call('HSET', key, 'tenant', tenant, 'labels', ARGV[b + 6])
+      redis.call('ZADD', idx .. tenant, now, id)
+      redis.call('ZREMRANGEBYSCORE', idx .. tenant, '-inf', tonumber(now) - ttl)
+      redis.call('EXPIRE', idx .. tenant, ttl)
     end
     redis.call('EXPIRE', key, ttl)
   end
@@ -186,11 +200,13 @@ class Outbox:
               now: float) -> list[Claim]:
         """Bind keys and record tasks as `submitting`, atomically. Entries are
         (task id, task, message body, queue). Raises IdempotencyConflict."""
-        args: list[Any] = [now, self.ttl_s, keys.task("")]
+        args: list[Any] = [now, self.ttl_s, keys.task(""), keys.tenant_index("")]
         for task_id, task, body, queue in entries:
             idem = keys.idempotency(task.idempotency_key) if task.idempotency_key else ""
             args += [task_id, idem, fingerprint(task),
-                     json.dumps(body, separators=(",", ":")), queue]
+                     json.dumps(body, separators=(",", ":")), queue,
+                     task.labels.get(TENANT_LABEL, ""),
+                     json.dumps(task.labels, separators=(",", ":"), sort_keys=True)]
         out = self._claim(keys=[], args=args)
         claims = [_claim(v) for v in out]
         conflicts = {task.idempotency_key or "": c.task_id

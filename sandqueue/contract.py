@@ -126,6 +126,13 @@ class AgentTask(BaseModel):
     idempotency_key: str | None = Field(None, min_length=1, max_length=255)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     max_cost_usd: float | None = Field(None, gt=0, le=10_000)
+    callback_url: str | None = Field(
+        None, min_length=8, max_length=2048,
+        description="http(s) URL the result is POSTed to when the task ends (signed)")
+    callback_secret: str | None = Field(
+        None, min_length=16, max_length=4096, repr=False,
+        description="HMAC key of the callback signature; sealed before it reaches Redis "
+        "(the HTTP API sets it from the API key)")
 
     @field_validator("prompt")
     @classmethod
@@ -165,6 +172,13 @@ class AgentTask(BaseModel):
                 raise ValueError(f"envs: {name!r} is not a valid environment variable name")
             if name in RESERVED_ENVS:
                 raise ValueError(f"envs: {name} is set by the worker and cannot be overridden")
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/?#\s]+", value, re.I):
+            raise ValueError("callback_url must be an http:// or https:// URL with a host")
         return value
 
     @model_validator(mode="after")

@@ -64,3 +64,8 @@ def _decode(fields: dict[Any, Any]) -> dict[str, Any]:
     event: dict[str, Any] = json.loads(data)
     event.setdefault("ts", float(ts))
     return event
+
+
+decode_entry = _decode
+"""One stream entry's fields -> the event (with its `ts`), for readers of the raw stream
+such as the HTTP API's SSE endpoint."""

@@ -75,3 +75,34 @@ LIMIT_WAKE = f"{LIMIT_PREFIX}wake"
 def limit_key(kind: str, value: str) -> str:
     """Sorted set: running-task slots of one key (`label.tenant=acme`, a credential digest)."""
     return f"{LIMIT_PREFIX}key:{kind}:{value}"
+
+def apikey(key_id: str) -> str:
+    """Hash: one API key's sha256 hash (never the key), tenant, scopes, allowed env names,
+    limits, created/last-used/expiry times, revoked flag (`producer/apikeys.py`)."""
+    return f"{PREFIX}apikey:{key_id}"
+
+
+APIKEYS = f"{PREFIX}apikeys"
+"""Set: the ids of every API key, for `sandqueue apikey list`."""
+
+
+def tenant_index(tenant: str) -> str:
+    """Sorted set: task id -> submit time of a tenant's tasks (entries older than the
+    results are trimmed on each submit; the key expires with them). `GET /v1/tasks` reads it."""
+    return f"{PREFIX}idx:tenant:{tenant}"
+
+
+def submit_rate(tenant: str, window: int) -> str:
+    """String: submits of a tenant in one rate-limit window (expires after it)."""
+    return f"{PREFIX}rate:{tenant}:{window}"
+
+
+def webhook(task_id: str) -> str:
+    """Hash: a task's completion callback: URL, sealed secret, body, state, attempts
+    (`worker/webhooks.py`); `<this key>:log` is the list of its attempts. Both expire with
+    the result."""
+    return f"{PREFIX}webhook:{task_id}"
+
+
+WEBHOOKS_DUE = f"{PREFIX}webhooks:due"
+"""Sorted set: task id -> when its callback's next attempt is due (or its claim expires)."""

@@ -179,6 +179,39 @@ class Settings(BaseSettings):
         None, description="worker: a file touched every few seconds while it is healthy "
         "(maintenance running, Redis reachable); `python -m worker.health` checks it"
     )
+    api_host: str = Field("127.0.0.1", description="`sandqueue serve`: address to listen on")
+    api_port: int = Field(8080, ge=1, le=65535, description="`sandqueue serve`: port")
+    api_max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="HTTP API: largest request body (413 above it)"
+    )
+    api_max_batch_bytes: int = Field(
+        64 * 1_048_576, ge=1024, description="HTTP API: largest batch body (413 above it)"
+    )
+    api_submit_rate_per_min: int = Field(
+        600, ge=1, description="HTTP API: tasks a tenant may submit per minute unless its "
+        "API key says otherwise (429 above it)"
+    )
+    api_heartbeat_s: float = Field(
+        15, gt=0, description="HTTP API: SSE comment sent this often so proxies keep it open"
+    )
+    api_max_streams: int = Field(
+        1000, ge=1, description="HTTP API: event streams and long-polls one `serve` process "
+        "holds open at once (each holds a Redis connection); 503 above it"
+    )
+    api_max_wait_s: float = Field(
+        60, gt=0, description="HTTP API: longest `?wait=` a result long-poll may ask for"
+    )
+    webhook_allow_private: bool = Field(
+        False, description="allow callback URLs on loopback, private or link-local "
+        "addresses (SSRF guard off: only for tests and trusted networks)"
+    )
+    webhook_retry_for_s: float = Field(
+        3600, ge=0, description="a failing callback is retried with backoff for this long"
+    )
+    webhook_timeout_s: float = Field(10, gt=0, description="timeout of one callback POST")
+    webhook_backoff_s: float = Field(
+        2, ge=0, description="first callback retry delay, doubled per attempt (max 5 min)"
+    )
     secret_keys: str | None = Field(
         None,
         description="comma-separated Fernet keys; the first encrypts inline secrets, all "

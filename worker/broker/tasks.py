@@ -15,6 +15,7 @@ from celery import signals
 from celery.exceptions import Ignore, Reject
 
 from sandqueue.contract import TASK_NAME
+from worker import webhooks
 from worker.broker.app import app, process_runtime
 from worker.runtime import Duplicate, HandBack
 
@@ -23,8 +24,11 @@ from worker.runtime import Duplicate, HandBack
           Strategy="worker.broker.internals:guarded_strategy",
           Request="worker.broker.internals:PrivateRequest")
 def run_agent_task(self: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    runtime = process_runtime()
     try:
-        return process_runtime().handle(self.request.id, args, kwargs)
+        result = runtime.handle(self.request.id, args, kwargs)
+        webhooks.after_task(runtime, self.request.id, args, result)  # callback_url, if any
+        return result
     except Duplicate:
         raise Ignore() from None
     except HandBack as e:
@@ -40,6 +44,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     if sender is not None and getattr(sender, "app", None) is not None:
         runtime.queues = sorted(sender.app.amqp.queues.consume_from or ())
     runtime.start_maintenance()
+    webhooks.dispatcher(runtime.redis, runtime.settings)  # deliveries left by a dead worker
 
 
 @signals.worker_shutting_down.connect

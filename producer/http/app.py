@@ -1,0 +1,110 @@
+"""The ASGI app: `create_app()` (uvicorn's factory), health checks, the body size limit.
+
+It holds no state of its own between requests (everything is in Redis), so replicas behind
+a load balancer need nothing shared but Redis. Settings come from the environment and
+`.env`, as for every other sandqueue process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from producer.api import Client
+from producer.apikeys import ApiKeys
+from producer.http import batches, problems, tasks
+from sandqueue.settings import Settings, load_settings
+
+
+class BodyLimit:
+    """413 for a body over the limit: at once from Content-Length, or as soon as a chunked
+    body passes it (the rest is never read)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, batch_max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.batch_max_bytes = batch_max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = (self.batch_max_bytes if scope["path"].startswith("/v1/batches")
+                 else self.max_bytes)
+        detail = f"the request body is over {limit} bytes; send less per request"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = problems.problem_response(413, "too_large", detail,
+                                                 instance=scope["path"])
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(413, detail)  # routes and handlers turn it into a problem
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = Client(settings)
+        app.state.settings = settings
+        app.state.client = client
+        app.state.apikeys = ApiKeys(client.redis)
+        # Blocking stream reads last up to a heartbeat: the socket timeout must be longer.
+        app.state.aredis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, socket_connect_timeout=5,
+            socket_timeout=settings.api_heartbeat_s + 30,
+            max_connections=settings.api_max_streams + 50, timeout=10))
+        app.state.open_streams = 0
+        try:
+            yield
+        finally:
+            await app.state.aredis.aclose()
+            if "celery" in client.__dict__:
+                client.celery.close()
+            client.redis.close()
+
+    app = FastAPI(title="sandqueue", version="1",
+                  summary="Run AI agent tasks in fresh sandboxes: submit, follow, cancel.",
+                  lifespan=lifespan)
+    problems.install(app)
+    app.include_router(tasks.router)
+    app.include_router(batches.router)
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
+    app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"],
+                      responses={503: {"description": "Redis unreachable"}})
+    app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes,
+                       batch_max_bytes=settings.api_max_batch_bytes)
+    return app
+
+
+async def healthz() -> dict[str, str]:
+    """The process is up (liveness)."""
+    return {"status": "ok"}
+
+
+async def readyz(request: Request) -> Any:
+    """Redis answers (readiness): take this replica out of the load balancer otherwise."""
+    try:
+        await request.app.state.aredis.ping()
+    except (aioredis.RedisError, OSError):
+        return problems.problem_response(503, "unavailable", "Redis is unreachable",
+                                         instance="/readyz")
+    return JSONResponse({"status": "ready"})

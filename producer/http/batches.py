@@ -1,0 +1,224 @@
+"""/v1/batches: many tasks in one request, on the CLI's batch records (`producer/batch.py`).
+
+The body is JSONL (`application/x-ndjson`: one task per line, AgentTask fields plus an
+optional `id`), a JSON array of such objects, or a JSON object `{"tasks": [...],
+"defaults": {...}, "prompt_template": "..."}`. Every line is validated (and bound to the
+caller's tenant, as single submits are) before anything is submitted; the answer to a bad
+batch lists every bad line. Inputs get the keys the CLI gives them (`id`, else
+`line-<n>`), so `/results` is the CLI's results file: one JSON line per finished input,
+`id`, `line`, then the AgentResult, in input order.
+
+A batch's id is derived from the tenant and the `Idempotency-Key` header (else the body
+and options): posting the same batch again resumes it and submits nothing twice. The CLI's
+`--max-cost` / `--max-failures` need a process that follows the batch; over HTTP there is
+none, so those options are not offered here (cancel the batch instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from producer.api import Client
+from producer.batch import Batch, BatchInput, batch_key, parse_inputs
+from producer.http.auth import Caller, require
+from producer.http.problems import Problem, not_found
+from producer.http.tasks import ERRORS, PROBLEM, bind_to_caller, charge
+from sandqueue.contract import FINAL_STATUSES, AgentTask
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERRORS)
+JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines",
+               "text/plain")
+_BODY_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"oneOf": [
+        {"type": "array", "items": {"type": "object"}},
+        {"type": "object", "properties": {
+            "tasks": {"type": "array", "items": {"type": "object"}},
+            "defaults": {"type": "object"}, "prompt_template": {"type": "string"}},
+         "required": ["tasks"]}]}},
+    "application/x-ndjson": {"schema": {"type": "string"}}}}}
+
+
+class BatchSubmitted(BaseModel):
+    id: str
+    total: int
+    submitted: int
+    links: dict[str, str]
+
+
+def _links(batch_id: str) -> dict[str, str]:
+    base = f"/v1/batches/{batch_id}"
+    return {"self": base, "results": f"{base}/results", "events": f"{base}/events",
+            "cancel": f"{base}/cancel"}
+
+
+def _body(raw: bytes, content_type: str) -> tuple[str, dict[str, Any], str | None]:
+    """(JSONL text, defaults, prompt template) of a batch body."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Problem(400, "bad_request", f"the body is not UTF-8 ({e.reason})") from e
+    if content_type.split(";")[0].strip().lower() in JSONL_TYPES:
+        return text, {}, None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise Problem(400, "bad_request", "the body is not JSON; send a JSON array of tasks, "
+                      "or JSONL with Content-Type: application/x-ndjson") from e
+    if isinstance(value, dict) and isinstance(value.get("tasks"), list):
+        defaults, template = value.get("defaults") or {}, value.get("prompt_template")
+        if not isinstance(defaults, dict) or not isinstance(template, str | None):
+            raise Problem(422, "invalid_task", "defaults must be an object and "
+                          "prompt_template a string")
+        value = value["tasks"]
+    else:
+        defaults, template = {}, None
+    if not isinstance(value, list):
+        raise Problem(422, "invalid_task", "send a JSON array of tasks, or an object with "
+                      "a `tasks` array")
+    return "\n".join(json.dumps(v) for v in value), defaults, template
+
+
+def _batch_id(tenant: str, idempotency_key: str | None, raw: bytes) -> str:
+    digest = hashlib.sha256(f"{tenant}\0".encode())
+    digest.update(idempotency_key.encode() if idempotency_key else raw)
+    return digest.hexdigest()[:16]
+
+
+def owned_batch(request: Request, caller: Caller, batch_id: str) -> Batch:
+    client: Client = request.app.state.client
+    batch = Batch(client, batch_id[:64])
+    if not caller.owns(batch.meta().get("tenant")):
+        raise not_found(f"batch {batch_id[:64]}")
+    return batch
+
+
+@router.post("", status_code=202, response_model=BatchSubmitted, openapi_extra=_BODY_DOC,
+             responses={413: {"description": "body too large", **PROBLEM},
+                        422: {"description": "invalid lines, all listed", **PROBLEM},
+                        429: {"description": "submit rate limit", **PROBLEM}})
+async def submit_batch(request: Request, caller: Annotated[Caller, Depends(require("submit"))],
+                       idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")]
+                       = None) -> BatchSubmitted:
+    """Validate every line, then submit them all; posting it again resumes it."""
+    raw = await request.body()
+    text, defaults, template = _body(raw, request.headers.get("content-type", ""))
+    client: Client = request.app.state.client
+
+    def prepare(fields: dict[str, Any]) -> AgentTask:
+        allow_private = request.app.state.settings.webhook_allow_private
+        return client.prepare(bind_to_caller(client.build(fields), caller, None,
+                                             allow_private=allow_private))
+
+    inputs = await run_in_threadpool(parse_inputs, text, "jsonl", prepare=prepare,
+                                     defaults=defaults, template=template, source="the body")
+    batch = Batch(client, _batch_id(caller.tenant, idempotency_key, raw))
+    submitted = await run_in_threadpool(_submit, request, caller, batch, inputs)
+    return BatchSubmitted(id=batch.id, total=len(inputs), submitted=submitted,
+                          links=_links(batch.id))
+
+
+def _submit(request: Request, caller: Caller, batch: Batch, inputs: list[BatchInput]) -> int:
+    """What `submit_batch` in producer/batch.py does, plus the tenant and line numbers."""
+    batch.register(inputs, "http")
+    pipe = batch.r.pipeline(transaction=False)
+    pipe.hset(batch_key(batch.id), "tenant", caller.tenant)
+    pipe.hset(batch_key(batch.id, "lines"), mapping={i.key: i.line for i in inputs})
+    pipe.expire(batch_key(batch.id, "lines"), batch.ttl_s)
+    pipe.execute()
+    known = batch.items()
+    batch.client.republish_stranded(list(known.values()))
+    todo = [i for i in inputs if i.key not in known]
+    if todo:
+        # One request, one charge: the body limit bounds a batch's size, and a per-task
+        # charge would refuse for ever any batch larger than the per-minute limit.
+        charge(request, caller, 1)
+    return len(batch.submit(todo))
+
+
+@router.get("/{batch_id}")
+def get_batch(request: Request, batch_id: str,
+              caller: Annotated[Caller, Depends(require("read"))]) -> dict[str, Any]:
+    """Counts by status, cost so far, and the batch's state."""
+    return _counts(owned_batch(request, caller, batch_id))
+
+
+def _counts(batch: Batch) -> dict[str, Any]:
+    counts = batch.counts()
+    return {k: counts.get(k) for k in ("batch_id", "status", "total", "created_at",
+                                       "by_status", "cost_usd", "reason") if k in counts}
+
+
+@router.get("/{batch_id}/results", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-ndjson": {}}}})
+def batch_results(request: Request, batch_id: str,
+                  caller: Annotated[Caller, Depends(require("read"))]) -> StreamingResponse:
+    """One JSON line per finished input, in input order (the CLI's results file)."""
+    batch = owned_batch(request, caller, batch_id)
+    return StreamingResponse(_result_lines(batch), media_type="application/x-ndjson")
+
+
+def _result_lines(batch: Batch) -> Iterator[bytes]:
+    order = batch.input_keys()
+    items = batch.items()
+    lines = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in
+             batch.r.hgetall(batch_key(batch.id, "lines")).items()}
+    for start in range(0, len(order), 1000):
+        part = [k for k in order[start:start + 1000] if k in items]
+        found = batch.results([items[k] for k in part])
+        out = []
+        for key in part:
+            result = found.get(items[key])
+            if result is not None:
+                line = {"id": key, "line": lines.get(key), **result.model_dump(mode="json")}
+                out.append(json.dumps(line, ensure_ascii=False) + "\n")
+        yield "".join(out).encode()
+
+
+@router.post("/{batch_id}/cancel", status_code=202)
+def cancel_batch(request: Request, batch_id: str,
+                 caller: Annotated[Caller, Depends(require("cancel"))]) -> dict[str, Any]:
+    """Cancel every task of the batch that has not finished."""
+    batch = owned_batch(request, caller, batch_id)
+    return {"id": batch.id, "cancelled": batch.cancel()}
+
+
+@router.get("/{batch_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def follow_batch(request: Request, batch_id: str,
+                       caller: Annotated[Caller, Depends(require("read"))]) -> StreamingResponse:
+    """Progress as Server-Sent Events: the counts whenever they change, then `done`."""
+    batch = await run_in_threadpool(owned_batch, request, caller, batch_id)
+    heartbeat_s = request.app.state.settings.api_heartbeat_s
+    return StreamingResponse(_progress(batch, heartbeat_s), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _progress(batch: Batch, heartbeat_s: float, poll_s: float = 1.0
+                    ) -> AsyncIterator[bytes]:
+    final = {s.value for s in FINAL_STATUSES}
+    last: dict[str, Any] | None = None
+    quiet = 0.0
+    while True:
+        counts = await run_in_threadpool(_counts, batch)
+        ended = sum(n for s, n in counts["by_status"].items() if s in final)
+        done = ended >= int(counts.get("total") or 0)
+        if counts != last:
+            last, quiet = counts, 0.0
+            yield f"data: {json.dumps({'phase': 'progress', **counts})}\n\n".encode()
+        elif quiet >= heartbeat_s:
+            quiet = 0.0
+            yield b": heartbeat\n\n"
+        if done:
+            yield f"data: {json.dumps({'phase': 'done', **counts})}\n\n".encode()
+            return
+        await asyncio.sleep(poll_s)
+        quiet += poll_s
