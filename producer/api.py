@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from producer.outbox import IdempotencyConflict, Outbox
 from producer.taskinfo import TaskInfo
-from sandqueue import errors, keys
+from sandqueue import errors, keys, signing
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
 from sandqueue.events import EventLog
@@ -330,7 +330,7 @@ class Client:
         point (see producer/outbox.py)."""
         now = time.time()
         queue = queue or self.settings.queue
-        entries = [(task_id, task, _body(task, now), queue)
+        entries = [(task_id, task, self._body(task_id, task, now), queue)
                    for task, task_id in zip(tasks, ids, strict=True)]
         try:
             claims = self.outbox.claim(entries, now)
@@ -350,6 +350,11 @@ class Client:
                 self.events.publish(task_id, {"phase": "queued"}, pipe)
         pipe.execute()
         return [TaskHandle(self, c.task_id, duplicate=c.verdict != "new") for c in claims]
+
+    def _body(self, task_id: str, task: AgentTask, now: float) -> dict[str, Any]:
+        body = TaskMessage(task=task, submitted_at=now).model_dump(mode="json",
+                                                                   exclude_defaults=True)
+        return signing.sign(self.settings.signing_keys_value, task_id, body)
 
     def _publish(self, messages: list[tuple[str, dict[str, Any], str]]) -> None:
         """Publish Celery task messages (task id, body, queue), pipelined. What `send_task`
@@ -430,11 +435,6 @@ class Client:
                                       "error": "cancelled"}, pipe)
         pipe.execute()
         self.celery.backend.store_result(task_id, result.model_dump(mode="json"), "SUCCESS")
-
-
-def _body(task: AgentTask, now: float) -> dict[str, Any]:
-    return TaskMessage(task=task, submitted_at=now).model_dump(mode="json",
-                                                               exclude_defaults=True)
 
 
 def _conflict(e: IdempotencyConflict) -> errors.InvalidTask:

@@ -197,6 +197,8 @@ class TaskMessage(BaseModel):
     v: Literal[1] = CONTRACT_VERSION
     task: AgentTask
     submitted_at: float = Field(default_factory=time.time)
+    sig: str | None = Field(None, max_length=128,
+                            description="HMAC of the message (sandqueue/signing.py), if signed")
 
 
 class TaskError(BaseModel):

@@ -212,6 +212,10 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(
         2, ge=0, description="first callback retry delay, doubled per attempt (max 5 min)"
     )
+    signing_keys: SecretStr | None = Field(
+        None, description="comma-separated secrets; producers sign task messages with the "
+        "first, workers refuse messages not signed with one of them (sandqueue/signing.py)"
+    )
     secret_keys: str | None = Field(
         None,
         description="comma-separated Fernet keys; the first encrypts inline secrets, all "
@@ -256,6 +260,10 @@ class Settings(BaseSettings):
                 "re-delivers running tasks and they run twice"
             )
         return self
+
+    @property
+    def signing_keys_value(self) -> str | None:
+        return self.signing_keys.get_secret_value() if self.signing_keys else None
 
     @cached_property
     def provider(self) -> Literal["e2b", "sim"]:

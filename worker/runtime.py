@@ -21,7 +21,7 @@ from typing import Any
 import redis
 from pydantic import ValidationError
 
-from sandqueue import errors, keys
+from sandqueue import errors, keys, signing
 from sandqueue.contract import (
     AgentResult,
     AttemptRecord,
@@ -147,6 +147,9 @@ class Runtime:
         started = time.time()
         try:
             message = self._decode(args, kwargs)
+            refused = signing.verify(self.settings.signing_keys_value, task_id, args[0])
+            if refused is not None:
+                raise errors.InvalidTask(refused)
         except errors.InvalidTask as e:
             return self._invalid(task_id, started, e.message)
         self.start_maintenance()
