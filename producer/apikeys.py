@@ -49,6 +49,8 @@ class ApiKey:
     revoked: bool = False
     submit_rate_per_min: int | None = None
     """Submits per minute for this key's tenant; None = the deployment's default."""
+    max_queued: int | None = None
+    """Unfinished tasks this key's tenant may have at once; None = no limit."""
     webhook_secret: str | None = field(default=None, repr=False)
     """The key's callback signing secret, sealed (`sandqueue.sealing`); None when the
     deployment had no SANDQUEUE_SECRET_KEYS to seal it with."""
@@ -67,6 +69,7 @@ class ApiKey:
                 "allow_env": sorted(self.allow_env), "created_at": self.created_at,
                 "last_used_at": self.last_used_at, "expires_at": self.expires_at,
                 "revoked": self.revoked, "submit_rate_per_min": self.submit_rate_per_min,
+                "max_queued": self.max_queued,
                 "webhooks": self.webhook_secret is not None}
 
 
@@ -104,7 +107,7 @@ class ApiKeys:
     def create(self, tenant: str, *, scopes: frozenset[str] = frozenset(DEFAULT_SCOPES),
                expires_days: float | None = None, allow_env: frozenset[str] = frozenset(),
                submit_rate_per_min: int | None = None, sealer: Sealer | None = None,
-               ) -> tuple[ApiKey, str, str | None]:
+               max_queued: int | None = None) -> tuple[ApiKey, str, str | None]:
         """Make a key; returns its record, the key itself (shown once, only its hash is
         stored) and, when `sealer` can seal it, its webhook signing secret (shown once,
         stored sealed: workers open it to sign callbacks)."""
@@ -117,7 +120,7 @@ class ApiKeys:
         webhook = f"whsec_{secrets.token_urlsafe(32)}" if sealer and sealer.enabled else None
         record = ApiKey(key_id, tenant, scopes, allow_env, now,
                         expires_at=now + expires_days * 86400 if expires_days else None,
-                        submit_rate_per_min=submit_rate_per_min,
+                        submit_rate_per_min=submit_rate_per_min, max_queued=max_queued,
                         webhook_secret=sealer.seal(webhook) if sealer and webhook else None)
         fields: dict[str, Any] = {
             "hash": _hash(secret), "tenant": tenant, "scopes": ",".join(sorted(scopes)),
@@ -127,6 +130,8 @@ class ApiKeys:
             fields["expires_at"] = record.expires_at
         if submit_rate_per_min is not None:
             fields["submit_rate_per_min"] = submit_rate_per_min
+        if max_queued is not None:
+            fields["max_queued"] = max_queued
         if record.webhook_secret is not None:
             fields["webhook_secret"] = record.webhook_secret
         pipe = self.r.pipeline()
@@ -191,6 +196,7 @@ def _record(key_id: str, raw: dict[str, str]) -> ApiKey:
         return float(raw[name]) if raw.get(name) else None
 
     rate = raw.get("submit_rate_per_min")
+    queued = raw.get("max_queued")
     return ApiKey(
         id=key_id, tenant=raw.get("tenant", ""),
         scopes=frozenset(s for s in raw.get("scopes", "").split(",") if s),
@@ -198,5 +204,6 @@ def _record(key_id: str, raw: dict[str, str]) -> ApiKey:
         created_at=float(raw.get("created_at") or 0), last_used_at=number("last_used_at"),
         expires_at=number("expires_at"), revoked=raw.get("revoked") == "1",
         submit_rate_per_min=int(rate) if rate else None,
+        max_queued=int(queued) if queued else None,
         webhook_secret=raw.get("webhook_secret") or None,
     )

@@ -91,17 +91,21 @@ def apikey() -> None:
               help="${NAME} references its tasks may use (default: none).")
 @click.option("--rate-limit", "rate", type=click.IntRange(1),
               help="Submits per minute for the tenant (default SANDQUEUE_API_SUBMIT_RATE_PER_MIN).")
+@click.option("--max-queued", type=click.IntRange(1),
+              help="Unfinished tasks the tenant may have at once (default: no limit).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 @_errors
 def apikey_create(ctx: click.Context, tenant: str, scopes: str, expires_days: float | None,
-                  allow_env: str, rate: int | None, as_json: bool) -> None:
+                  allow_env: str, rate: int | None, max_queued: int | None,
+                  as_json: bool) -> None:
     """Make a key and print it once: only its hash is kept."""
     sealer = Sealer(_settings(ctx).secret_keys)
     record, key, webhook = _keys(ctx).create(tenant, scopes=parse_scopes(scopes),
                                              expires_days=expires_days,
                                              allow_env=parse_env_names(allow_env),
-                                             submit_rate_per_min=rate, sealer=sealer)
+                                             submit_rate_per_min=rate, sealer=sealer,
+                                             max_queued=max_queued)
     if as_json:
         render.print_json({**record.public(), "key": key, "webhook_secret": webhook})
         return

@@ -43,16 +43,18 @@ TENANT_LABEL = "tenant"
 caller cannot choose it); the claim records it in the task hash (`tenant`) and indexes the
 task under it, in the same atomic step, so no task is ever visible without its owner."""
 
-# ARGV: now, ttl, task key prefix, tenant index prefix, then 7 per task: id, idempotency
-# key (or ''), fingerprint, message body (JSON), queue, tenant (or ''), labels (JSON).
+# ARGV: now, ttl, task key prefix, tenant index prefix, tenant open-set prefix, then 7 per
+# task: id, idempotency key (or ''), fingerprint, message body (JSON), queue, tenant (or ''),
+# labels (JSON).
 # Returns one {verdict, id[, body, queue]} per task. A task with a tenant is recorded with
 # it and its labels (what `GET /v1/tasks` filters on) and indexed under that tenant.
 _CLAIM = """
-local now, ttl, prefix, idx = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local n = (#ARGV - 4) / 7
+local now, ttl, prefix, idx, openp = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4],
+  ARGV[5]
+local n = (#ARGV - 5) / 7
 local verdicts, claimed, conflict = {}, {}, false
 for i = 0, n - 1 do
-  local b = 5 + i * 7
+  local b = 6 + i * 7
   local id, idem, fp = ARGV[b], ARGV[b + 1], ARGV[b + 2]
   local v = {'new', id}
   if idem ~= '' then
@@ -76,7 +78,7 @@ for i = 0, n - 1 do
 end
 if conflict then return verdicts end
 for i = 0, n - 1 do
-  local b = 5 + i * 7
+  local b = 6 + i * 7
   if verdicts[i + 1][1] == 'new' then
     local id, idem = ARGV[b], ARGV[b + 1]
     local key = prefix .. id
@@ -90,6 +92,8 @@ for i = 0, n - 1 do
     if tenant ~= '' then
       redis.call('HSET', key, 'tenant', tenant, 'labels', ARGV[b + 6])
       redis.call('ZADD', idx .. tenant, now, id)
+      redis.call('ZADD', openp .. tenant, now, id)
+      redis.call('EXPIRE', openp .. tenant, ttl)
       redis.call('ZREMRANGEBYSCORE', idx .. tenant, '-inf', tonumber(now) - ttl)
       redis.call('EXPIRE', idx .. tenant, ttl)
     end
@@ -112,7 +116,8 @@ end
 return 1
 """
 
-# KEYS: running, cancelled. ARGV: now, ttl, task key prefix, final statuses (csv), ids...
+# KEYS: running, cancelled. ARGV: now, ttl, task key prefix, final statuses (csv), tenant
+# open-set prefix, ids...
 # Per id: {'ended', status} (already final), {'cancelled'} (nobody held it: final now),
 # {'requested'} (a worker runs it and stops it), {'unknown'} (no record).
 _CANCEL = """
@@ -120,7 +125,7 @@ local now, ttl, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local final = {}
 for s in string.gmatch(ARGV[4], '[^,]+') do final[s] = true end
 local out = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local id = ARGV[i]
   local key = prefix .. id
   local status = redis.call('HGET', key, 'status')
@@ -135,6 +140,8 @@ for i = 5, #ARGV do
                'updated_at', now)
     redis.call('HDEL', key, 'message')
     redis.call('EXPIRE', key, ttl)
+    local tenant = redis.call('HGET', key, 'tenant')
+    if tenant then redis.call('ZREM', ARGV[5] .. tenant, id) end
     out[#out + 1] = {'cancelled'}
   else
     redis.call('HSET', key, 'cancel', 1)
@@ -200,7 +207,8 @@ class Outbox:
               now: float) -> list[Claim]:
         """Bind keys and record tasks as `submitting`, atomically. Entries are
         (task id, task, message body, queue). Raises IdempotencyConflict."""
-        args: list[Any] = [now, self.ttl_s, keys.task(""), keys.tenant_index("")]
+        args: list[Any] = [now, self.ttl_s, keys.task(""), keys.tenant_index(""),
+                           keys.tenant_open("")]
         for task_id, task, body, queue in entries:
             idem = keys.idempotency(task.idempotency_key) if task.idempotency_key else ""
             args += [task_id, idem, fingerprint(task),
@@ -216,6 +224,24 @@ class Outbox:
             raise IdempotencyConflict(conflicts)
         return claims
 
+    def open_count(self, tenant: str, at_least: int) -> int:
+        """How many of a tenant's tasks have not finished. Exact up to `at_least`: entries
+        whose task ended without being removed (its worker died, its record expired) are
+        pruned only when the count reaches that, so the common check is one ZCARD."""
+        key = keys.tenant_open(tenant)
+        count = int(self.r.zcard(key))
+        if count < at_least:
+            return count
+        ids = [as_text(t) for t in self.r.zrange(key, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(keys.task(task_id), "status")
+        ended = [t for t, status in zip(ids, pipe.execute(), strict=True)
+                 if status is None or as_text(status) in _FINAL]
+        if ended:
+            self.r.zrem(key, *ended)
+        return len(ids) - len(ended)
+
     def confirm(self, task_ids: list[str], pipe: Any) -> None:
         """Into `pipe`: published tasks become `queued` (unless a worker began them)."""
         if task_ids:
@@ -224,7 +250,8 @@ class Outbox:
     def cancel(self, task_ids: list[str], now: float) -> dict[str, tuple[str, str | None]]:
         """Task id -> (outcome, final status if it had already ended)."""
         out = self._cancel(keys=[keys.RUNNING, keys.CANCELLED],
-                           args=[now, self.ttl_s, keys.task(""), ",".join(_FINAL), *task_ids])
+                           args=[now, self.ttl_s, keys.task(""), ",".join(_FINAL),
+                                 keys.tenant_open(""), *task_ids])
         return {t: (as_text(v[0]), as_text(v[1]) if len(v) > 1 else None)
                 for t, v in zip(task_ids, out, strict=True)}
 

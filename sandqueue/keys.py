@@ -106,3 +106,10 @@ def webhook(task_id: str) -> str:
 
 WEBHOOKS_DUE = f"{PREFIX}webhooks:due"
 """Sorted set: task id -> when its callback's next attempt is due (or its claim expires)."""
+
+
+def tenant_open(tenant: str) -> str:
+    """Sorted set: a tenant's tasks not finished yet (task id -> submit time), for the
+    per-key `max_queued` limit. Added at submit, removed when a task ends; entries whose
+    task ended unseen are pruned when the limit is checked."""
+    return f"{PREFIX}open:tenant:{tenant}"

@@ -399,6 +399,9 @@ class Runtime:
         self._state(task_id, {"status": result.status, "error": category,
                               "cost_usd": result.total_cost_usd})
         self.writer.submit(lambda p: self.store.release_lease(task_id, self.worker_name, p))
+        tenant = result.labels.get("tenant")
+        if tenant:  # the HTTP API's per-key limit of unfinished tasks counts this one no more
+            self.writer.submit(lambda p: p.zrem(keys.tenant_open(tenant), task_id))
         self._event(task_id, {"phase": "result", "status": result.status.value,
                               "error": category})
         if not self.writer.sync():

@@ -102,6 +102,13 @@ def bind_to_caller(task: AgentTask, caller: Caller, idempotency_key: str | None,
 
 
 def charge(request: Request, caller: Caller, count: int) -> None:
+    limit = caller.key.max_queued
+    if limit is not None:
+        open_now = _client(request).outbox.open_count(caller.tenant, limit)
+        if open_now + count > limit:
+            raise Problem(429, "rate_limited", f"tenant {caller.tenant!r} has {open_now} "
+                          f"unfinished task(s), its key allows {limit}; try again when some "
+                          "have finished", headers={"Retry-After": "5"})
     per_min = caller.key.submit_rate_per_min or request.app.state.settings.api_submit_rate_per_min
     retry_after = request.app.state.apikeys.charge_submits(caller.tenant, count, per_min)
     if retry_after is not None:

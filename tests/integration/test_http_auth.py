@@ -134,3 +134,18 @@ def test_redis_keeps_only_the_hash_of_a_key(server: ApiServer, redis_url: str,
     listed = run_cli(redis_url, "apikey", "list", "--json")
     assert created["id"] in listed.out and created["key"] not in listed.out
     assert '"last_used_at": null' not in listed.out
+
+
+def test_max_queued_per_key_refuses_beyond_the_tenants_unfinished_tasks(
+        server: ApiServer, redis_url: str) -> None:
+    # No worker consumes this queue: submitted tasks stay unfinished
+    key = make_key(redis_url, "busy", "--max-queued", "2")
+    body = {"prompt": "wait", "envs": {"SIM_LATENCY_S": "0"}}
+    with server.client(key["key"]) as c:
+        first, second, third = (c.post("/v1/tasks", json=body) for _ in range(3))
+        assert [first.status_code, second.status_code] == [202, 202]
+        assert third.status_code == 429 and third.json()["category"] == "rate_limited"
+        assert "2 unfinished" in third.json()["detail"] and third.headers["retry-after"]
+        # When one ends (cancelled while queued: it ends at once), there is room again
+        assert c.post(f"/v1/tasks/{first.json()['id']}/cancel").status_code < 300
+        assert c.post("/v1/tasks", json=body).status_code == 202

@@ -253,3 +253,15 @@ def test_a_batch_with_sealed_secrets_is_the_same_batch_when_run_again(queue: Que
     again = submit_batch([dict(t) for t in tasks], client=c)
     assert again.id == first.id
     assert len(queue.messages) == 3
+
+
+def test_a_tenants_unfinished_tasks_are_counted_and_ended_ones_pruned(queue: Queue) -> None:
+    c = client()
+    handles = [c.submit(f"t{i}", labels={"tenant": "acme"}) for i in range(3)]
+    c.submit("other", labels={"tenant": "zeta"})
+    assert c.outbox.open_count("acme", at_least=10) == 3
+    c.cancel_outcomes([handles[0].id])           # ends at once: removed
+    assert c.outbox.open_count("acme", at_least=10) == 2
+    c.redis.hset(keys.task(handles[1].id), "status", "succeeded")  # ended unseen
+    assert c.outbox.open_count("acme", at_least=10) == 2          # below the limit: cheap
+    assert c.outbox.open_count("acme", at_least=2) == 1           # at it: pruned, exact
