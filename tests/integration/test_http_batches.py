@@ -21,7 +21,8 @@ JSONL = "\n".join([
     json.dumps({"id": "gamma", "prompt": "third input", "max_turns": 3}),
     json.dumps({"prompt": "fourth input"}),
 ]) + "\n"
-VOLATILE = {"task_id", "timings", "session_id", "finished_at", "sandbox_id", "labels"}
+VOLATILE = {"task_id", "timings", "session_id", "finished_at", "sandbox_id", "labels",
+            "attempt_log"}
 
 
 @pytest.fixture(scope="module")
