@@ -91,7 +91,9 @@ class TaskHandle:
         record = self.info()
         if record.get("status"):
             return TaskStatus(record["status"])
-        return TaskStatus.SUCCEEDED if self.result() is not None else TaskStatus.UNKNOWN
+        # The record expired before the result: the result says how the task ended.
+        result = self.result()
+        return result.status if result is not None else TaskStatus.UNKNOWN
 
     def result(self) -> AgentResult | None:
         """The result if the task has finished, else None. Never blocks."""

@@ -17,7 +17,7 @@ from producer.api import Client
 from producer.batch import submit_batch
 from producer.outbox import fingerprint
 from sandqueue import errors, keys
-from sandqueue.contract import AgentTask, TaskStatus
+from sandqueue.contract import AgentResult, AgentTask, TaskStatus
 from sandqueue.sealing import Sealer, generate_key, seal_mcp
 from sandqueue.settings import Settings
 
@@ -265,3 +265,13 @@ def test_a_tenants_unfinished_tasks_are_counted_and_ended_ones_pruned(queue: Que
     c.redis.hset(keys.task(handles[1].id), "status", "succeeded")  # ended unseen
     assert c.outbox.open_count("acme", at_least=10) == 2          # below the limit: cheap
     assert c.outbox.open_count("acme", at_least=2) == 1           # at it: pruned, exact
+
+
+def test_a_task_whose_record_expired_reports_the_status_of_its_result(
+        queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    from producer.api import TaskHandle
+
+    c = client()
+    failed = AgentResult(task_id="t-old", status=TaskStatus.FAILED)
+    monkeypatch.setattr(TaskHandle, "result", lambda self: failed)
+    assert c.get("t-old").status() is TaskStatus.FAILED  # not "succeeded"
