@@ -25,6 +25,7 @@ import redis
 from sandqueue import errors, keys
 from sandqueue.contract import ENV_NAME
 from sandqueue.sealing import Sealer
+from sandqueue.store import as_text
 
 SCOPES = ("submit", "read", "cancel", "admin")
 """`submit` tasks and batches; `read` status, results, events, listings; `cancel` them;
@@ -75,10 +76,6 @@ class ApiKey:
 
 def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def parse_scopes(text: str) -> frozenset[str]:
@@ -141,14 +138,14 @@ class ApiKeys:
         return record, secret, webhook
 
     def get(self, key_id: str) -> ApiKey | None:
-        raw = {_s(k): _s(v) for k, v in self.r.hgetall(keys.apikey(key_id)).items()}
+        raw = {as_text(k): as_text(v) for k, v in self.r.hgetall(keys.apikey(key_id)).items()}
         return _record(key_id, raw) if raw else None
 
     def authenticate(self, presented: str) -> tuple[ApiKey | None, str]:
         """(key, "") for a usable key, else (None, why it was refused)."""
         match = _KEY.match(presented)
         key_id = match.group(1) if match else "0" * 16
-        raw = {_s(k): _s(v) for k, v in self.r.hgetall(keys.apikey(key_id)).items()}
+        raw = {as_text(k): as_text(v) for k, v in self.r.hgetall(keys.apikey(key_id)).items()}
         # Compared even when there is no record, so both cases take the same time.
         stored = raw.get("hash", "0" * 64)
         if not hmac.compare_digest(stored.encode(), _hash(presented).encode()) or not raw:
@@ -163,7 +160,7 @@ class ApiKeys:
         return record, ""
 
     def list(self) -> list[ApiKey]:
-        ids = sorted(_s(i) for i in self.r.smembers(keys.APIKEYS))
+        ids = sorted(as_text(i) for i in self.r.smembers(keys.APIKEYS))
         found = [self.get(i) for i in ids]
         return sorted((k for k in found if k is not None), key=lambda k: k.created_at)
 

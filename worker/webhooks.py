@@ -29,6 +29,7 @@ import redis
 from sandqueue import callbacks, errors, keys
 from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
+from sandqueue.store import as_text
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Dispatcher:
         now = time.time()
         lease = now + self.settings.webhook_timeout_s + 30
         ids = self._claim(keys=[keys.WEBHOOKS_DUE], args=[now, lease, limit])
-        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+        return [as_text(i) for i in ids]
 
     def deliver(self, task_id: str) -> None:
         """One attempt; then delivered, due again later, or given up."""

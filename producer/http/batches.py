@@ -33,6 +33,7 @@ from producer.http.auth import Caller, require
 from producer.http.problems import Problem, not_found
 from producer.http.tasks import ERRORS, PROBLEM, bind_to_caller, charge
 from sandqueue.contract import FINAL_STATUSES, AgentTask
+from sandqueue.store import as_text
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERRORS)
 JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines",
@@ -169,7 +170,7 @@ def batch_results(request: Request, batch_id: str,
 def _result_lines(batch: Batch) -> Iterator[bytes]:
     order = batch.input_keys()
     items = batch.items()
-    lines = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in
+    lines = {as_text(k): int(v) for k, v in
              batch.r.hgetall(batch_key(batch.id, "lines")).items()}
     for start in range(0, len(order), 1000):
         part = [k for k in order[start:start + 1000] if k in items]

@@ -17,13 +17,14 @@ from producer.http.auth import Caller
 from producer.http.problems import Problem, not_found
 from sandqueue import keys
 from sandqueue.contract import AgentResult
+from sandqueue.store import as_text
 
 _TASK_ID_MAX = 200
 
 
 def result_key(client: Client, task_id: str) -> str:
     key = client.celery.backend.get_key_for_task(task_id)
-    return key.decode() if isinstance(key, bytes) else key
+    return as_text(key)
 
 
 def decode_result(raw: bytes | str | None) -> dict[str, Any] | None:
@@ -83,21 +84,17 @@ def page(r: redis.Redis, tenant: str, *, limit: int, cursor: str | None,
             return found, None
         pipe = r.pipeline(transaction=False)
         for member, _ in chunk:
-            pipe.hgetall(keys.task(_s(member)))
+            pipe.hgetall(keys.task(as_text(member)))
         for (member, score), raw in zip(chunk, pipe.execute(), strict=True):
             examined += 1
             skip = skip + 1 if score == top else 1
             top = score
-            record = {_s(k): _s(v) for k, v in raw.items()}
+            record = {as_text(k): as_text(v) for k, v in raw.items()}
             if record and keep(record):
-                found.append((_s(member), record))
+                found.append((as_text(member), record))
                 if len(found) == limit:
                     return found, encode_cursor(top, skip)
     return found, encode_cursor(top, skip)
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _bound(score: float) -> str:

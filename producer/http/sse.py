@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from producer.http.problems import Problem
 from sandqueue import keys
 from sandqueue.events import decode_entry
+from sandqueue.store import as_text
 
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}\Z")
 _RESULT_LAG_S = 5.0
@@ -93,7 +94,7 @@ async def task_events(r: aioredis.Redis, task_id: str, after: str, heartbeat_s: 
                 return
         for _, entries in answer:
             for entry_id, fields in entries:
-                after = _s(entry_id)
+                after = as_text(entry_id)
                 event = decode_entry(fields)
                 yield frame(after, event)
                 if event.get("phase") == "result":
@@ -108,7 +109,7 @@ async def wait_result(r: aioredis.Redis, task_id: str, wait_s: float,
     key = keys.events(task_id)
     deadline = time.monotonic() + wait_s
     newest = await r.xrevrange(key, count=1)
-    after = _s(newest[0][0]) if newest else "0-0"
+    after = as_text(newest[0][0]) if newest else "0-0"
     result = await stored_result()
     while result is None:
         remaining = deadline - time.monotonic()
@@ -118,7 +119,7 @@ async def wait_result(r: aioredis.Redis, task_id: str, wait_s: float,
         ended = False
         for _, entries in answer or []:
             for entry_id, fields in entries:
-                after = _s(entry_id)
+                after = as_text(entry_id)
                 ended = ended or decode_entry(fields).get("phase") == "result"
         result = await stored_result()
         lag_end = time.monotonic() + _RESULT_LAG_S
@@ -126,7 +127,3 @@ async def wait_result(r: aioredis.Redis, task_id: str, wait_s: float,
             await asyncio.sleep(0.02)
             result = await stored_result()
     return result
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

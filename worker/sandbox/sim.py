@@ -44,6 +44,7 @@ import redis
 
 from sandqueue import errors, keys
 from sandqueue.settings import Settings
+from sandqueue.store import as_text
 from worker.sandbox.base import (
     CommandResult,
     LiveSandbox,
@@ -166,7 +167,7 @@ class _Registry:
         if self.r is None:
             items = list(self.local.items())
         else:
-            ids = sorted(m.decode() if isinstance(m, bytes) else m
+            ids = sorted(as_text(m)
                          for m in self.r.smembers(keys.SIM_LIVE))
             raw = self.r.mget([keys.sim_sandbox(i) for i in ids]) if ids else []
             items = []
