@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandqueue import errors
+from sandqueue.artifacts import ArtifactStore, make_store
 from sandqueue.contract import (
     AgentResult,
+    ArtifactRef,
     AttemptRecord,
     McpServerStatus,
     TaskMessage,
@@ -37,6 +39,7 @@ from worker.credentials import resolve_envs, resolve_mcp
 from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
+from worker.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +118,17 @@ class _Progress:
     infra_retries: int = 0
     infra_streak: int = 0
     """Infrastructure failures in a row (the exponent of their backoff)."""
+    # -- workspace in and out (issue 12)
+    repo_commit: str | None = None
+    artifacts: list[ArtifactRef] = field(default_factory=list)
+    """The last attempt's artifacts (each attempt collects afresh)."""
 
 
 class Pipeline:
     def __init__(self, settings: Settings, provider: SandboxProvider, agent: Agent,
                  environ: Mapping[str, str] | None = None,
-                 limiter: Limiter | None = None, runner: AgentRunner | None = None) -> None:
+                 limiter: Limiter | None = None, runner: AgentRunner | None = None,
+                 artifacts: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.provider = provider
         self.agent = agent
@@ -129,6 +137,14 @@ class Pipeline:
         self.limiter = limiter
         self.environ = environ if environ is not None else os.environ
         self.sealer = Sealer(settings.secret_keys)
+        self._artifacts = artifacts
+
+    @property
+    def workspace(self) -> Workspace:
+        """Made on first use: a task without repo, files or collect needs no store."""
+        if self._artifacts is None:
+            self._artifacts = make_store(self.settings)
+        return Workspace(self.settings, self._artifacts, self.environ)
 
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
@@ -342,6 +358,11 @@ class Pipeline:
                 progress.timings.gateway_ready_s = time.monotonic() - t1
                 ctx.on_event({"phase": "gateway_ready"})
                 self._check_time(ctx, "waiting for the MCP gateway")
+            # -- workspace in (issue 12): the repo and input files, before the agent starts
+            task_io = bool(task.repo or task.files or task.collect)
+            if task_io:
+                progress.repo_commit = self.workspace.prepare(sandbox, task, redactor)
+                self._check_time(ctx, "preparing the workspace")
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,
@@ -351,6 +372,23 @@ class Pipeline:
                                 on_started=lambda: self._agent_started(ctx, progress))
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
+                if task_io:  # -- workspace out (issue 12): also after a failure or timeout
+                    self._collect(ctx, sandbox, progress, redactor)
+
+    def _collect(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress,
+                 redactor: Redactor) -> None:
+        """Bring the attempt's files back before the sandbox is killed; not when the task
+        is handed back (the next delivery collects its own)."""
+        if ctx.stop.is_set() and not ctx.cancel.is_set():
+            return
+        workspace = self.workspace
+        for stale in progress.artifacts:  # an earlier attempt's, replaced by this one's
+            workspace.store.delete(ctx.task_id, stale.name)
+        done = workspace.collect(sandbox, ctx.message.task, ctx.task_id, progress.repo_commit)
+        progress.artifacts = done.artifacts
+        ctx.warnings.extend(redactor.text(w) for w in done.warnings)
+        if done.artifacts:
+            ctx.on_event({"phase": "artifacts", "count": len(done.artifacts)})
 
     @staticmethod
     def _agent_started(ctx: TaskContext, progress: _Progress) -> None:
@@ -422,5 +460,7 @@ class Pipeline:
             timeout_s_requested=ctx.message.task.timeout_s,
             timeout_s_applied=ctx.timeout_s_applied,
             warnings=list(ctx.warnings),
+            artifacts=progress.artifacts,  # workspace out (issue 12)
+            repo_commit=progress.repo_commit,
         )
         return redactor.model(result)

@@ -24,6 +24,8 @@ Behaviour is set per task through the task's `envs` (they become the sandbox's e
     SIM_MCP_STATUS=pending    the gateway's status in Claude Code's init event (default
                               connected; pending lists none of its tools yet, as real runs do)
     SIM_TOOLS=Bash,Read       the tool calls the agent attempts, in order (with SIM_TOOL_CALLS)
+    SIM_EDITS={"a.txt": "x"}  files the agent writes in its working directory when it starts
+                              (null deletes one): what `collect` and the repo diff bring back
 
 Live simulated sandboxes are recorded in Redis (when given a client) so tests, the reaper
 and other processes can see them, as they would list real ones.

@@ -17,7 +17,7 @@ import json
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from worker.sandbox.sim_shell import argv_of, gateway_tools, prompt_digest
+from worker.sandbox.sim_shell import argv_of, cwd_of, gateway_tools, prompt_digest
 
 if TYPE_CHECKING:
     from worker.sandbox.sim import SimCommand, SimSandbox
@@ -196,6 +196,7 @@ class ScriptedAgent:
               context: list[str]) -> int:
         fails = self.sandbox.fails
         latency = float(self.envs.get("SIM_LATENCY_S", self.sandbox.default_latency_s))
+        self._edit()
         planned = self._planned_calls(mcp_tools)
         steps = len(planned) + 1
         for i, tool in enumerate(planned):
@@ -223,6 +224,19 @@ class ScriptedAgent:
         self._assistant(proc, opts, [{"type": "text", "text": answer}],
                         input_tokens=50, output_tokens=30)
         return self._finish(proc, opts, steps, text=answer)
+
+    def _edit(self) -> None:
+        """SIM_EDITS={"path": "new content", "gone.txt": null}: the files the agent writes
+        (or deletes), relative to its working directory, at once: a test that times the
+        agent out still finds them there to collect."""
+        edits = json.loads(self.envs.get("SIM_EDITS") or "{}")
+        base = cwd_of(self.cmd) or "/home/user"
+        for path, content in edits.items():
+            target = f"{base}/{path}"
+            if content is None:
+                self.sandbox.disk.delete(target)
+            else:
+                self.sandbox.disk.write(target, content.encode())
 
     def _leak(self) -> str:
         """What SIM_ECHO asks the agent to repeat: sandbox env values and MCP settings."""

@@ -38,3 +38,9 @@ def _split(cmd: str) -> tuple[tuple[str, ...], str | None]:
         stdin = tokens[i + 1] if i + 1 < len(tokens) else None
         tokens = tokens[:i] + tokens[i + 2:]
     return tuple(tokens), stdin
+
+
+def cwd_of(cmd: str) -> str | None:
+    """The directory a `cd DIR && ...` command line runs in (None without a `cd`)."""
+    tokens = shlex.split(cmd)
+    return tokens[1] if len(tokens) > 1 and tokens[0] == "cd" else None
