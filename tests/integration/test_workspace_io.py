@@ -129,3 +129,43 @@ def test_python_api_and_batch_lines_carry_the_artifacts(
         assert lines[key]["repo_commit"] == origin[commit]
         assert {a["name"] for a in lines[key]["artifacts"]} == {"repo.diff",
                                                                 "files/README.md"}
+
+
+def test_http_lists_and_downloads_artifacts_for_their_tenant_only(
+        redis_url: str, worker_factory: StartWorker, origin: dict[str, Any],  # noqa: F811
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    from tests.integration.http_server import make_key, serve_fixture
+
+    env = store_env(tmp_path)
+    worker_factory(concurrency=2, env=env)
+    served = serve_fixture(redis_url, tmp_path_factory, env)
+    server = next(served)
+    try:
+        acme = server.client(make_key(redis_url, "acme")["key"])
+        other = server.client(make_key(redis_url, "other")["key"])
+        task = acme.post("/v1/tasks", json={
+            "prompt": "edit", "repo": {"url": origin["url"], "ref": "v1"},
+            "collect": ["*.md"], "envs": {"SIM_EDITS": json.dumps({"README.md": "web\n"})}})
+        assert task.status_code == 202, task.text
+        task_id = task.json()["id"]
+        result = acme.get(f"/v1/tasks/{task_id}/result", params={"wait": 60}).json()
+        assert result["status"] == "succeeded", result
+        listed = acme.get(f"/v1/tasks/{task_id}/artifacts").json()
+        assert [a["name"] for a in listed] == [a["name"] for a in result["artifacts"]]
+        got = acme.get(f"/v1/tasks/{task_id}/artifacts/files/README.md")
+        assert got.status_code == 200 and got.content == b"web\n"
+        assert got.headers["etag"].strip('"') == next(
+            a["sha256"] for a in listed if a["name"] == "files/README.md")
+        diff = acme.get(f"/v1/tasks/{task_id}/artifacts/repo.diff")
+        assert diff.status_code == 200 and b"+web" in diff.content
+        # Another tenant, a name the result does not list, a token reference not allowed
+        assert other.get(f"/v1/tasks/{task_id}/artifacts/repo.diff").status_code == 404
+        assert other.get(f"/v1/tasks/{task_id}/artifacts").status_code == 404
+        assert acme.get(f"/v1/tasks/{task_id}/artifacts/files/other.md").status_code == 404
+        refused = acme.post("/v1/tasks", json={"prompt": "x", "repo": {
+            "url": "https://example.com/r.git", "token": "${E2B_API_KEY}"}})
+        assert refused.status_code == 422 and "E2B_API_KEY" in refused.text
+        acme.close()
+        other.close()
+    finally:
+        next(served, None)
