@@ -361,7 +361,8 @@ class Pipeline:
             # -- workspace in (issue 12): the repo and input files, before the agent starts
             task_io = bool(task.repo or task.files or task.collect)
             if task_io:
-                progress.repo_commit = self.workspace.prepare(sandbox, task, redactor)
+                progress.repo_commit = self.workspace.prepare(sandbox, task, redactor,
+                                                              ctx.deadline_at)
                 self._check_time(ctx, "preparing the workspace")
             ctx.on_event({"phase": "agent_started"})
             try:

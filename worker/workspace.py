@@ -116,17 +116,21 @@ class Workspace:
         self.environ = environ
 
     # -- in ------------------------------------------------------------------------------
-    def prepare(self, sandbox: Sandbox, task: AgentTask, redactor: Redactor) -> str | None:
+    def prepare(self, sandbox: Sandbox, task: AgentTask, redactor: Redactor,
+                deadline_at: float) -> str | None:
         """Clone the repo (returning the commit checked out) and write the input files."""
-        commit = self._clone(sandbox, task.repo, redactor) if task.repo is not None else None
+        commit = None
+        if task.repo is not None:
+            timeout = max(1.0, min(self.settings.clone_timeout_s, deadline_at - time.time()))
+            commit = self._clone(sandbox, task.repo, redactor, timeout)
         base = workdir(task)
         for item in task.files:
             sandbox.write_file(f"{base}/{item.path}", item.data())
         return commit
 
-    def _clone(self, sandbox: Sandbox, repo: RepoSpec, redactor: Redactor) -> str:
+    def _clone(self, sandbox: Sandbox, repo: RepoSpec, redactor: Redactor,
+               timeout: float) -> str:
         doing = f"cloning {repo.url}" + (f" at {repo.ref}" if repo.ref else "")
-        timeout = self.settings.clone_timeout_s
         self._git(sandbox, "git init -q repo", HOME_DIR, doing)
         self._git(sandbox, f"git remote add origin {shlex.quote(repo.url)}", REPO_DIR, doing)
         depth = f"--depth {repo.depth} " if repo.depth else ""
