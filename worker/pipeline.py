@@ -361,9 +361,7 @@ class Pipeline:
             # -- workspace in (issue 12): the repo and input files, before the agent starts
             task_io = bool(task.repo or task.files or task.collect)
             if task_io:
-                progress.repo_commit = self.workspace.prepare(sandbox, task, redactor,
-                                                              ctx.deadline_at)
-                self._check_time(ctx, "preparing the workspace")
+                self._prepare(ctx, sandbox, progress, redactor)
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,
@@ -375,6 +373,18 @@ class Pipeline:
                 progress.timings.agent_run_s = progress.run.duration_s
                 if task_io:  # -- workspace out (issue 12): also after a failure or timeout
                     self._collect(ctx, sandbox, progress, redactor)
+
+    def _prepare(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress,
+                 redactor: Redactor) -> None:
+        """Clone and write the inputs; if the deadline (or a cancel) strikes meanwhile,
+        what is there is still collected."""
+        try:
+            progress.repo_commit = self.workspace.prepare(sandbox, ctx.message.task, redactor,
+                                                          ctx.deadline_at)
+            self._check_time(ctx, "preparing the workspace")
+        except (errors.DeadlineExceeded, errors.Cancelled):
+            self._collect(ctx, sandbox, progress, redactor)
+            raise
 
     def _collect(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress,
                  redactor: Redactor) -> None:

@@ -39,6 +39,9 @@ REPO_DIR = f"{HOME_DIR}/repo"
 DIFF_NAME = "repo.diff"
 COLLECTED_PREFIX = "files/"
 LIST_DEPTH = 32
+PRIVATE_PREFIXES = (".sandqueue/", ".sandqueue-repo.diff")
+"""The worker's own files in the home directory (the prompt, the MCP client config with the
+gateway's token): never collected, whatever the pattern."""
 _DIFF_TMP = "../.sandqueue-repo.diff"
 """Relative to REPO_DIR: outside the repository, so the diff does not diff itself."""
 
@@ -210,8 +213,9 @@ class Workspace:
         chosen: list[str] = []
         for pattern in task.collect:
             regex = glob_regex(pattern)
-            hits = [p for p in sorted(entries) if regex.match(p)
-                    and (pattern.startswith(".git/") or not p.startswith(".git/"))]
+            hits = [p for p in sorted(entries) if regex.match(p) and not p.startswith(
+                        PRIVATE_PREFIXES) and (pattern.startswith(".git/")
+                                               or not p.startswith(".git/"))]
             if not hits:
                 done.warnings.append(f"artifacts: collect pattern {pattern!r} matched no file")
             chosen.extend(p for p in hits if p not in chosen)

@@ -16,7 +16,8 @@ import pytest
 from sandqueue.artifacts import LocalStore
 from sandqueue.contract import AgentResult, ErrorCategory, TaskStatus
 from tests.fakes.git_http import GitHttpServer
-from tests.unit.test_pipeline_sim import MODEL_KEY, Harness, make_harness
+from tests.unit.test_pipeline_sim import MODEL_KEY, WATCHDOG, Harness, make_harness
+from worker.agent.runner import AgentRunner
 from worker.workspace import classify_clone_failure, glob_regex
 
 TOKEN = "ghp_unitTestRepoToken0123456789abcdef"
@@ -244,7 +245,8 @@ def test_an_oversized_artifact_is_truncated_and_says_so(tmp_path: Path) -> None:
 
 
 def test_artifacts_are_collected_on_timeout(harness: Harness, origin: dict[str, Any]) -> None:
-    result = run(harness, repo={"url": origin["url"]}, collect=["partial.txt"], timeout_s=1,
+    harness.pipeline.runner = AgentRunner(WATCHDOG, stall_timeout_s=60)  # the deadline first
+    result = run(harness, repo={"url": origin["url"]}, collect=["partial.txt"], timeout_s=3,
                  envs={"SIM_LATENCY_S": "60", "SIM_EDITS": json.dumps({"partial.txt": "p"})})
     assert result.status is TaskStatus.TIMED_OUT
     names = {a.name for a in result.artifacts}
@@ -270,3 +272,68 @@ def test_glob_semantics(pattern: str, yes: list[str], no: list[str]) -> None:
     regex = glob_regex(pattern)
     assert all(regex.match(p) for p in yes)
     assert not any(regex.match(p) for p in no)
+
+
+def test_the_workers_own_files_are_never_collected(harness: Harness) -> None:
+    result = run(harness, collect=["**", ".sandqueue/*"],
+                 envs={"SIM_EDITS": json.dumps({"mine.txt": "m"})})
+    assert [a.name for a in result.artifacts] == ["files/mine.txt"]
+    assert any("'.sandqueue/*' matched no file" in w for w in result.warnings)
+
+
+def test_artifacts_are_collected_after_a_cancel(harness: Harness) -> None:
+    """Cancelled mid-run, once the agent has written its file: the file comes back."""
+    import threading
+    import time
+
+    from sandqueue.contract import AgentTask, TaskMessage
+    from worker.pipeline import TaskContext
+
+    task = AgentTask(prompt="long job", collect=["partial.txt"], envs={
+        "SIM_LATENCY_S": "60", "SIM_EDITS": json.dumps({"partial.txt": "half"})})
+    now = time.time()
+    ctx = TaskContext(task_id="cancelled-task", message=TaskMessage(task=task),
+                      started_at=now, deadline_at=now + 120)
+
+    def cancel_when_written() -> None:
+        end = time.monotonic() + 30
+        while time.monotonic() < end and not ctx.cancel.is_set():
+            for box in list(harness.provider._live.values()):
+                if box._disk is not None and box._disk.host("partial.txt").exists():
+                    ctx.cancel.set()
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=cancel_when_written)
+    watcher.start()
+    result = harness.pipeline.run(ctx)
+    watcher.join()
+    assert result.status is TaskStatus.CANCELLED
+    assert [a.name for a in result.artifacts] == ["files/partial.txt"]
+    assert store(harness).get("cancelled-task", "files/partial.txt") == b"half"
+
+
+def test_a_cancel_while_preparing_still_collects_what_is_there(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled just after the inputs were written, before the agent: they come back."""
+    import threading
+
+    from worker.workspace import Workspace
+
+    cancel = threading.Event()
+    prepare = Workspace.prepare
+
+    def prepare_then_cancel(self: Workspace, *args: Any) -> str | None:
+        commit = prepare(self, *args)
+        cancel.set()
+        return commit
+
+    def run_with_this_cancel(ctx: Any, run_pipeline: Any = harness.pipeline.run) -> Any:
+        ctx.cancel = cancel
+        return run_pipeline(ctx)
+
+    monkeypatch.setattr(Workspace, "prepare", prepare_then_cancel)
+    monkeypatch.setattr(harness.pipeline, "run", run_with_this_cancel)
+    result = run(harness, files=[{"path": "in.txt", "content": "input"}], collect=["*.txt"])
+    assert cancel.is_set() and result.status is TaskStatus.CANCELLED
+    assert result.agent_runs == 0
+    assert [a.name for a in result.artifacts] == ["files/in.txt"]
