@@ -393,10 +393,11 @@ class Pipeline:
         if ctx.stop.is_set() and not ctx.cancel.is_set():
             return
         workspace = self.workspace
-        for stale in progress.artifacts:  # an earlier attempt's, replaced by this one's
-            workspace.store.delete(ctx.task_id, stale.name)
+        earlier = [a for a in progress.artifacts if workspace.collects(a.name)]
+        workspace.forget(ctx.task_id, earlier)  # an earlier attempt's, replaced by these
         done = workspace.collect(sandbox, ctx.message.task, ctx.task_id, progress.repo_commit)
-        progress.artifacts = done.artifacts
+        progress.artifacts = [a for a in progress.artifacts if a not in earlier]
+        progress.artifacts += done.artifacts
         ctx.warnings.extend(redactor.text(w) for w in done.warnings)
         if done.artifacts:
             ctx.on_event({"phase": "artifacts", "count": len(done.artifacts)})

@@ -184,6 +184,21 @@ class Workspace:
         return done
 
     @staticmethod
+    def collects(name: str) -> bool:
+        """Whether an artifact is one `collect` makes (others, e.g. a transcript, are not
+        this module's to replace)."""
+        return name == DIFF_NAME or name.startswith(COLLECTED_PREFIX)
+
+    def forget(self, task_id: str, refs: list[ArtifactRef]) -> None:
+        """Delete an earlier attempt's artifacts before this one's are stored (best effort:
+        a leftover is replaced by name or left over, never an error of the task)."""
+        for ref in refs:
+            try:
+                self.store.delete(task_id, ref.name)
+            except ArtifactError as e:
+                log.warning("task %s: could not delete %s: %s", task_id, ref.name, e)
+
+    @staticmethod
     def _step(done: Collected, what: str, step: Callable[[], None]) -> None:
         try:
             step()

@@ -337,3 +337,11 @@ def test_a_cancel_while_preparing_still_collects_what_is_there(
     assert cancel.is_set() and result.status is TaskStatus.CANCELLED
     assert result.agent_runs == 0
     assert [a.name for a in result.artifacts] == ["files/in.txt"]
+
+
+def test_a_retried_task_lists_the_last_attempts_artifacts_once(harness: Harness) -> None:
+    result = run(harness, collect=["*.txt"], envs={
+        "SIM_FAIL": "agent:overloaded:1", "SIM_EDITS": json.dumps({"a.txt": "a"})})
+    assert result.status is TaskStatus.SUCCEEDED and result.agent_runs == 2
+    assert [a.name for a in result.artifacts] == ["files/a.txt"]
+    assert store(harness).list(result.task_id) == result.artifacts
