@@ -57,6 +57,7 @@ _NETWORK = re.compile(r"could not resolve|failed to connect|connection (refused|
 
 
 def workdir(task: AgentTask) -> str:
+    """Where the agent works, and where `files` and `collect` paths start."""
     return REPO_DIR if task.repo is not None else HOME_DIR
 
 

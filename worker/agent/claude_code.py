@@ -22,7 +22,7 @@ from worker.agent.base import Agent, AgentEvent, AgentRun, AgentStream, AgentTex
 from worker.agent.pricing import estimate_usd
 from worker.agent.stream import Transcript
 from worker.sandbox.base import Sandbox, TemplateRecipe
-from worker.workspace import REPO_DIR
+from worker.workspace import workdir
 
 GATEWAY_NAME = "e2b-mcp-gateway"
 WORK_DIR = "/home/user"
@@ -120,8 +120,8 @@ def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True
     if task.append_system_prompt:
         args += ["--append-system-prompt", task.append_system_prompt]
     quoted = " ".join(shlex.quote(a) for a in args)
-    workdir = REPO_DIR if task.repo is not None else WORK_DIR  # issue 12: work in the repo
-    return f"cd {shlex.quote(workdir)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
+    # issue 12: the workspace decides where the agent works (in the task's repo, if any)
+    return f"cd {shlex.quote(workdir(task))} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
 
 
 def agent_version(sandbox: Sandbox, claude: str = "claude") -> str:
