@@ -46,3 +46,31 @@ def test_bad_workspace_options_exit_2_and_submit_nothing(broker: _Broker,  # noq
         assert result.exit_code == 2, (args, result.output)
         assert message in json.loads(result.stdout)["message"], result.stdout
     assert broker.celery.calls == []
+
+
+# -- batches: one task per repository ----------------------------------------------------------
+
+
+def test_batch_lines_get_their_own_repo_and_the_default_token(tmp_path: Path) -> None:
+    from producer.batch import load_inputs
+    from tests.unit.test_batch_input import _prepare
+
+    source = tmp_path / "repos.csv"
+    source.write_text("id,repo,ref\napi,https://github.com/acme/api.git,main\n"
+                      "web,https://github.com/acme/web.git,\nnone,,\n")
+    inputs = load_inputs(source, prepare=_prepare, template="Lint {id}", defaults={
+        "repo": {"token": "${GITHUB_TOKEN}"}, "collect": ["*.log"]})
+    repos = {i.key: i.task.repo for i in inputs}
+    api, web = repos["api"], repos["web"]
+    assert api is not None and web is not None and repos["none"] is None
+    assert (api.url, api.ref, api.token) == ("https://github.com/acme/api.git", "main",
+                                             "${GITHUB_TOKEN}")
+    assert (web.url, web.ref, web.token) == ("https://github.com/acme/web.git", None,
+                                             "${GITHUB_TOKEN}")
+    assert all(i.task.collect == ["*.log"] for i in inputs)
+
+    jsonl = tmp_path / "repos.jsonl"
+    jsonl.write_text(json.dumps({"id": "a", "prompt": "p", "repo": "https://x.example/a.git"})
+                     + "\n")
+    (only,) = load_inputs(jsonl, prepare=_prepare, defaults={"repo": {"token": "${T}"}})
+    assert only.task.repo is not None and only.task.repo.token == "${T}"
