@@ -140,11 +140,16 @@ class Pipeline:
         self._artifacts = artifacts
 
     @property
-    def workspace(self) -> Workspace:
-        """Made on first use: a task without repo, files or collect needs no store."""
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store, made on first use: a task that brings nothing back needs
+        none (and an S3 store needs boto3)."""
         if self._artifacts is None:
             self._artifacts = make_store(self.settings)
-        return Workspace(self.settings, self._artifacts, self.environ)
+        return self._artifacts
+
+    @property
+    def workspace(self) -> Workspace:
+        return Workspace(self.settings, self.artifacts, self.environ)
 
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
