@@ -387,6 +387,7 @@ class Pipeline:
             progress.repo_commit = self.workspace.prepare(sandbox, ctx.message.task, redactor,
                                                           ctx.deadline_at)
             self._check_time(ctx, "preparing the workspace")
+            ctx.on_event({"phase": "workspace_ready", "repo_commit": progress.repo_commit})
         except (errors.DeadlineExceeded, errors.Cancelled):
             self._collect(ctx, sandbox, progress, redactor)
             raise

@@ -98,6 +98,10 @@ def test_the_agents_change_comes_back_as_the_diff_computed_locally(
                  envs={"SIM_EDITS": json.dumps(EDITS)})
     assert result.status is TaskStatus.SUCCEEDED, result.error
     assert result.repo_commit == origin["second"]
+    phases = [e["phase"] for e in harness.events]
+    assert phases.index("workspace_ready") < phases.index("agent_started")
+    assert {"phase": "workspace_ready", "repo_commit": origin["second"]} in harness.events
+    assert {"phase": "artifacts", "count": 1} in harness.events
     (ref,) = [a for a in result.artifacts if a.name == "repo.diff"]
     diff = store(harness).get(result.task_id, "repo.diff")
     assert diff == local_diff(origin, tmp_path / "local", origin["second"], EDITS)
