@@ -155,8 +155,10 @@ class Workspace:
         name = repo.token[2:-1]
         token = self.environ.get(name)
         if not token:
-            raise errors.InvalidTask(f"repo.token refers to ${{{name}}}, which is not set in "
-                                     f"this worker's environment; set {name} on every worker")
+            # As every unresolvable `${NAME}` (worker/credentials.py): mcp_config, permanent.
+            raise errors.McpConfigError(f"repo.token refers to ${{{name}}}, which is not set "
+                                        f"in this worker's environment; set {name} on every "
+                                        "worker")
         basic = base64.b64encode(f"{repo.username}:{token}".encode()).decode()
         redactor.add(token, basic)
         envs.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",

@@ -197,7 +197,7 @@ def test_an_unreachable_host_is_retried_as_repo_unavailable(harness: Harness,
 def test_a_token_variable_missing_on_the_worker_is_named(harness: Harness,
                                                           origin: dict[str, Any]) -> None:
     result = run(harness, repo={"url": origin["url"], "token": "${NOT_ON_WORKER}"})
-    assert result.error is not None and result.error.category is ErrorCategory.INVALID_TASK
+    assert result.error is not None and result.error.category is ErrorCategory.MCP_CONFIG
     assert "NOT_ON_WORKER" in result.error.message
 
 
