@@ -36,6 +36,7 @@ from worker.agent import make_agent
 from worker.credentials import resolve_mcp
 from worker.limits import WAKE, Limiter
 from worker.maintenance import Maintenance
+from worker.observe import Observer
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox import make_provider
 from worker.writebehind import WriteBehind
@@ -101,6 +102,10 @@ class Runtime:
     @cached_property
     def limiter(self) -> Limiter:
         return Limiter(self.redis, self.settings)
+
+    @cached_property
+    def observer(self) -> Observer:
+        return Observer(self.writer)
 
     @cached_property
     def pipeline(self) -> Pipeline:
@@ -293,6 +298,7 @@ class Runtime:
         )
         if begin.cancel_requested:
             ctx.cancel.set()
+        self.observer.watch(ctx)
         return ctx
 
     def _history(self, task_id: str, begin: Begin) -> list[AttemptRecord]:
