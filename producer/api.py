@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from producer.outbox import IdempotencyConflict, Outbox
 from producer.taskinfo import TaskInfo
-from sandqueue import errors, keys, signing
+from sandqueue import errors, keys, signing, tracing
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
 from sandqueue.events import EventLog
@@ -53,6 +53,21 @@ class WaitTimeout(errors.SandqueueError):
         super().__init__(message)
         self.task_id = task_id
         """The task that keeps running (`--json` errors name it)."""
+
+
+def _submit_spans(tasks: list[AgentTask], ids: list[str]) -> dict[str, Any]:
+    """A root span per task (one trace per task); its context travels in the message."""
+    tracer = tracing.tracer()
+    return {task_id: tracer.start_span("sandqueue.submit", attributes={
+        "sandqueue.task_id": task_id, "sandqueue.tenant": task.labels.get("tenant", "")})
+        for task, task_id in zip(tasks, ids, strict=True)}
+
+
+def _end_spans(spans: dict[str, Any], error: str | None = None) -> None:
+    for span in spans.values():
+        if error:
+            span.set_attribute("sandqueue.error", error)
+        span.end()
 
 
 def _redis_error(e: Exception, settings: Settings) -> RedisUnavailable:
@@ -332,11 +347,13 @@ class Client:
         point (see producer/outbox.py)."""
         now = time.time()
         queue = queue or self.settings.queue
-        entries = [(task_id, task, self._body(task_id, task, now), queue)
+        spans = _submit_spans(tasks, ids) if tracing.enabled() else {}
+        entries = [(task_id, task, self._body(task_id, task, now, spans.get(task_id)), queue)
                    for task, task_id in zip(tasks, ids, strict=True)]
         try:
             claims = self.outbox.claim(entries, now)
         except IdempotencyConflict as e:
+            _end_spans(spans, "idempotency conflict")
             raise _conflict(e) from e
         to_publish: list[tuple[str, dict[str, Any], str]] = []
         for (task_id, _, body, _), c in zip(entries, claims, strict=True):
@@ -351,11 +368,18 @@ class Client:
             if c.verdict == "new":
                 self.events.publish(task_id, {"phase": "queued"}, pipe)
         pipe.execute()
+        _end_spans(spans)
+        from sandqueue import metrics
+
+        metrics.record_submitted([task.labels.get("tenant") for task, c in
+                                  zip(tasks, claims, strict=True) if c.verdict == "new"])
         return [TaskHandle(self, c.task_id, duplicate=c.verdict != "new") for c in claims]
 
-    def _body(self, task_id: str, task: AgentTask, now: float) -> dict[str, Any]:
-        body = TaskMessage(task=task, submitted_at=now).model_dump(mode="json",
-                                                                   exclude_defaults=True)
+    def _body(self, task_id: str, task: AgentTask, now: float,
+              span: Any = None) -> dict[str, Any]:
+        trace = tracing.carrier(span) if span is not None else None
+        body = TaskMessage(task=task, submitted_at=now, trace=trace).model_dump(
+            mode="json", exclude_defaults=True)
         return signing.sign(self.settings.signing_keys_value, task_id, body)
 
     def _publish(self, messages: list[tuple[str, dict[str, Any], str]]) -> None:

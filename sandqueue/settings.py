@@ -216,6 +216,30 @@ class Settings(BaseSettings):
         None, description="comma-separated secrets; producers sign task messages with the "
         "first, workers refuse messages not signed with one of them (sandqueue/signing.py)"
     )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="worker: serve Prometheus metrics on this port (one "
+        "per worker process; 0 = off). `sandqueue serve` has /metrics on its own port"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="worker: address the metrics port listens on (0.0.0.0 for a "
+        "Prometheus on another host or pod)"
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="`sandqueue serve`: when set, /metrics asks for `Authorization: "
+        "Bearer <token>` (it names tenants and their costs); unset = open"
+    )
+    metrics_max_tenants: int = Field(
+        100, ge=1, le=10_000, description="distinct tenant label values per process in "
+        "metrics; further tenants are counted as `_other`"
+    )
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry traces: off (nothing set up, no network), otlp "
+        "(needs the `otlp` extra) or console"
+    )
+    tracing_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces; "
+        "unset = the exporter's OTEL_EXPORTER_OTLP_* variables or its default"
+    )
     secret_keys: str | None = Field(
         None,
         description="comma-separated Fernet keys; the first encrypts inline secrets, all "
@@ -258,6 +282,12 @@ class Settings(BaseSettings):
                 f"SANDQUEUE_SANDBOX_LIFETIME_S ({self.sandbox_lifetime_s}) must be below "
                 f"SANDQUEUE_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}), or Redis "
                 "re-delivers running tasks and they run twice"
+            )
+        if self.metrics_port and self.pool == "prefork":
+            raise ConfigError(
+                "SANDQUEUE_METRICS_PORT needs the threads or solo pool: with prefork the tasks "
+                "run in child processes the port cannot see. Use SANDQUEUE_POOL=threads (one "
+                "process holds hundreds of tasks), or run one worker per container"
             )
         return self
 

@@ -260,6 +260,7 @@ class Runtime:
             simulated=self.settings.provider == "sim")
         self._event(task_id, {"phase": "result", "status": "cancelled", "error": "cancelled"})
         self.writer.sync()
+        self.observer.finished(task_id, result)
         return result.model_dump(mode="json")
 
     @staticmethod
@@ -412,5 +413,6 @@ class Runtime:
                               "error": category})
         if not self.writer.sync():
             log.warning("task %s: progress writes are behind (is Redis slow?)", task_id)
+        self.observer.finished(task_id, result)
         log.info("task %s %s after %d attempt(s)%s", task_id, result.status.value,
                  result.attempts, f" ({result.error.category.value})" if result.error else "")

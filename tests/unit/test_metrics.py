@@ -1,0 +1,58 @@
+"""The metric definitions: bounded labels, the fleet collector, the worker port's settings."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from sandqueue import keys, metrics
+from sandqueue.errors import ConfigError
+from sandqueue.settings import load_settings
+
+
+def test_tenant_labels_are_capped_per_process() -> None:
+    labels = metrics.TenantLabels(limit=2)
+    assert [labels(t) for t in ["a", "b", "a", "c", None, ""]] == [
+        "a", "b", "a", metrics.OTHER_TENANT, metrics.NO_TENANT, metrics.NO_TENANT]
+
+
+def _families(collector: metrics.FleetCollector) -> dict[str, list[object]]:
+    text = metrics.render(collector).decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def test_the_fleet_collector_yields_every_fleet_gauge_it_declares() -> None:
+    r = fakeredis.FakeRedis()
+    now = time.time()
+    r.hset(keys.WORKER_LIMITS, "w1", '{"queues": ["sandqueue"], "until": %f, '
+           '"concurrency": 3, "max_live_sandboxes": 20, "max_creates_per_s": 1}' % (now + 30))
+    r.zadd(keys.RUNNING, {"t1": now + 10})
+    r.hset(keys.RUNNING_OWNERS, "t1", "w1")
+    r.hset(keys.task("t1"), "tenant", "acme")
+    r.zadd(keys.LIMIT_SANDBOXES, {"t1:1": now + 10})
+    names = {n for n in _families(metrics.FleetCollector(lambda: r))
+             if n in metrics.FLEET_METRIC_NAMES}
+    assert names == metrics.FLEET_METRIC_NAMES
+    samples = {s.name: s for f in _families(metrics.FleetCollector(lambda: r)).values()
+               for s in f}  # type: ignore[attr-defined]
+    assert samples["sandqueue_live_sandboxes"].value == 1
+    assert samples["sandqueue_live_sandboxes_cap"].value == 20
+    assert samples["sandqueue_fleet_worker_in_flight"].labels == {"worker": "w1"}
+
+
+def test_an_unreachable_redis_fails_the_fleet_gauges_not_the_scrape() -> None:
+    dead = redis.Redis(port=1, socket_connect_timeout=0.2)
+    families = _families(metrics.FleetCollector(lambda: dead))
+    assert [s.value for s in families["sandqueue_fleet_up"]] == [0]  # type: ignore[attr-defined]
+    assert "sandqueue_queue_depth" not in families
+    assert "sandqueue_tasks_finished" in families, "this process's own metrics still come"
+
+
+def test_the_worker_metrics_port_refuses_the_prefork_pool() -> None:
+    with pytest.raises(ConfigError, match="threads or solo pool"):
+        load_settings(_env_file=None, metrics_port=9100, pool="prefork")
+    assert load_settings(_env_file=None, metrics_port=9100, pool="threads").metrics_port == 9100
