@@ -3,9 +3,11 @@
 Two kinds, so that nothing is counted twice when every process is scraped:
 - per process (counters, histograms, the in-flight gauge): each worker process counts what
   it ran, `sandqueue serve` what it accepted. Prometheus sums them across targets.
-- fleet-wide gauges (queue depth, oldest queued task, live sandboxes, creation rate,
-  per-worker in-flight, per-tenant running/queued): read from Redis at scrape time
-  (`sandqueue/fleet.py`) by `FleetCollector`, which only `sandqueue serve` registers.
+- fleet-wide figures (queue depth, oldest queued task, live sandboxes, creation rate,
+  per-worker in-flight, per-tenant running/queued, and tasks submitted, which every
+  producer counts in Redis): read from Redis at scrape time (`sandqueue/fleet.py`) by
+  `FleetCollector`, which only `sandqueue serve` registers. Every serve process (uvicorn
+  `--workers`, replicas) reports the same values: aggregate them with max(), not sum().
 
 Label values are bounded: statuses, error categories, phases and outcomes are fixed sets;
 tenants are capped per process (`SANDQUEUE_METRICS_MAX_TENANTS`, the rest count as
@@ -21,7 +23,7 @@ from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,6 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 PHASE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 """Seconds: a sandbox starts in under a second to a few, an agent runs for minutes."""
 
-TASKS_SUBMITTED = Counter(
-    "sandqueue_tasks_submitted", "Tasks accepted by this producer (new, not idempotent "
-    "repeats)", ["tenant"], registry=REGISTRY)
 TASKS_FINISHED = Counter(
     "sandqueue_tasks_finished", "Tasks that ended on this worker, by final status and error "
     "category ('' when it succeeded)", ["status", "error"], registry=REGISTRY)
@@ -94,16 +93,6 @@ class TenantLabels:
 
 tenant_label = TenantLabels()
 """This process's cap (set from the settings by whoever starts the metrics endpoint)."""
-
-
-def record_submitted(tenants: list[str | None]) -> None:
-    """A producer accepted these new tasks (one tenant label each)."""
-    counts: dict[str, int] = {}
-    for tenant in tenants:
-        label = tenant_label(tenant)
-        counts[label] = counts.get(label, 0) + 1
-    for label, n in counts.items():
-        TASKS_SUBMITTED.labels(tenant=label).inc(n)
 
 
 class FleetCollector(Collector):
@@ -192,10 +181,20 @@ def _tenant_metrics(snap: Any) -> Iterator[Metric]:
     running = _gauge("sandqueue_tenant_running", "A tenant's running tasks", ["tenant"])
     queued = _gauge("sandqueue_tenant_queued", "A tenant's tasks not finished and not running",
                     ["tenant"])
-    for t in snap.tenants[: tenant_label.limit]:
+    submitted = CounterMetricFamily("sandqueue_tasks_submitted", "Tasks submitted by every "
+                                    "producer, by tenant (counted in Redis)", labels=["tenant"])
+    # the busiest tenants by name, the rest summed: the label stays bounded
+    ranked = sorted(snap.tenants, key=lambda t: (-t.submitted, -t.running - t.queued))
+    kept, rest = ranked[: tenant_label.limit], ranked[tenant_label.limit:]
+    for t in kept:
         running.add_metric([t.tenant], t.running)
         queued.add_metric([t.tenant], t.queued)
-    yield from (running, queued)
+        submitted.add_metric([t.tenant], t.submitted)
+    if rest:
+        running.add_metric([OTHER_TENANT], sum(t.running for t in rest))
+        queued.add_metric([OTHER_TENANT], sum(t.queued for t in rest))
+        submitted.add_metric([OTHER_TENANT], sum(t.submitted for t in rest))
+    yield from (running, queued, submitted)
 
 
 FLEET_METRIC_NAMES = frozenset({
@@ -205,7 +204,7 @@ FLEET_METRIC_NAMES = frozenset({
     "sandqueue_live_sandboxes", "sandqueue_live_sandboxes_cap",
     "sandqueue_sandbox_creations_per_second", "sandqueue_rate_limited_last_minute",
     "sandqueue_create_cooldown_seconds", "sandqueue_sandbox_creations_limit_per_second",
-    "sandqueue_tenant_running", "sandqueue_tenant_queued",
+    "sandqueue_tenant_running", "sandqueue_tenant_queued", "sandqueue_tasks_submitted",
 })
 """The fleet gauges' names (a test checks the collector yields exactly these)."""
 
@@ -216,7 +215,7 @@ def registered_names() -> set[str]:
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum",
                                                                  "_created"),
                 "gauge": ("",)}
-    names: set[str] = set(FLEET_METRIC_NAMES)
+    names: set[str] = set(FLEET_METRIC_NAMES) | {"sandqueue_tasks_submitted_total"}
     for family in REGISTRY.collect():
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))
     return names

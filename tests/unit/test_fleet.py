@@ -150,9 +150,11 @@ def test_tenants_running_and_queued() -> None:
     r.sadd(keys.APIKEYS, "k1", "k2")
     r.hset(keys.apikey("k1"), "tenant", "idle")
     r.hset(keys.apikey("k2"), "tenant", "acme")
+    r.hset(keys.STATS_SUBMITTED, mapping={"acme": 9, "cli-only": 4})
+    r.zadd(keys.tenant_open("cli-only"), {"c1": 1, "c2": 1})
     snap = fleet.fleet_snapshot(r, now=now)
-    assert [(t.tenant, t.running, t.queued) for t in snap.tenants] == [
-        ("acme", 2, 3), ("beta", 1, 0), ("idle", 0, 0)]
+    assert [(t.tenant, t.running, t.queued, t.submitted) for t in snap.tenants] == [
+        ("acme", 2, 3, 9), ("beta", 1, 0, 0), ("cli-only", 0, 2, 4), ("idle", 0, 0, 0)]
     assert snap.running == 4 and not snap.partial
 
 

@@ -56,3 +56,15 @@ def test_the_worker_metrics_port_refuses_the_prefork_pool() -> None:
     with pytest.raises(ConfigError, match="threads or solo pool"):
         load_settings(_env_file=None, metrics_port=9100, pool="prefork")
     assert load_settings(_env_file=None, metrics_port=9100, pool="threads").metrics_port == 9100
+
+
+def test_fleet_tenant_series_are_capped_with_the_rest_summed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    r = fakeredis.FakeRedis()
+    r.hset(keys.STATS_SUBMITTED, mapping={"big": 50, "mid": 20, "small": 3, "tiny": 1})
+    monkeypatch.setattr(metrics.tenant_label, "limit", 2)
+    families = _families(metrics.FleetCollector(lambda: r))
+    submitted = {s.labels["tenant"]: s.value  # type: ignore[attr-defined]
+                 for s in families["sandqueue_tasks_submitted"]
+                 if s.name.endswith("_total")}  # type: ignore[attr-defined]
+    assert submitted == {"big": 50, "mid": 20, metrics.OTHER_TENANT: 4}
