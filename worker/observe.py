@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandqueue import errors, keys, metrics, tracing
+from sandqueue import keys, metrics, tracing
 from sandqueue.contract import AgentResult, AttemptRecord
 from sandqueue.settings import Settings
 from worker.pipeline import TaskContext
@@ -231,7 +231,10 @@ def start_telemetry(settings: Settings, in_flight: Callable[[], int]) -> None:
         start_http_server(settings.metrics_port, settings.metrics_host,
                           registry=metrics.REGISTRY)
     except OSError as e:
-        raise errors.ConfigError(
-            f"SANDQUEUE_METRICS_PORT {settings.metrics_port} on {settings.metrics_host}: "
-            f"cannot listen ({e}); each worker process on a host needs its own port") from e
+        # Logged, not raised: a worker without its metrics port still runs its tasks (and
+        # the rest of its start-up, e.g. webhook deliveries, must not be skipped).
+        log.error("SANDQUEUE_METRICS_PORT %d on %s: cannot listen (%s); this worker serves "
+                  "no metrics. Each worker process on a host needs its own port",
+                  settings.metrics_port, settings.metrics_host, e)
+        return
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)

@@ -91,3 +91,21 @@ def test_without_tracing_the_observer_keeps_nothing_after_a_task() -> None:
     assert not tracing.enabled()
     ctx = _run(observer, AgentTask(prompt="hi"))
     assert observer._watches == {} and ctx.task_id
+
+
+def test_a_metrics_port_in_use_is_said_and_the_worker_goes_on(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from worker.observe import start_telemetry
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(_env_file=None, metrics_port=port)  # type: ignore[call-arg]
+        start_telemetry(settings, lambda: 3)  # returns: the worker's start-up goes on
+    assert metrics.REGISTRY.get_sample_value("sandqueue_tasks_in_flight") == 3
+    (record,) = [r for r in caplog.records if "SANDQUEUE_METRICS_PORT" in r.getMessage()]
+    assert record.levelname == "ERROR" and str(port) in record.getMessage()
+    assert "its own port" in record.getMessage()
