@@ -98,8 +98,8 @@ tenant_label = TenantLabels()
 class FleetCollector(Collector):
     """Fleet-wide gauges, read from Redis when Prometheus scrapes (one snapshot a scrape).
 
-    A Redis error yields `sandqueue_fleet_up 0` and nothing else, rather than failing the
-    whole scrape (the per-process metrics still come through)."""
+    A Redis error (or anything unreadable) yields `sandqueue_fleet_up 0` and no fleet gauge,
+    rather than failing the whole scrape (the per-process metrics still come through)."""
 
     def __init__(self, client: Callable[[], redis.Redis]) -> None:
         self._client = client
@@ -116,6 +116,11 @@ class FleetCollector(Collector):
             snap = fleet_snapshot(self._client())
         except redis.RedisError as e:
             log.warning("metrics: could not read the fleet from Redis: %s", e)
+            up.add_metric([], 0)
+            yield up
+            return
+        except Exception:  # a malformed record must not fail the whole scrape either
+            log.exception("metrics: could not read the fleet")
             up.add_metric([], 0)
             yield up
             return
