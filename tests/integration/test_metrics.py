@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandqueue.localredis import free_port
-from tests.integration.conftest import StartWorker, wait_until
+from tests.integration.conftest import StartWorker, task_events, wait_until
 from tests.integration.http_server import ApiServer, serve_fixture
 from tests.integration.test_http_webhooks import ALLOW, Receiver, key_with_secret
 
@@ -53,7 +54,8 @@ def result(c: httpx.Client, task_id: str) -> dict[str, Any]:
 
 
 def test_counters_and_histograms_move_with_the_tasks(
-        server: ApiServer, worker_factory: StartWorker, redis_url: str) -> None:
+        server: ApiServer, worker_factory: StartWorker, redis_url: str,
+        rdb: redis.Redis) -> None:
     port = free_port()
     worker_factory(concurrency=4, env={**ALLOW, "SANDQUEUE_METRICS_PORT": str(port)})
     worker_url = f"http://127.0.0.1:{port}/metrics"
@@ -67,8 +69,9 @@ def test_counters_and_histograms_move_with_the_tasks(
                    submit(c, {"prompt": "flaky", "envs": {"SIM_FAIL": "agent:overloaded:1"}}),
                    submit(c, {"prompt": "no key", "envs": {"SIM_FAIL": "agent:auth"}})]
             long = submit(c, {"prompt": "long", "envs": {"SIM_LATENCY_S": "60"}})
-            wait_until(lambda: c.get(f"/v1/tasks/{long}").json()["status"] == "running", 30,
-                       "the long task to start")
+            # its agent runs (so the cancellation ends an attempt whose agent ran)
+            wait_until(lambda: "agent_started" in [e["phase"] for e in task_events(rdb, long)],
+                       30, "the long task's agent to start")
             running = scrape(worker_url)
             assert value(running, "sandqueue_tasks_in_flight") >= 1
             assert c.post(f"/v1/tasks/{long}/cancel").status_code == 202
