@@ -57,6 +57,8 @@ class Observer:
     def __init__(self, writer: WriteBehind) -> None:
         self.writer = writer
         self._watches: dict[str, _Watch] = {}
+        self._windows: dict[str, str] = {}
+        """The counter key each stats name last went to (its expiry is set once)."""
         self._lock = threading.Lock()
 
     def watch(self, ctx: TaskContext) -> None:
@@ -143,12 +145,17 @@ class Observer:
             self._end_task(w, result)
 
     def count(self, name: str) -> None:
-        """One more in this window's fleet-wide counter (batched with the progress writes)."""
+        """One more in this window's fleet-wide counter (batched with the progress writes;
+        its expiry set by the first count of each window in this process)."""
         key = keys.stats(name, int(time.time() // keys.STATS_WINDOW_S))
+        with self._lock:
+            first = self._windows.get(name) != key
+            self._windows[name] = key
 
         def write(pipe: Any) -> None:
             pipe.incr(key)
-            pipe.expire(key, STATS_TTL_S)
+            if first:
+                pipe.expire(key, STATS_TTL_S)
 
         self.writer.submit(write)
 

@@ -182,3 +182,15 @@ def test_the_snapshot_costs_a_few_round_trips_whatever_the_fleet_size() -> None:
     assert snap.running == 300 and len(snap.tenants) == 11
     assert len(pipes) + len(calls) <= 5, (pipes, calls)
     assert "KEYS" not in calls and "SCAN" not in calls
+
+
+def test_the_workers_counters_expire() -> None:
+    r = fakeredis.FakeRedis()
+    writer = WriteBehind(r)
+    observer = Observer(writer)
+    for _ in range(3):
+        observer.count("creates")
+    assert writer.sync()
+    (key,) = r.keys("sq:stats:creates:*")
+    assert int(r.get(key)) == 3
+    assert 0 < r.ttl(key) <= 600, "a counter window must not outlive its use"
