@@ -283,6 +283,11 @@ class Settings(BaseSettings):
                 f"SANDQUEUE_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}), or Redis "
                 "re-delivers running tasks and they run twice"
             )
+        if self.tracing == "otlp" and not _otlp_installed():
+            raise ConfigError(
+                "SANDQUEUE_TRACING=otlp needs the OTLP exporter: pip install "
+                "'sandqueue[otlp]' (or set SANDQUEUE_TRACING=off or console)"
+            )
         if self.metrics_port and self.pool == "prefork":
             raise ConfigError(
                 "SANDQUEUE_METRICS_PORT needs the threads or solo pool: with prefork the tasks "
@@ -318,6 +323,15 @@ class Settings(BaseSettings):
         """Seconds a task may run, given what it asked for."""
         asked = timeout_s if timeout_s is not None else self.default_timeout_s
         return min(asked, self.max_timeout_s)
+
+
+def _otlp_installed() -> bool:
+    from importlib.util import find_spec
+
+    try:
+        return find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+    except ModuleNotFoundError:  # not even its parent package
+        return False
 
 
 def load_settings(**overrides: object) -> Settings:

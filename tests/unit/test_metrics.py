@@ -68,3 +68,28 @@ def test_fleet_tenant_series_are_capped_with_the_rest_summed(
                  for s in families["sandqueue_tasks_submitted"]
                  if s.name.endswith("_total")}  # type: ignore[attr-defined]
     assert submitted == {"big": 50, "mid": 20, metrics.OTHER_TENANT: 4}
+
+
+def test_otlp_tracing_without_its_exporter_is_a_configuration_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandqueue import settings
+
+    monkeypatch.setattr(settings, "_otlp_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"sandqueue\[otlp\]"):
+        load_settings(_env_file=None, tracing="otlp")
+    assert load_settings(_env_file=None, tracing="console").tracing == "console"
+    monkeypatch.setattr(settings, "_otlp_installed", lambda: True)
+    assert load_settings(_env_file=None, tracing="otlp").tracing == "otlp"
+
+
+def test_console_tracing_prints_the_spans(capsys: pytest.CaptureFixture[str]) -> None:
+    from sandqueue import tracing
+
+    tracing.setup("console", "sandqueue-test")
+    try:
+        assert tracing.enabled()
+        tracing.tracer().start_span("sandqueue.submit").end()
+    finally:
+        tracing.reset()  # flushes the batch processor
+    assert '"name": "sandqueue.submit"' in capsys.readouterr().out
+    assert not tracing.enabled()
