@@ -5,6 +5,6 @@ COPY pyproject.toml README.md ./
 COPY sandqueue ./sandqueue
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install ".[monitor]" && useradd --create-home --uid 10001 sandqueue
+RUN pip install ".[monitor,otlp]" && useradd --create-home --uid 10001 sandqueue
 USER sandqueue
 CMD ["sandqueue", "worker"]
