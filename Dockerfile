@@ -8,7 +8,7 @@ COPY worker ./worker
 # git: simulated sandboxes clone a task's `repo` on the worker itself (real ones in E2B).
 RUN apt-get update && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
-RUN pip install ".[monitor,s3]" && useradd --create-home --uid 10001 sandqueue \
+RUN pip install ".[monitor,s3,otlp]" && useradd --create-home --uid 10001 sandqueue \
     && mkdir /artifacts && chown sandqueue /artifacts
 USER sandqueue
 CMD ["sandqueue", "worker"]

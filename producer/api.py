@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from producer.outbox import IdempotencyConflict, Outbox
 from producer.taskinfo import TaskInfo
-from sandqueue import errors, keys, signing
+from sandqueue import errors, keys, signing, tracing
 from sandqueue.artifacts import (
     ArtifactError,
     ArtifactNotFound,
@@ -70,6 +70,21 @@ class WaitTimeout(errors.SandqueueError):
         super().__init__(message)
         self.task_id = task_id
         """The task that keeps running (`--json` errors name it)."""
+
+
+def _submit_spans(tasks: list[AgentTask], ids: list[str]) -> dict[str, Any]:
+    """A root span per task (one trace per task); its context travels in the message."""
+    tracer = tracing.tracer()
+    return {task_id: tracer.start_span("sandqueue.submit", attributes={
+        "sandqueue.task_id": task_id, "sandqueue.tenant": task.labels.get("tenant", "")})
+        for task, task_id in zip(tasks, ids, strict=True)}
+
+
+def _end_spans(spans: dict[str, Any], error: str | None = None) -> None:
+    for span in spans.values():
+        if error:
+            span.set_attribute("sandqueue.error", error)
+        span.end()
 
 
 def _redis_error(e: Exception, settings: Settings) -> RedisUnavailable:
@@ -396,11 +411,13 @@ class Client:
         point (see producer/outbox.py)."""
         now = time.time()
         queue = queue or self.settings.queue
-        entries = [(task_id, task, self._body(task_id, task, now), queue)
+        spans = _submit_spans(tasks, ids) if tracing.enabled() else {}
+        entries = [(task_id, task, self._body(task_id, task, now, spans.get(task_id)), queue)
                    for task, task_id in zip(tasks, ids, strict=True)]
         try:
             claims = self.outbox.claim(entries, now)
         except IdempotencyConflict as e:
+            _end_spans(spans, "idempotency conflict")
             raise _conflict(e) from e
         to_publish: list[tuple[str, dict[str, Any], str]] = []
         for (task_id, _, body, _), c in zip(entries, claims, strict=True):
@@ -411,15 +428,23 @@ class Client:
         self._publish(to_publish)
         pipe = self.redis.pipeline(transaction=False)
         self.outbox.confirm([t for t, _, _ in to_publish], pipe)
-        for task_id, c in zip(ids, claims, strict=True):
+        submitted: dict[str, int] = {}
+        for task, task_id, c in zip(tasks, ids, claims, strict=True):
             if c.verdict == "new":
                 self.events.publish(task_id, {"phase": "queued"}, pipe)
+                tenant = task.labels.get("tenant") or "_none"
+                submitted[tenant] = submitted.get(tenant, 0) + 1
+        for tenant, n in submitted.items():  # the fleet's count, for /metrics
+            pipe.hincrby(keys.STATS_SUBMITTED, tenant, n)
         pipe.execute()
+        _end_spans(spans)
         return [TaskHandle(self, c.task_id, duplicate=c.verdict != "new") for c in claims]
 
-    def _body(self, task_id: str, task: AgentTask, now: float) -> dict[str, Any]:
-        body = TaskMessage(task=task, submitted_at=now).model_dump(mode="json",
-                                                                   exclude_defaults=True)
+    def _body(self, task_id: str, task: AgentTask, now: float,
+              span: Any = None) -> dict[str, Any]:
+        trace = tracing.carrier(span) if span is not None else None
+        body = TaskMessage(task=task, submitted_at=now, trace=trace).model_dump(
+            mode="json", exclude_defaults=True)
         return signing.sign(self.settings.signing_keys_value, task_id, body)
 
     def _publish(self, messages: list[tuple[str, dict[str, Any], str]]) -> None:

@@ -31,6 +31,8 @@ RESERVED_ENVS = frozenset({"ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "E2B_
 """Sandbox variables the worker sets itself; a task may not override them."""
 
 Label = Annotated[str, Field(max_length=256)]
+TraceHeader = Annotated[str, Field(max_length=64)]
+TraceValue = Annotated[str, Field(max_length=512)]
 
 
 class TaskStatus(StrEnum):
@@ -346,6 +348,9 @@ class TaskMessage(BaseModel):
     submitted_at: float = Field(default_factory=time.time)
     sig: str | None = Field(None, max_length=128,
                             description="HMAC of the message (sandqueue/signing.py), if signed")
+    trace: dict[TraceHeader, TraceValue] | None = Field(
+        None, max_length=4, description="W3C trace context of the producer's span "
+        "(sandqueue/tracing.py), when it traces")
 
 
 class TaskError(BaseModel):

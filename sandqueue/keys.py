@@ -42,8 +42,10 @@ def events(task_id: str) -> str:
 
 
 WORKER_LIMITS = f"{PREFIX}workers:limits"
-"""Hash: worker name -> JSON {queues, max_timeout_s, until}: what each live worker enforces,
-so producers can warn about a deadline the workers will clamp."""
+"""Hash: worker name -> JSON {queues, max_timeout_s, until, and its heartbeat: pid, host,
+concurrency, in_flight, max_live_sandboxes, max_creates_per_s, beat_at}: what each live
+worker enforces, so producers can warn about a deadline the workers will clamp, and what
+`sandqueue/fleet.py` reports per worker."""
 
 CANCELLED = f"{PREFIX}cancelled"
 """Sorted set: task id -> time cancellation was asked; workers poll it for their tasks."""
@@ -113,3 +115,20 @@ def tenant_open(tenant: str) -> str:
     per-key `max_queued` limit. Added at submit, removed when a task ends; entries whose
     task ended unseen are pruned when the limit is checked."""
     return f"{PREFIX}open:tenant:{tenant}"
+
+
+STATS_WINDOW_S = 10
+"""Width of one fleet-wide counter window (`stats`)."""
+
+
+def stats(name: str, window: int) -> str:
+    """String: a fleet-wide counter (`creates`: sandboxes created, `rate_limited`: 429s) for
+    one `STATS_WINDOW_S` window (epoch seconds // the width); expires after a few minutes.
+    `sandqueue/fleet.py` sums the last minute's windows into a rate."""
+    return f"{PREFIX}stats:{name}:{window}"
+
+
+STATS_SUBMITTED = f"{PREFIX}stats:submitted"
+"""Hash: tenant (`_none` without one) -> tasks submitted by every producer, ever (a counter:
+no expiry; as many fields as tenants). `sandqueue serve` exports it as
+`sandqueue_tasks_submitted_total`, the same figure whichever process is scraped."""

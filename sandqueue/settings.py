@@ -216,6 +216,30 @@ class Settings(BaseSettings):
         None, description="comma-separated secrets; producers sign task messages with the "
         "first, workers refuse messages not signed with one of them (sandqueue/signing.py)"
     )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="worker: serve Prometheus metrics on this port (one "
+        "per worker process; 0 = off). `sandqueue serve` has /metrics on its own port"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="worker: address the metrics port listens on (0.0.0.0 for a "
+        "Prometheus on another host or pod)"
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="`sandqueue serve`: when set, /metrics asks for `Authorization: "
+        "Bearer <token>` (it names tenants and their costs); unset = open"
+    )
+    metrics_max_tenants: int = Field(
+        100, ge=1, le=10_000, description="distinct tenant label values per process in "
+        "metrics; further tenants are counted as `_other`"
+    )
+    tracing: Literal["off", "otlp", "console"] = Field(
+        "off", description="OpenTelemetry traces: off (nothing set up, no network), otlp "
+        "(needs the `otlp` extra) or console"
+    )
+    tracing_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces; "
+        "unset = the exporter's OTEL_EXPORTER_OTLP_* variables or its default"
+    )
     secret_keys: str | None = Field(
         None,
         description="comma-separated Fernet keys; the first encrypts inline secrets, all "
@@ -291,6 +315,17 @@ class Settings(BaseSettings):
                 f"SANDQUEUE_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}), or Redis "
                 "re-delivers running tasks and they run twice"
             )
+        if self.tracing == "otlp" and not _otlp_installed():
+            raise ConfigError(
+                "SANDQUEUE_TRACING=otlp needs the OTLP exporter: pip install "
+                "'sandqueue[otlp]' (or set SANDQUEUE_TRACING=off or console)"
+            )
+        if self.metrics_port and self.pool == "prefork":
+            raise ConfigError(
+                "SANDQUEUE_METRICS_PORT needs the threads or solo pool: with prefork the tasks "
+                "run in child processes the port cannot see. Use SANDQUEUE_POOL=threads (one "
+                "process holds hundreds of tasks), or run one worker per container"
+            )
         return self
 
     @property
@@ -320,6 +355,15 @@ class Settings(BaseSettings):
         """Seconds a task may run, given what it asked for."""
         asked = timeout_s if timeout_s is not None else self.default_timeout_s
         return min(asked, self.max_timeout_s)
+
+
+def _otlp_installed() -> bool:
+    from importlib.util import find_spec
+
+    try:
+        return find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+    except ModuleNotFoundError:  # not even its parent package
+        return False
 
 
 def load_settings(**overrides: object) -> Settings:

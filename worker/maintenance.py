@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -121,7 +122,12 @@ class Maintenance:
         s = self.settings
         now = time.time()
         entry = {"queues": sorted(self.queues or [s.queue]),
-                 "max_timeout_s": s.max_timeout_s, "until": now + 3 * ADVERTISE_INTERVAL_S}
+                 "max_timeout_s": s.max_timeout_s, "until": now + 3 * ADVERTISE_INTERVAL_S,
+                 # the fleet view (sandqueue/fleet.py) reads the rest
+                 "pid": os.getpid(), "host": socket.gethostname(),
+                 "concurrency": s.concurrency, "in_flight": len(self.active()),
+                 "max_live_sandboxes": s.live_sandbox_limit,
+                 "max_creates_per_s": s.create_rate_limit, "beat_at": now}
         r = self.redis
         stale = [name for name, raw in r.hgetall(keys.WORKER_LIMITS).items()
                  if _until(raw) < now]

@@ -353,7 +353,8 @@ class Pipeline:
                 ctx.on_attempt(progress.entry)
             ctx.on_state(sandbox_id=sandbox.sandbox_id)
             ctx.on_event({"phase": "sandbox_created", "attempt": progress.attempts,
-                          "sandbox_id": sandbox.sandbox_id})
+                          "sandbox_id": sandbox.sandbox_id,
+                          "create_s": round(progress.timings.sandbox_create_s, 3)})
             self._check_time(ctx, "creating the sandbox")
             if with_mcp:
                 t1 = time.monotonic()

@@ -36,6 +36,7 @@ from worker.agent import make_agent
 from worker.credentials import resolve_mcp
 from worker.limits import WAKE, Limiter
 from worker.maintenance import Maintenance
+from worker.observe import Observer
 from worker.pipeline import Pipeline, TaskContext
 from worker.sandbox import make_provider
 from worker.writebehind import WriteBehind
@@ -101,6 +102,10 @@ class Runtime:
     @cached_property
     def limiter(self) -> Limiter:
         return Limiter(self.redis, self.settings)
+
+    @cached_property
+    def observer(self) -> Observer:
+        return Observer(self.writer)
 
     @cached_property
     def pipeline(self) -> Pipeline:
@@ -255,6 +260,7 @@ class Runtime:
             simulated=self.settings.provider == "sim")
         self._event(task_id, {"phase": "result", "status": "cancelled", "error": "cancelled"})
         self.writer.sync()
+        self.observer.finished(task_id, result)
         return result.model_dump(mode="json")
 
     @staticmethod
@@ -293,6 +299,7 @@ class Runtime:
         )
         if begin.cancel_requested:
             ctx.cancel.set()
+        self.observer.watch(ctx)
         return ctx
 
     def _history(self, task_id: str, begin: Begin) -> list[AttemptRecord]:
@@ -406,5 +413,6 @@ class Runtime:
                               "error": category})
         if not self.writer.sync():
             log.warning("task %s: progress writes are behind (is Redis slow?)", task_id)
+        self.observer.finished(task_id, result)
         log.info("task %s %s after %d attempt(s)%s", task_id, result.status.value,
                  result.attempts, f" ({result.error.category.value})" if result.error else "")

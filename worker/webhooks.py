@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import redis
 
-from sandqueue import callbacks, errors, keys
+from sandqueue import callbacks, errors, keys, metrics
 from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
 from sandqueue.store import as_text
@@ -148,6 +148,7 @@ class Dispatcher:
         else:
             pipe.zadd(keys.WEBHOOKS_DUE, {task_id: time.time() + retry_in})
         pipe.execute()
+        metrics.WEBHOOK_DELIVERIES.labels(outcome=final or "retry").inc()
         level = logging.INFO if final == "delivered" else logging.WARNING
         log.log(level, "webhook of task %s, attempt %d: %s", task_id, attempt, outcome)
 

@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from producer.api import Client
 from producer.apikeys import ApiKeys
 from producer.http import artifacts, batches, problems, tasks
+from producer.http.metrics import metrics_endpoint
+from sandqueue import metrics, tracing
 from sandqueue.settings import Settings, load_settings
 
 
@@ -73,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=settings.api_heartbeat_s + 30,
             max_connections=settings.api_max_streams + 50, timeout=10))
         app.state.open_streams = 0
+        app.state.fleet = metrics.FleetCollector(lambda: client.redis)
+        metrics.tenant_label.limit = settings.metrics_max_tenants
+        tracing.setup(settings.tracing, "sandqueue-api", settings.tracing_endpoint)
         try:
             yield
         finally:
@@ -91,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"],
                       responses={503: {"description": "Redis unreachable"}})
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes,
                        batch_max_bytes=settings.api_max_batch_bytes)
     return app

@@ -17,6 +17,7 @@ from celery.exceptions import Ignore, Reject
 from sandqueue.contract import TASK_NAME
 from worker import webhooks
 from worker.broker.app import app, process_runtime
+from worker.observe import start_telemetry
 from worker.runtime import Duplicate, HandBack
 
 
@@ -44,6 +45,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     if sender is not None and getattr(sender, "app", None) is not None:
         runtime.queues = sorted(sender.app.amqp.queues.consume_from or ())
     runtime.start_maintenance()
+    start_telemetry(runtime.settings, lambda: len(runtime.active_contexts()))
     webhooks.dispatcher(runtime.redis, runtime.settings)  # deliveries left by a dead worker
 
 
