@@ -42,8 +42,10 @@ def events(task_id: str) -> str:
 
 
 WORKER_LIMITS = f"{PREFIX}workers:limits"
-"""Hash: worker name -> JSON {queues, max_timeout_s, until}: what each live worker enforces,
-so producers can warn about a deadline the workers will clamp."""
+"""Hash: worker name -> JSON {queues, max_timeout_s, until, and its heartbeat: pid, host,
+concurrency, in_flight, max_live_sandboxes, max_creates_per_s, beat_at}: what each live
+worker enforces, so producers can warn about a deadline the workers will clamp, and what
+`sandqueue/fleet.py` reports per worker."""
 
 CANCELLED = f"{PREFIX}cancelled"
 """Sorted set: task id -> time cancellation was asked; workers poll it for their tasks."""
@@ -55,8 +57,15 @@ DEADLETTER = f"{PREFIX}deadletter"
 
 def batch(batch_id: str, suffix: str = "") -> str:
     """`sq:batch:<id>` (hash: meta, status), `:keys` (list, input order), `:items` (hash:
-    input key -> current task id), `:gen` (hash: input key -> retry generation)."""
+    input key -> current task id), `:gen` (hash: input key -> retry generation), `:tasks`
+    (hash: input key -> the prepared task's JSON, secrets sealed; HTTP batches only, so the
+    dashboard can run failed inputs again)."""
     return f"{PREFIX}batch:{batch_id}{':' + suffix if suffix else ''}"
+
+
+BATCHES = f"{PREFIX}idx:batches"
+"""Sorted set: batch id -> creation time of every batch (entries older than the results are
+trimmed when a batch is registered): the dashboard's batch list reads it."""
 
 
 LIMIT_PREFIX = f"{PREFIX}limit:"
@@ -113,3 +122,14 @@ def tenant_open(tenant: str) -> str:
     per-key `max_queued` limit. Added at submit, removed when a task ends; entries whose
     task ended unseen are pruned when the limit is checked."""
     return f"{PREFIX}open:tenant:{tenant}"
+
+
+STATS_WINDOW_S = 10
+"""Width of one fleet-wide counter window (`stats`)."""
+
+
+def stats(name: str, window: int) -> str:
+    """String: a fleet-wide counter (`creates`: sandboxes created, `rate_limited`: 429s) for
+    one `STATS_WINDOW_S` window (epoch seconds // the width); expires after a few minutes.
+    `sandqueue/fleet.py` sums the last minute's windows into a rate."""
+    return f"{PREFIX}stats:{name}:{window}"

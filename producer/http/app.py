@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api import Client
 from producer.apikeys import ApiKeys
-from producer.http import batches, problems, tasks
+from producer.http import batches, dashboard, problems, tasks
 from sandqueue.settings import Settings, load_settings
 
 
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     app.include_router(tasks.router)
     app.include_router(batches.router)
+    dashboard.install(app)  # the web dashboard at / (producer/http/dashboard)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"],
                       responses={503: {"description": "Redis unreachable"}})
