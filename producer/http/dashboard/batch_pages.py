@@ -45,21 +45,26 @@ RETRYABLE = {TaskStatus.FAILED.value, TaskStatus.TIMED_OUT.value, TaskStatus.CAN
 
 @dataclass
 class Finished:
-    """What the results of a batch's finished tasks said, read once per task."""
+    """What the results of a batch's finished tasks said (error category, total seconds),
+    read once per task; figures cover the tasks answering for the inputs now (a retried
+    input's earlier task no longer counts)."""
 
+    known: dict[str, tuple[str | None, float | None]] = field(default_factory=dict)
     by_error: dict[str, int] = field(default_factory=dict)
     durations: list[float] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
 
     def read(self, batch: Batch, final_ids: list[str]) -> None:
-        new = [t for t in final_ids if t not in self.seen]
+        new = [t for t in final_ids if t not in self.known]
         for task_id, result in batch.results(new).items():
-            self.seen.add(task_id)
-            if result.error is not None:
-                name = result.error.category.value
-                self.by_error[name] = self.by_error.get(name, 0) + 1
-            if result.timings.total_s is not None:
-                self.durations.append(result.timings.total_s)
+            self.known[task_id] = (result.error.category.value if result.error else None,
+                                   result.timings.total_s)
+        self.by_error, self.durations = {}, []
+        for task_id in final_ids:
+            category, took = self.known.get(task_id, (None, None))
+            if category is not None:
+                self.by_error[category] = self.by_error.get(category, 0) + 1
+            if took is not None:
+                self.durations.append(took)
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -83,11 +88,15 @@ def summary(batch: Batch, finished: Finished, now: float | None = None) -> dict[
     failed = sum(counts.get(s, 0) for s in RETRYABLE)
     running = counts.get("running", 0) + counts.get("retrying", 0)
     queued = total - done - failed - running
+    remaining = total - done - failed
+    kept = bool(batch.r.exists(batch_key(batch.id, "tasks")))
+    status = meta.get("status", "?")
+    if status == "running" and remaining <= 0:
+        status = "done"  # an HTTP batch has no follower process to mark it so
     elapsed = max(1e-6, (now or time.time()) - float(meta.get("created_at") or time.time()))
     rate = (done + failed) / elapsed
-    remaining = total - done - failed
     return {
-        "batch_id": batch.id, "status": meta.get("status", "?"), "reason": meta.get("reason"),
+        "batch_id": batch.id, "status": status, "reason": meta.get("reason"),
         "tenant": meta.get("tenant") or None, "source": meta.get("source"),
         "created_at": meta.get("created_at"), "total": total, "done": done, "failed": failed,
         "running": running, "queued": queued, "by_status": counts,
@@ -97,8 +106,7 @@ def summary(batch: Batch, finished: Finished, now: float | None = None) -> dict[
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining > 0 else None,
         "by_error": dict(sorted(finished.by_error.items(), key=lambda x: -x[1])),
         "p50_s": _pct(finished.durations, 0.5), "p95_s": _pct(finished.durations, 0.95),
-        "retryable": bool(failed) and bool(batch.r.exists(batch_key(batch.id, "tasks"))),
-        "ended": remaining <= 0,
+        "kept": kept, "retryable": bool(failed) and kept, "ended": remaining <= 0,
     }
 
 

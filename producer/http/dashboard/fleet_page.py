@@ -41,9 +41,9 @@ def figures(snap: FleetSnapshot) -> dict[str, Any]:
     return {
         "figures": {
             "f-workers": len(snap.workers), "f-running": snap.running,
-            "f-sandboxes": s.live, "f-cap": s.cap if s.cap is not None else "no cap",
+            "f-sandboxes": s.live, "f-cap": s.cap if s.cap is not None else "none",
             "f-rate": f"{c.per_s:.2f}/s",
-            "f-rate-limit": f"{c.limit_per_s:g}/s" if c.limit_per_s is not None else "no limit",
+            "f-rate-limit": f"{c.limit_per_s:g}/s" if c.limit_per_s is not None else "none",
             "f-429": c.rate_limited_last_min,
             "f-cooldown": (f"paused {c.cooldown_s:.0f}s" if c.cooldown_s > 0
                            else "half rate" if c.slowed else "none"),

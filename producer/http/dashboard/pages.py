@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -113,7 +114,8 @@ def tasks_page(request: Request, who: Who, status: str = "", tenant: str = "",
     except Problem as e:
         return _tasks(request, who, error=e.detail)
     filters = {"status": status, "tenant": tenant, "label": label, "batch": batch}
-    return _tasks(request, who, rows=[view(t, rec, None) for t, rec in rows], after=after,
+    shown = [(view(t, rec, None), rec.get("cost_usd"), rec.get("tool_calls")) for t, rec in rows]
+    return _tasks(request, who, rows=shown, after=after,
                   filters=filters, tenants=tenants_of(request, who), cursor=cursor)
 
 
@@ -141,7 +143,8 @@ def task_page(request: Request, task_id: str, who: Who) -> HTMLResponse:
     info = view(task_id, record, result)
     return page(request, "task.html", who=who, nav="tasks", task=info, record=record,
                 result=info.result, events=events, marks=marks,
-                phases=timeline.phase_totals(marks), tools=timeline.tool_calls(events),
+                phases=timeline.phase_totals(marks, None if ended else time.time()),
+                tools=timeline.tool_calls(events),
                 attempts=TaskStore.attempt_log(record), ended=ended,
                 last_event=events[-1]["id"] if events else "",
                 cost=record.get("cost_usd"), worker=record.get("worker"),
@@ -193,7 +196,7 @@ async def live_rows(request: Request, who: Who, ids: str = "") -> StreamingRespo
                              headers=SSE_HEADERS)
 
 
-_ROW_FIELDS = ("tenant", "status", "attempt", "cost_usd", "updated_at", "error")
+_ROW_FIELDS = ("tenant", "status", "attempt", "tool_calls", "cost_usd", "updated_at", "error")
 
 
 async def _row_frames(aredis: Any, who: Viewer, ids: list[str], heartbeat_s: float,

@@ -8,7 +8,6 @@ time between two milestones is the phase the first one opens (queued: from `queu
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,13 +58,15 @@ def milestones(events: list[dict[str, Any]]) -> list[Milestone]:
     return out
 
 
-def phase_totals(marks: list[Milestone]) -> list[tuple[str, float]]:
-    """Seconds per phase, summed over attempts, in the order phases first happened."""
+def phase_totals(marks: list[Milestone], now: float | None = None) -> list[tuple[str, float]]:
+    """Seconds per phase, summed over attempts, in the order phases first happened; with
+    `now`, the phase still open (the task runs) counts up to it."""
     totals: dict[str, float] = {}
-    for here, after in itertools.pairwise(marks):
+    ends = [m.ts for m in marks[1:]] + ([now] if now is not None else [])
+    for here, end in zip(marks, ends, strict=False):
         name = PHASE_OF.get(here.phase)
         if name is not None:
-            totals[name] = totals.get(name, 0.0) + max(0.0, after.ts - here.ts)
+            totals[name] = totals.get(name, 0.0) + max(0.0, end - here.ts)
     return list(totals.items())
 
 

@@ -101,6 +101,8 @@ function tasksPage() {
       setStatus(tr.querySelector('[data-f="status"]'), row.status || "unknown");
       tr.querySelector('[data-f="attempt"]').textContent = row.attempt || "—";
       tr.querySelector('[data-f="error"]').textContent = row.error || "";
+      tr.querySelector('[data-f="tool_calls"]').textContent = row.tool_calls || "—";
+      tr.querySelector('[data-f="cost_usd"]').textContent = row.cost_usd ? usd(parseFloat(row.cost_usd)) : "—";
       if (row.updated_at) {
         const cell = tr.querySelector('[data-f="updated_at"]');
         cell.textContent = duration(Math.max(0, Date.now() / 1000 - parseFloat(row.updated_at))) + " ago";
@@ -145,6 +147,13 @@ function batchPage() {
       const tr = addRow(statuses, [["", ""], [n, "num"]]);
       tr.firstChild.appendChild(el("span", s, "st st-" + s));
     }
+    const retry = document.getElementById("retry-form");
+    if (retry) {
+      retry.hidden = !b.retryable;
+      document.getElementById("retry-n").textContent = String(b.failed);
+    }
+    const cancel = document.getElementById("cancel-form");
+    if (cancel && b.ended) cancel.hidden = true;
     if (b.ended) source.close();
   };
 }
