@@ -65,7 +65,11 @@ def text(driver: WebDriver, element_id: str) -> str:
 
 
 def rows(driver: WebDriver, table_id: str) -> list[str]:
-    return [r.text for r in driver.find_elements(By.CSS_SELECTOR, f"#{table_id} tbody tr")]
+    """The table's rows as text, read in one go (live updates replace rows meanwhile)."""
+    found: list[str] = driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), (r) => r.innerText);",
+        f"#{table_id} tbody tr")
+    return found
 
 
 def wait_for(driver: WebDriver, what: str, predicate: Any) -> Any:
