@@ -10,6 +10,7 @@ real-Redis fixtures.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import tempfile
@@ -68,9 +69,12 @@ def screenshot(driver: object, name: str) -> Path:
     """Save the page as test-output/screenshots/<name>.png and print where."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    height = driver.execute_script(  # type: ignore[attr-defined]
-        "return document.documentElement.scrollHeight")
-    driver.set_window_size(1440, max(700, min(int(height), 3000)))  # type: ignore[attr-defined]
-    driver.save_screenshot(str(path))  # type: ignore[attr-defined]
+    # The whole page, not just the window: Chromium's DevTools capture beyond the viewport.
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]  # type: ignore[attr-defined]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {  # type: ignore[attr-defined]
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 4000),
+                 "scale": 1}})
+    path.write_bytes(base64.b64decode(shot["data"]))
     print(f"screenshot: {path}")
     return path
