@@ -87,3 +87,12 @@ def test_the_timeline_times_each_phase_and_counts_retries_and_the_open_phase() -
     ("https://evil.example/", "/"), ("/\\evil.example", "/"), ("", "/")])
 def test_the_login_form_only_returns_to_a_page_of_this_site(asked: str, goes_to: str) -> None:
     assert _safe_next(asked) == goes_to
+
+
+def test_the_batch_duration_histogram_puts_every_duration_in_one_bin() -> None:
+    from producer.http.dashboard.batch_pages import histogram
+
+    assert histogram([]) == []
+    bins = histogram([0.0, 1.0, 1.0, 9.9, 10.0], bins=10)
+    assert [n for _, n in bins] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert bins[0][0] == "1.00s" and bins[-1][0] == "10s"

@@ -28,7 +28,7 @@ from producer.batch import Batch, BatchInput, batch_key
 from producer.http import sse
 from producer.http.batches import owned_batch
 from producer.http.dashboard.pages import SSE_HEADERS, Who
-from producer.http.dashboard.render import page
+from producer.http.dashboard.render import duration, page
 from producer.http.dashboard.session import Viewer, check_form
 from producer.http.tasks import charge
 from sandqueue import keys
@@ -65,6 +65,20 @@ class Finished:
                 self.by_error[category] = self.by_error.get(category, 0) + 1
             if took is not None:
                 self.durations.append(took)
+
+
+HISTOGRAM_BINS = 10
+
+
+def histogram(values: list[float], bins: int = HISTOGRAM_BINS) -> list[tuple[str, int]]:
+    """Durations in `bins` equal-width bins from 0 to the longest: (upper bound, count)."""
+    if not values:
+        return []
+    top = max(values) or 1.0
+    counts = [0] * bins
+    for value in values:
+        counts[min(bins - 1, int(bins * value / top))] += 1
+    return [(duration(top * (i + 1) / bins), n) for i, n in enumerate(counts)]
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -106,6 +120,7 @@ def summary(batch: Batch, finished: Finished, now: float | None = None) -> dict[
         "eta_s": round(remaining / rate, 1) if rate > 0 and remaining > 0 else None,
         "by_error": dict(sorted(finished.by_error.items(), key=lambda x: -x[1])),
         "p50_s": _pct(finished.durations, 0.5), "p95_s": _pct(finished.durations, 0.95),
+        "histogram": histogram(finished.durations),
         "kept": kept, "retryable": bool(failed) and kept, "ended": remaining <= 0,
     }
 

@@ -136,6 +136,9 @@ function batchPage() {
     document.getElementById("eta").textContent = b.eta_s === null ? "—" : duration(b.eta_s);
     document.getElementById("p50").textContent = duration(b.p50_s);
     document.getElementById("p95").textContent = duration(b.p95_s);
+    document.getElementById("p50h").textContent = duration(b.p50_s);
+    document.getElementById("p95h").textContent = duration(b.p95_s);
+    drawHistogram(b.histogram || []);
     setStatus(document.getElementById("batch-status"), b.status);
     const errors = document.querySelector("#by-error tbody");
     errors.replaceChildren();
@@ -156,6 +159,27 @@ function batchPage() {
     if (cancel && b.ended) cancel.hidden = true;
     if (b.ended) source.close();
   };
+}
+
+function drawHistogram(bins) {
+  const svg = document.getElementById("histogram");
+  const axis = document.getElementById("histogram-axis");
+  const peak = Math.max(1, ...bins.map(([, n]) => n));
+  svg.replaceChildren();
+  axis.replaceChildren();
+  bins.forEach(([upto, n], i) => {
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    const h = (30 * n) / peak;
+    for (const [k, v] of [["x", i * 10 + 0.5], ["y", 30 - h], ["width", 9], ["height", h]]) {
+      rect.setAttribute(k, String(v));
+    }
+    rect.setAttribute("class", "bin");
+    const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+    title.textContent = "≤ " + upto + ": " + n;
+    rect.appendChild(title);
+    svg.appendChild(rect);
+    axis.appendChild(el("span", upto));
+  });
 }
 
 function fleetPage() {
