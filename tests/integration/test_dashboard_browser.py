@@ -4,15 +4,22 @@ saved to test-output/screenshots/."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import redis
-from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+
+try:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # the dev extra brings it; under CI its absence is a failure
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("selenium is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 from sandqueue import keys
 from tests.integration.browser import chrome, screenshot

@@ -84,7 +84,8 @@ def test_the_timeline_times_each_phase_and_counts_retries_and_the_open_phase() -
 
 @pytest.mark.parametrize(("asked", "goes_to"), [
     ("/tasks/abc?x=1", "/tasks/abc?x=1"), ("//evil.example/", "/"),
-    ("https://evil.example/", "/"), ("/\\evil.example", "/"), ("", "/")])
+    ("https://evil.example/", "/"), ("/\\evil.example", "/"), ("", "/"),
+    ("/x\r\nSet-Cookie: a=b", "/"), ("/", "/")])
 def test_the_login_form_only_returns_to_a_page_of_this_site(asked: str, goes_to: str) -> None:
     assert _safe_next(asked) == goes_to
 

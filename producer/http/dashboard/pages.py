@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -50,11 +51,13 @@ def _client(request: Request) -> Client:
     return client
 
 
+_LOCAL_PATH = re.compile(r"^/(?![/\\])[^\x00-\x1f\x7f\\]*\Z")
+
+
 def _safe_next(target: str | None) -> str:
-    """Only a path of this site: never `//evil.example` or a full URL (an open redirect)."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return "/"
+    """Only a path of this site: never `//evil.example`, a full URL (an open redirect) or
+    control characters (a header split)."""
+    return target if target and _LOCAL_PATH.match(target) else "/"
 
 
 @router.get("/login")
