@@ -110,6 +110,13 @@ def test_log_in_watch_a_running_task_live_and_cancel_it(
     wait_for(driver, "the row to turn running without a reload",
              lambda d: "running" in d.find_element(By.CSS_SELECTOR,
                                                    f'tr[data-id="{task_id}"]').text)
+    # And a task submitted meanwhile is announced above the table, without a reload
+    mark_page(driver)
+    with api(server, key) as client:
+        submit(client, {"prompt": "a newer one"})
+    wait_for(driver, "the newer-task note", lambda d: d.find_element(By.ID, "live-note")
+             .is_displayed() and text(d, "newer-count") == "1")
+    assert same_page(driver)
     screenshot(driver, "tasks")
     # And its page shows the timeline growing as events arrive, without reloading
     driver.find_element(By.CSS_SELECTOR, f'tr[data-id="{task_id}"] a').click()
@@ -185,6 +192,10 @@ def test_a_batch_page_shows_its_counts_move(
              and text(d, "n-queued") == "0" and text(d, "n-running") == "0")
     wait_until(lambda: rdb.hget(keys.task(new_id), "status") == b"failed", WAIT_S,
                "the retried task to fail again")
+    # The batch's tasks, from its page's link: six rows, the retried input's newest
+    driver.find_element(By.PARTIAL_LINK_TEXT, "This batch's tasks").click()
+    wait_for(driver, "the batch's task table", lambda d: len(rows(d, "tasks")) == 7)
+    screenshot(driver, "tasks-of-batch")
 
 
 def _items(rdb: redis.Redis, batch_id: str) -> dict[str, str]:
@@ -212,4 +223,19 @@ def test_a_tenant_key_does_not_see_another_tenants_task(
     wait_for(driver, "a live worker", lambda d: "sqit-" in " ".join(rows(d, "workers")))
     tenants = [r.split()[0] for r in rows(driver, "tenants") if r.split()]
     assert tenants == ["globex"]
-    screenshot(driver, "fleet")
+    # While an admin key sees every tenant's tasks, and every tenant on the fleet page
+    driver.find_element(By.ID, "logout").click()
+    admin = make_key(redis_url, "ops", "--scopes", "admin")["key"]
+    log_in(driver, server, admin)
+    wait_for(driver, "acme's task", lambda d: task_id in d.page_source)
+    screenshot(driver, "tasks-admin")
+    with api(server, acme) as client:
+        busy = submit(client, {"prompt": "keep the fleet busy", "envs": SLOW})
+        driver.get(f"{server.url}/fleet")
+        wait_for(driver, "every tenant, acme's task running",
+                 lambda d: {tuple(r.split()) for r in rows(d, "tenants")}
+                 >= {("acme", "1", "0"), ("globex", "0", "0"), ("ops", "0", "0")})
+        wait_for(driver, "the live sandbox", lambda d: text(d, "f-sandboxes") == "1")
+        screenshot(driver, "fleet")
+        assert client.post(f"/v1/tasks/{busy}/cancel").status_code == 202
+        assert client.get(f"/v1/tasks/{busy}/result?wait=60").json()["status"] == "cancelled"

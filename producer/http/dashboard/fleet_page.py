@@ -42,6 +42,7 @@ def figures(snap: FleetSnapshot) -> dict[str, Any]:
         "figures": {
             "f-workers": len(snap.workers), "f-running": snap.running,
             "f-sandboxes": s.live, "f-cap": s.cap if s.cap is not None else "none",
+            "f-counted": s.counted_by,
             "f-rate": f"{c.per_s:.2f}/s",
             "f-rate-limit": f"{c.limit_per_s:g}/s" if c.limit_per_s is not None else "none",
             "f-429": c.rate_limited_last_min,

@@ -187,13 +187,19 @@ async def task_events(request: Request, task_id: str, who: Who,
 
 
 @router.get("/live/tasks")
-async def live_rows(request: Request, who: Who, ids: str = "") -> StreamingResponse:
+async def live_rows(request: Request, who: Who, ids: str = "", newer_than: float = 0.0,
+                    tenant: str = "") -> StreamingResponse:
     """Status, attempt, cost and last update of the rows a tasks page shows, whenever they
-    change (one HMGET per row per second: bounded by the page, not by the task count)."""
+    change (one HMGET per row per second: bounded by the page, not by the task count), and
+    with `newer_than`, how many tasks were submitted since the page's newest row."""
     wanted = [t for t in ids.split(",") if t][:LIVE_IDS_MAX]
+    scope = await run_in_threadpool(tenants_of, request, who)
+    if tenant in scope:
+        scope = [tenant]
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     frames = _row_frames(request.app.state.aredis, who, wanted,
+                         scope if newer_than else [], newer_than,
                          request.app.state.settings.api_heartbeat_s)
     return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
                              headers=SSE_HEADERS)
@@ -202,26 +208,31 @@ async def live_rows(request: Request, who: Who, ids: str = "") -> StreamingRespo
 _ROW_FIELDS = ("tenant", "status", "attempt", "tool_calls", "cost_usd", "updated_at", "error")
 
 
-async def _row_frames(aredis: Any, who: Viewer, ids: list[str], heartbeat_s: float,
-                      ) -> AsyncIterator[bytes]:
+async def _row_frames(aredis: Any, who: Viewer, ids: list[str], tenants: list[str],
+                      newer_than: float, heartbeat_s: float) -> AsyncIterator[bytes]:
     last: dict[str, Any] = {}
+    last_newer = 0
     quiet = 0.0
     yield b"retry: 2000\n\n"
     while True:
         pipe = aredis.pipeline(transaction=False)
         for task_id in ids:
             pipe.hmget(keys.task(task_id), *_ROW_FIELDS)
+        for tenant in tenants:
+            pipe.zcount(keys.tenant_index(tenant), f"({newer_than!r}", "+inf")
+        answers = await pipe.execute()
         rows = {}
-        for task_id, values in zip(ids, await pipe.execute(), strict=True):
+        for task_id, values in zip(ids, answers, strict=False):
             row = dict(zip(_ROW_FIELDS, (as_text(v) if v is not None else "" for v in values),
                            strict=True))
             if who.caller.owns(row.pop("tenant") or None):
                 rows[task_id] = row
+        newer = sum(int(n) for n in answers[len(ids):])
         changed = {t: row for t, row in rows.items() if last.get(t) != row}
-        if changed:
+        if changed or newer != last_newer:
             last.update(changed)
-            quiet = 0.0
-            yield f"data: {json.dumps({'rows': changed})}\n\n".encode()
+            last_newer, quiet = newer, 0.0
+            yield f"data: {json.dumps({'rows': changed, 'newer': newer})}\n\n".encode()
         elif quiet >= heartbeat_s:
             quiet = 0.0
             yield b": heartbeat\n\n"

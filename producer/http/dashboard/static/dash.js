@@ -89,12 +89,19 @@ function taskPage() {
 }
 
 function tasksPage() {
+  const table = document.getElementById("tasks");
   const rows = document.querySelectorAll("#tasks tbody tr[data-id]");
   if (!rows.length) return;
   const ids = Array.from(rows, (r) => r.dataset.id).filter((id) => /^[\w.:-]+$/.test(id));
-  const source = new EventSource("/live/tasks?ids=" + encodeURIComponent(ids.join(",")));
+  const query = new URLSearchParams({ids: ids.join(","), tenant: table.dataset.tenant || ""});
+  if (table.dataset.newerThan) query.set("newer_than", table.dataset.newerThan);
+  const source = new EventSource("/live/tasks?" + query.toString());
   source.onmessage = (message) => {
-    const changed = JSON.parse(message.data).rows || {};
+    const data = JSON.parse(message.data);
+    const note = document.getElementById("live-note");
+    note.hidden = !data.newer;
+    document.getElementById("newer-count").textContent = String(data.newer || 0);
+    const changed = data.rows || {};
     for (const [id, row] of Object.entries(changed)) {
       const tr = document.querySelector(`#tasks tr[data-id="${CSS.escape(id)}"]`);
       if (!tr) continue;
