@@ -18,10 +18,11 @@ Where each figure comes from:
 - queues: the Celery lists (kombu's Redis transport: one list per queue and priority step,
   new messages pushed on the left, taken from the right), so the oldest waiting message is
   the last element; its age is read from its `submitted_at`.
-- tenants: those of the API keys and those with a running task (a tenant named only by
-  the label of CLI-submitted tasks shows while one of its tasks runs). Running = running
-  tasks whose record names the tenant; queued = the tenant's unfinished tasks
-  (`sq:open:tenant:<t>`, kept by submit, cancel and the worker) minus those running.
+- tenants: those of the API keys, of running tasks and of the producers' submit counter
+  (`sq:stats:submitted`: tenant -> tasks submitted, `_none` for tasks without one); at most
+  `MAX_TENANTS`, those with the most submitted first. Running = running tasks whose record
+  names the tenant; queued = the tenant's unfinished tasks (`sq:open:tenant:<t>`, kept by
+  submit, cancel and the worker) minus those running.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from sandqueue.store import as_text
 MAX_RUNNING = 5000
 """Running tasks whose tenant is looked up; beyond it the per-tenant figures are partial."""
 MAX_TENANTS = 500
-"""API keys read to list tenants that have nothing running."""
+"""API keys read, and tenants reported."""
 RATE_WINDOWS = 6
 """Counter windows summed into the creation rate (the last minute)."""
 KOMBU_PRIORITY_SEP = "\x06\x16"
@@ -94,6 +95,8 @@ class TenantInfo(BaseModel):
     tenant: str
     running: int
     queued: int
+    submitted: int = 0
+    """Tasks submitted under this tenant by every producer, ever (`_none`: without one)."""
 
 
 class FleetSnapshot(BaseModel):
@@ -120,9 +123,12 @@ def fleet_snapshot(client: redis.Redis, *, queues: list[str] | None = None,
     tenants_seen = _apikey_tenants(client, first["apikeys"])
     second = _second_round(client, queue_names, first["running_ids"], tenants_seen)
     tenant_running = Counter(t for t in second["running_tenants"] if t)
-    names = sorted(set(tenants_seen) | set(tenant_running))
+    submitted = first["submitted"]
+    names = sorted(set(tenants_seen) | set(tenant_running) | set(submitted))
+    names = names if len(names) <= MAX_TENANTS else sorted(
+        names, key=lambda t: -submitted.get(t, 0))[:MAX_TENANTS]
     third = _third_round(client, names, second["tails"])
-    tenants = [TenantInfo(tenant=t, running=tenant_running[t],
+    tenants = [TenantInfo(tenant=t, running=tenant_running[t], submitted=submitted.get(t, 0),
                           queued=max(0, third["open"][t] - tenant_running[t])) for t in names]
     return FleetSnapshot(
         taken_at=now, workers=workers,
@@ -146,8 +152,9 @@ def _first_round(client: redis.Redis, now: float) -> dict[str, Any]:
     pipe.mget([keys.stats("creates", w) for w in windows])
     pipe.mget([keys.stats("rate_limited", w) for w in windows])
     pipe.srandmember(keys.APIKEYS, MAX_TENANTS)
+    pipe.hgetall(keys.STATS_SUBMITTED)
     (limits, running, running_total, slots, sim_live, cooldown, slowed, creates, limited,
-     apikeys) = pipe.execute()
+     apikeys, submitted) = pipe.execute()
     running_ids = [as_text(t) for t in running]
     owners: list[Any] = []
     if running_ids:
@@ -156,7 +163,8 @@ def _first_round(client: redis.Redis, now: float) -> dict[str, Any]:
             "owners": owners, "slots": slots, "sim_live": sim_live, "cooldown_ms": cooldown,
             "slowed": bool(slowed), "creates": _total(creates), "limited": _total(limited),
             "elapsed_s": (RATE_WINDOWS - 1) * keys.STATS_WINDOW_S + now % keys.STATS_WINDOW_S,
-            "apikeys": [as_text(k) for k in apikeys or []]}
+            "apikeys": [as_text(k) for k in apikeys or []],
+            "submitted": {as_text(t): int(n) for t, n in submitted.items()}}
 
 
 def _total(values: list[Any]) -> int:

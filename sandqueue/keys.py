@@ -133,3 +133,9 @@ def stats(name: str, window: int) -> str:
     one `STATS_WINDOW_S` window (epoch seconds // the width); expires after a few minutes.
     `sandqueue/fleet.py` sums the last minute's windows into a rate."""
     return f"{PREFIX}stats:{name}:{window}"
+
+
+STATS_SUBMITTED = f"{PREFIX}stats:submitted"
+"""Hash: tenant (`_none` without one) -> tasks submitted by every producer, ever (a counter:
+no expiry; as many fields as tenants). `sandqueue serve` exports it as
+`sandqueue_tasks_submitted_total`, the same figure whichever process is scraped."""

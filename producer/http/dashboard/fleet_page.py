@@ -56,7 +56,8 @@ def figures(snap: FleetSnapshot) -> dict[str, Any]:
                          "—" if w.heartbeat_age_s is None else duration(w.heartbeat_age_s)]
                         for w in snap.workers],
             "queues": [[q.name, str(q.depth), duration(q.oldest_age_s)] for q in snap.queues],
-            "tenants": [[t.tenant, str(t.running), str(t.queued)] for t in snap.tenants],
+            "tenants": [[t.tenant, str(t.running), str(t.queued), str(t.submitted)]
+                        for t in snap.tenants],
         },
     }
 
