@@ -57,10 +57,13 @@ def submit(client: httpx.Client, body: dict[str, Any]) -> str:
     return task_id
 
 
-def log_in(driver: WebDriver, server: ApiServer, key: str, path: str = "/") -> None:
+def log_in(driver: WebDriver, server: ApiServer, key: str, path: str = "/",
+           shot: str | None = None) -> None:
     """Open a page, get sent to the login form, log in, land back on the page."""
     driver.get(server.url + path)
     WebDriverWait(driver, WAIT_S).until(lambda d: "/login" in d.current_url)
+    if shot:
+        screenshot(driver, shot)
     driver.find_element(By.ID, "api_key").send_keys(key)
     driver.find_element(By.ID, "login").click()
     WebDriverWait(driver, WAIT_S).until(lambda d: "/login" not in d.current_url)
@@ -103,7 +106,7 @@ def test_log_in_watch_a_running_task_live_and_cancel_it(
         task_id = submit(client, {"prompt": "review <b>the</b> code", "envs": SLOW,
                                   "labels": {"team": "web<script>"}})
     # When the operator logs in, the task table lists it
-    log_in(driver, server, key)
+    log_in(driver, server, key, shot="login")
     row = wait_for(driver, "the task's row",
                    lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-id="{task_id}"]'))[0]
     assert "team=web<script>" in row.text  # shown as text, not markup

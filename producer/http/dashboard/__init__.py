@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 
-from producer.http.dashboard import batch_pages, fleet_page, pages
+from producer.http.dashboard import batch_pages, fleet_page, pages, session
 from producer.http.dashboard.render import HERE, SECURITY_HEADERS, page
 from producer.http.dashboard.session import Forbidden, LoginRequired
 from producer.http.problems import Problem
@@ -47,8 +47,15 @@ def install(app: FastAPI) -> None:
         assert isinstance(e, LoginRequired)
         return pages.login_redirect(request, e)
 
+    def who(request: Request) -> session.Viewer | None:
+        try:
+            return session.viewer(request)  # the page keeps its navigation when logged in
+        except LoginRequired:
+            return None
+
     async def forbidden(request: Request, e: Exception) -> Response:
-        return page(request, "error.html", status_code=403, status=403, detail=str(e))
+        return page(request, "error.html", status_code=403, status=403, detail=str(e),
+                    who=who(request))
 
     async def problem(request: Request, e: Exception) -> Response:
         # The dashboard's 404 (another tenant's task, or none) is a page; the API's a problem.
@@ -56,7 +63,7 @@ def install(app: FastAPI) -> None:
             return await api_problem(request, e)  # type: ignore[no-any-return]
         assert isinstance(e, Problem)
         return page(request, "error.html", status_code=e.status, status=e.status,
-                    detail=e.detail)
+                    detail=e.detail, who=who(request))
 
     app.add_exception_handler(LoginRequired, login_required)
     app.add_exception_handler(Forbidden, forbidden)

@@ -30,6 +30,7 @@ from producer.http.batches import owned_batch
 from producer.http.dashboard.pages import SSE_HEADERS, Who
 from producer.http.dashboard.render import duration, page
 from producer.http.dashboard.session import Viewer, check_form
+from producer.http.problems import not_found
 from producer.http.tasks import charge
 from sandqueue import keys
 from sandqueue.contract import FINAL_STATUSES, AgentTask, TaskStatus
@@ -167,8 +168,6 @@ def _is_number(text: str) -> bool:
 def _owned(request: Request, who: Viewer, batch_id: str) -> Batch:
     batch = owned_batch(request, who.caller, batch_id)
     if not batch.exists():
-        from producer.http.problems import not_found
-
         raise not_found(f"batch {batch_id[:64]}")
     return batch
 
