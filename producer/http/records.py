@@ -111,15 +111,23 @@ def page_across(r: redis.Redis, tenants: list[str], *, limit: int, cursor: str |
     """`page` over several tenants' indexes at once, newest first (an admin's view of every
     tenant). The cursor holds one `page` cursor per tenant (None: that index is done); a
     tenant whose page was only partly shown is read again up to the last row shown, so its
-    cursor is exactly `page`'s."""
+    cursor is exactly `page`'s. Tenants are read newest head first, and one whose newest
+    entry is older than the page's last row so far is not read at all: with many tenants,
+    only those with something to show cost more than one pipelined read."""
     state = _decode_multi(cursor) if cursor else dict.fromkeys(tenants, "")
     pages: dict[str, list[tuple[str, dict[str, str]]]] = {}
     after: dict[str, str | None] = {}
-    for tenant, at in state.items():
-        if at is None:
-            continue
-        pages[tenant], after[tenant] = page(r, tenant, limit=limit, cursor=at or None,
+    best: list[float] = []  # the `limit` newest submit times seen so far, a min-heap
+    heads = _heads(r, state)  # tenants with nothing after their cursor are done
+    for head, tenant in heads:
+        if len(best) == limit and head < best[0]:
+            break  # this tenant and every later one hold only older tasks
+        pages[tenant], after[tenant] = page(r, tenant, limit=limit, cursor=state[tenant] or None,
                                             keep=keep, chunk_size=chunk_size)
+        for _, rec in pages[tenant]:
+            heapq.heappush(best, float(rec.get("submitted_at") or 0))
+            if len(best) > limit:
+                heapq.heappop(best)
     # A merge takes from the head of each tenant's page, so what is shown of a tenant is
     # always a prefix of its page (what the re-read below relies on).
     merged = heapq.merge(*([(tenant, i, rec) for i, (_, rec) in enumerate(rows)]
@@ -136,8 +144,24 @@ def page_across(r: redis.Redis, tenants: list[str], *, limit: int, cursor: str |
         elif n == 0 and pages[tenant]:
             after[tenant] = state[tenant]
     found = [pages[tenant][i] for tenant, i, _ in ranked]
+    for _, tenant in heads:
+        if tenant not in pages:
+            after[tenant] = state[tenant]  # not read (nothing new enough): stays put
     rest = {t: after.get(t) for t in state if after.get(t) is not None}
     return found, (_encode_multi(rest) if rest else None)
+
+
+def _heads(r: redis.Redis, state: dict[str, str | None]) -> list[tuple[float, str]]:
+    """(newest entry's score after its cursor, tenant), newest first; done tenants left out."""
+    live = [(t, decode_cursor(at) if at else (float("inf"), 0)) for t, at in state.items()
+            if at is not None]
+    pipe = r.pipeline(transaction=False)
+    for tenant, (top, skip) in live:
+        pipe.zrevrangebyscore(keys.tenant_index(tenant), _bound(top), "-inf", start=skip,
+                              num=1, withscores=True)
+    heads = [(entry[0][1], tenant) for (tenant, _), entry in zip(live, pipe.execute(),
+                                                                 strict=True) if entry]
+    return sorted(heads, key=lambda h: (-h[0], h[1]))
 
 
 def _encode_multi(cursors: dict[str, str | None]) -> str:

@@ -47,10 +47,51 @@ def test_paging_across_tenants_lists_every_kept_task_once_newest_first(limit: in
         seen += [task_id for task_id, _ in found]
         if cursor is None:
             break
+    assert cursor is None, "paging never ended"
     wanted = {t for t in made if r.hget(keys.task(t), "status") == b"queued"}
     assert sorted(seen) == sorted(wanted)  # each once
     times = [made[t][0] for t in seen]
     assert times == sorted(times, reverse=True)  # newest first across tenants
+
+
+def test_tenants_with_only_older_tasks_are_not_read_for_the_newest_page() -> None:
+    # Given one busy tenant with the newest tasks and many quiet ones with older tasks
+    r = fakeredis.FakeRedis()
+    quiet = [f"quiet{i}" for i in range(40)]
+    for i in range(60):
+        r.zadd(keys.tenant_index("busy"), {f"b{i}": 2000.0 + i})
+        r.hset(keys.task(f"b{i}"), mapping={"tenant": "busy", "submitted_at": 2000.0 + i})
+    for tenant in quiet:
+        r.zadd(keys.tenant_index(tenant), {f"{tenant}-old": 1000.0})
+        r.hset(keys.task(f"{tenant}-old"), mapping={"tenant": tenant, "submitted_at": 1000.0})
+    reads: list[str] = []
+    real_pipeline = r.pipeline
+
+    def counting_pipeline(*args: object, **kwargs: object) -> object:
+        pipe = real_pipeline(*args, **kwargs)  # type: ignore[arg-type]
+        real_hgetall = pipe.hgetall
+
+        def hgetall(name: str) -> object:
+            reads.append(name)
+            return real_hgetall(name)
+
+        pipe.hgetall = hgetall  # type: ignore[method-assign]
+        return pipe
+
+    r.pipeline = counting_pipeline  # type: ignore[method-assign]
+    # When the newest page of 50 is asked for
+    found, cursor = records.page_across(r, ["busy", *quiet], limit=50, cursor=None,
+                                        keep=lambda _: True, chunk_size=100)
+    # Then it is the busy tenant's 50 newest, and no quiet tenant's record was read
+    assert [t for t, _ in found] == [f"b{i}" for i in range(59, 9, -1)]
+    assert reads and not [name for name in reads if "quiet" in str(name)]
+    # And paging on still reaches every quiet tenant's task
+    rest: list[str] = []
+    while cursor is not None:
+        more, cursor = records.page_across(r, ["busy", *quiet], limit=50, cursor=cursor,
+                                           keep=lambda _: True)
+        rest += [t for t, _ in more]
+    assert sorted(rest) == sorted([f"b{i}" for i in range(10)] + [f"{q}-old" for q in quiet])
 
 
 def test_a_cursor_that_was_not_given_out_is_a_clear_400() -> None:
