@@ -56,6 +56,7 @@ def chrome() -> Iterator[object]:
     for flag in (*FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     options.enable_downloads = False
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see CSP refusals
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(60)
     try:
@@ -65,8 +66,18 @@ def chrome() -> Iterator[object]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def screenshot(driver: object, name: str) -> Path:
-    """Save the page as test-output/screenshots/<name>.png and print where."""
+def console_errors(driver: object) -> list[str]:
+    """What the page's console said at level SEVERE since the last call: a script or style
+    the Content-Security-Policy refused would be here."""
+    logs = driver.get_log("browser")  # type: ignore[attr-defined]
+    return [str(e.get("message")) for e in logs if e.get("level") == "SEVERE"]
+
+
+def screenshot(driver: object, name: str, expected: tuple[str, ...] = ()) -> Path:
+    """Save the page as test-output/screenshots/<name>.png and print where; first check
+    that the page ran without console errors (no CSP refusal, no script error)."""
+    errors = [e for e in console_errors(driver) if not any(x in e for x in expected)]
+    assert not errors, f"console errors on {name}: {errors}"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     # The whole page, not just the window: Chromium's DevTools capture beyond the viewport.

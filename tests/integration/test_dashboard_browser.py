@@ -13,6 +13,7 @@ import pytest
 import redis
 
 try:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.support.ui import WebDriverWait
@@ -83,7 +84,11 @@ def rows(driver: WebDriver, table_id: str) -> list[str]:
 
 
 def wait_for(driver: WebDriver, what: str, predicate: Any) -> Any:
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(
+    """Poll `predicate(driver)`; an element that vanished because the page moved on (a form
+    posted, a live update replaced it) just means: look again."""
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2,
+                         ignored_exceptions=(NoSuchElementException,
+                                             StaleElementReferenceException)).until(
         lambda d: predicate(d), message=f"waiting for {what}")
 
 
@@ -220,7 +225,7 @@ def test_a_tenant_key_does_not_see_another_tenants_task(
     driver.get(f"{server.url}/tasks/{task_id}")
     assert "Not found" in driver.find_element(By.TAG_NAME, "h1").text
     assert "secret plans" not in driver.page_source
-    screenshot(driver, "other-tenant-404")
+    screenshot(driver, "other-tenant-404", expected=("the server responded with a status of 404",))
     # And the fleet page shows only their own tenant's row
     driver.get(f"{server.url}/fleet")
     wait_for(driver, "a live worker", lambda d: "sqit-" in " ".join(rows(d, "workers")))
