@@ -61,8 +61,8 @@ def _safe_next(target: str | None) -> str:
 
 
 @router.get("/login")
-def login_form(request: Request, next: str = "/", why: str = "") -> HTMLResponse:
-    return page(request, "login.html", next=_safe_next(next), why=why)
+def login_form(request: Request, next: str = "/") -> HTMLResponse:
+    return page(request, "login.html", next=_safe_next(next), why="")
 
 
 @router.post("/login")
@@ -102,9 +102,8 @@ def tasks_page(request: Request, who: Who, status: str = "", tenant: str = "",
         keep = task_filter(wanted, labels, batch.strip() or None)
     except Problem as e:
         return _tasks(request, who, error=e.detail)
-    scope = tenants_of(request, who)
-    if tenant and tenant in scope:
-        scope = [tenant]
+    visible = tenants_of(request, who)
+    scope = [tenant] if tenant in visible else visible
     r = _client(request).redis
     try:
         if len(scope) == 1:
@@ -119,7 +118,7 @@ def tasks_page(request: Request, who: Who, status: str = "", tenant: str = "",
     filters = {"status": status, "tenant": tenant, "label": label, "batch": batch}
     shown = [(view(t, rec, None), rec.get("cost_usd"), rec.get("tool_calls")) for t, rec in rows]
     return _tasks(request, who, rows=shown, after=after,
-                  filters=filters, tenants=tenants_of(request, who), cursor=cursor)
+                  filters=filters, tenants=visible, cursor=cursor)
 
 
 def _tasks(request: Request, who: Viewer, **context: Any) -> HTMLResponse:
