@@ -159,7 +159,8 @@ def test_a_batch_page_shows_its_counts_move(
     # Given a batch of six tasks, one of them failing for good, on a two-slot worker
     worker_factory(concurrency=2, env=QUIET_OK)
     key = make_key(redis_url, "acme")["key"]
-    tasks = [{"prompt": f"task {i}", "envs": {"SIM_LATENCY_S": str(2 + i)}} for i in range(5)]
+    tasks = [{"prompt": f"task {i}", "envs": {"SIM_LATENCY_S": str(3 + 2 * i)}}
+             for i in range(5)]
     tasks.append({"prompt": "this one fails", "retry": {"max_attempts": 1},
                   "envs": {"SIM_FAIL": "agent:is_error", "SIM_LATENCY_S": "1"}})
     with api(server, key) as client:
