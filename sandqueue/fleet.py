@@ -118,13 +118,14 @@ def fleet_snapshot(client: redis.Redis, *, queues: list[str] | None = None,
     consume (and the default `sandqueue`), e.g. a queue no worker serves yet."""
     now = time.time() if now is None else now
     first = _first_round(client, now)
-    workers = _workers(first["limits"], first["owners"], now)
-    queue_names = sorted({DEFAULT_QUEUE, *(queues or []), *(q for w in workers for q in w.queues)})
-    tenants_seen = _apikey_tenants(client, first["apikeys"])
-    second = _second_round(client, queue_names, first["running_ids"], tenants_seen)
+    advertised = {q for entry in _live_entries(first["limits"], now).values()
+                  for q in entry.get("queues") or []}
+    queue_names = sorted({DEFAULT_QUEUE, *(queues or []), *advertised})
+    second = _second_round(client, queue_names, first["running_ids"], first["apikeys"])
+    workers = _workers(first["limits"], second["owners"], now)
     tenant_running = Counter(t for t in second["running_tenants"] if t)
     submitted = first["submitted"]
-    names = sorted(set(tenants_seen) | set(tenant_running) | set(submitted))
+    names = sorted(set(second["apikey_tenants"]) | set(tenant_running) | set(submitted))
     names = names if len(names) <= MAX_TENANTS else sorted(
         names, key=lambda t: -submitted.get(t, 0))[:MAX_TENANTS]
     third = _third_round(client, names, second["tails"])
@@ -134,7 +135,7 @@ def fleet_snapshot(client: redis.Redis, *, queues: list[str] | None = None,
         taken_at=now, workers=workers,
         sandboxes=_sandboxes(first), creations=_creations(first),
         queues=_queues(queue_names, second["depths"], third["oldest"], now),
-        tenants=tenants, running=len(first["running_ids"]),
+        tenants=tenants, running=int(first["running_total"]),
         partial=first["running_total"] > MAX_RUNNING)
 
 
@@ -155,12 +156,9 @@ def _first_round(client: redis.Redis, now: float) -> dict[str, Any]:
     pipe.hgetall(keys.STATS_SUBMITTED)
     (limits, running, running_total, slots, sim_live, cooldown, slowed, creates, limited,
      apikeys, submitted) = pipe.execute()
-    running_ids = [as_text(t) for t in running]
-    owners: list[Any] = []
-    if running_ids:
-        owners = client.hmget(keys.RUNNING_OWNERS, running_ids)
-    return {"limits": limits, "running_ids": running_ids, "running_total": running_total,
-            "owners": owners, "slots": slots, "sim_live": sim_live, "cooldown_ms": cooldown,
+    return {"now": now, "limits": limits, "running_ids": [as_text(t) for t in running],
+            "running_total": running_total, "slots": slots, "sim_live": sim_live,
+            "cooldown_ms": cooldown,
             "slowed": bool(slowed), "creates": _total(creates), "limited": _total(limited),
             "elapsed_s": (RATE_WINDOWS - 1) * keys.STATS_WINDOW_S + now % keys.STATS_WINDOW_S,
             "apikeys": [as_text(k) for k in apikeys or []],
@@ -171,34 +169,33 @@ def _total(values: list[Any]) -> int:
     return sum(int(v) for v in values if v is not None)
 
 
-def _apikey_tenants(client: redis.Redis, key_ids: list[str]) -> list[str]:
-    if not key_ids:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for key_id in key_ids:
-        pipe.hget(keys.apikey(key_id), "tenant")
-    return sorted({as_text(t) for t in pipe.execute() if t})
-
-
 def _second_round(client: redis.Redis, queue_names: list[str], running_ids: list[str],
-                  tenants: list[str]) -> dict[str, Any]:
+                  key_ids: list[str]) -> dict[str, Any]:
+    """Lease owners, queue lengths and tails, the tenant of each running task and of each
+    API key."""
     lists = [(q, _priority_list(q, p)) for q in queue_names for p in KOMBU_PRIORITY_STEPS]
     pipe = client.pipeline(transaction=False)
+    if running_ids:
+        pipe.hmget(keys.RUNNING_OWNERS, running_ids)
     for _, name in lists:
         pipe.llen(name)
         pipe.lindex(name, -1)
     for task_id in running_ids:
         pipe.hget(keys.task(task_id), "tenant")
+    for key_id in key_ids:
+        pipe.hget(keys.apikey(key_id), "tenant")
     out = pipe.execute()
+    owners, out = (out[0], out[1:]) if running_ids else ([], out)
     depths: Counter[str] = Counter()
     tails: dict[str, list[Any]] = {q: [] for q in queue_names}
     for i, (queue, _) in enumerate(lists):
         depths[queue] += int(out[2 * i])
         if out[2 * i + 1] is not None:
             tails[queue].append(out[2 * i + 1])
-    tenant_of = out[2 * len(lists):]
-    return {"depths": depths, "tails": tails,
-            "running_tenants": [as_text(t) if t else None for t in tenant_of]}
+    rest = out[2 * len(lists):]
+    return {"owners": owners, "depths": depths, "tails": tails,
+            "running_tenants": [as_text(t) if t else None for t in rest[:len(running_ids)]],
+            "apikey_tenants": sorted({as_text(t) for t in rest[len(running_ids):] if t})}
 
 
 def _priority_list(queue: str, priority: int) -> str:
@@ -262,14 +259,24 @@ def _submitted_at(raw: Any) -> float | None:
         return None
 
 
+def _live_entries(limits: dict[Any, Any], now: float) -> dict[str, dict[str, Any]]:
+    """Worker name -> heartbeat, for workers not gone quiet (their entries are pruned by
+    the next live worker's heartbeat)."""
+    entries = {}
+    for raw_name, raw in limits.items():
+        entry = _envelope(raw) or {}
+        try:
+            if float(entry.get("until") or 0) >= now:
+                entries[as_text(raw_name)] = entry
+        except (TypeError, ValueError):
+            continue
+    return entries
+
+
 def _workers(limits: dict[Any, Any], owners: list[Any], now: float) -> list[WorkerInfo]:
     leases = Counter(as_text(o) for o in owners if o is not None)
     found: dict[str, WorkerInfo] = {}
-    for raw_name, raw in limits.items():
-        entry = _envelope(raw) or {}
-        if float(entry.get("until") or 0) < now:
-            continue  # gone quiet: its entry is pruned by the next live worker
-        name = as_text(raw_name)
+    for name, entry in _live_entries(limits, now).items():
         beat = entry.get("beat_at")
         found[name] = WorkerInfo(
             name=name, host=entry.get("host"), pid=entry.get("pid"),
@@ -282,14 +289,15 @@ def _workers(limits: dict[Any, Any], owners: list[Any], now: float) -> list[Work
     return [found[n] for n in sorted(found)]
 
 
-def _advertised(workers_raw: dict[Any, Any], field: str) -> float | None:
-    values = [v for v in ((_envelope(r) or {}).get(field) for r in workers_raw.values())
+def _advertised(first: dict[str, Any], field: str) -> float | None:
+    values = [v for v in (e.get(field) for e in _live_entries(first["limits"],
+                                                              first["now"]).values())
               if isinstance(v, int | float)]
     return min(values) if values else None
 
 
 def _sandboxes(first: dict[str, Any]) -> SandboxInfo:
-    cap = _advertised(first["limits"], "max_live_sandboxes")
+    cap = _advertised(first, "max_live_sandboxes")
     if cap is None and first["sim_live"]:
         return SandboxInfo(live=int(first["sim_live"]), cap=None, counted_by="sim")
     return SandboxInfo(live=int(first["slots"]), cap=int(cap) if cap is not None else None,
@@ -300,7 +308,7 @@ def _creations(first: dict[str, Any]) -> CreationInfo:
     cooldown_ms = int(first["cooldown_ms"])
     return CreationInfo(
         per_s=round(first["creates"] / max(1.0, first["elapsed_s"]), 3),
-        limit_per_s=_advertised(first["limits"], "max_creates_per_s"),
+        limit_per_s=_advertised(first, "max_creates_per_s"),
         rate_limited_last_min=first["limited"],
         cooldown_s=cooldown_ms / 1000 if cooldown_ms > 0 else 0.0,
         slowed=first["slowed"])
