@@ -109,7 +109,7 @@ def test_log_in_watch_a_running_task_live_and_cancel_it(
     key = make_key(redis_url, "acme")["key"]
     with api(server, key) as client:
         task_id = submit(client, {"prompt": "review <b>the</b> code", "envs": SLOW,
-                                  "labels": {"team": "web<script>"}})
+                                  "mcp": {"duckduckgo": {}}, "labels": {"team": "web<script>"}})
     # When the operator logs in, the task table lists it
     log_in(driver, server, key, shot="login")
     row = wait_for(driver, "the task's row",
@@ -136,6 +136,7 @@ def test_log_in_watch_a_running_task_live_and_cancel_it(
              lambda d: int(text(d, "tool-count")) >= before_tools + 2)
     assert same_page(driver), "the page reloaded instead of updating live"
     assert len(rows(driver, "events")) >= before_rows + 2
+    assert any("MCP gateway ready" in r for r in rows(driver, "timeline"))
     assert any("agent running" in r for r in rows(driver, "timeline"))
     assert text(driver, "status") == "running"
     screenshot(driver, "task-running")
@@ -150,6 +151,8 @@ def test_log_in_watch_a_running_task_live_and_cancel_it(
     wait_for(driver, "the result panel", lambda d: d.find_elements(By.ID, "error"))
     assert "cancelled" in text(driver, "error")
     assert not driver.find_elements(By.ID, "cancel")  # nothing left to cancel
+    # (the agent sees one MCP server, the gateway that fronts the catalog's servers)
+    assert rows(driver, "mcp") == ["e2b-mcp-gateway\tconnected"]
     screenshot(driver, "task-cancelled")
 
 
