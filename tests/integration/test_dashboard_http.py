@@ -99,6 +99,16 @@ def test_actions_need_the_page_token_the_scope_and_the_owner(
         token = csrf_of(other.get("/").text)
         assert other.get(f"/tasks/{task_id}").status_code == 404
         assert other.post(cancel, data={"csrf": token}).status_code == 404
+    with server.client(acme) as api:
+        batch = api.post("/v1/batches", json=[{"prompt": "queued too"}]).json()["id"]
+    with browser(server, globex) as other:
+        token = csrf_of(other.get("/").text)
+        assert other.get(f"/batches/{batch}").status_code == 404
+        assert batch not in other.get("/batches").text
+        for action in ("cancel", "retry"):
+            answer = other.post(f"/batches/{batch}/{action}", data={"csrf": token})
+            assert answer.status_code == 404, action
+    assert rdb.hget(f"sq:batch:{batch}", "status") == b"running"
     with browser(server, reader) as read_only:
         token = csrf_of(read_only.get("/").text)
         assert read_only.post(cancel, data={"csrf": token}).status_code == 403
