@@ -290,8 +290,13 @@ class Batch:
 
     def register(self, inputs: list[BatchInput], source: str) -> bool:
         """Record the batch once (its inputs' order); True when it is new."""
-        new = bool(self.r.hsetnx(batch_key(self.id), "created_at", time.time()))
+        now = time.time()
+        new = bool(self.r.hsetnx(batch_key(self.id), "created_at", now))
         pipe = self.r.pipeline(transaction=False)
+        if new:  # the dashboard's list of batches
+            pipe.zadd(keys.BATCHES, {self.id: now})
+            pipe.zremrangebyscore(keys.BATCHES, "-inf", now - self.ttl_s)
+            pipe.expire(keys.BATCHES, self.ttl_s)
         pipe.hset(batch_key(self.id), mapping={"total": len(inputs), "source": source,
                                                "status": "running"})
         if new:
@@ -434,6 +439,8 @@ class BatchRunner:
 
     def run(self, source: str) -> Progress:
         new = self.batch.register(self.inputs, source)
+        if self.max_cost_usd is not None:  # shown by the dashboard as the batch's budget
+            self.batch.r.hset(batch_key(self.batch.id), "max_cost_usd", self.max_cost_usd)
         written = self._read_out()
         pending = self._resume(written)
         # An interrupted run may have recorded tasks it never published: publish them now,

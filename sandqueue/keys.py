@@ -57,8 +57,15 @@ DEADLETTER = f"{PREFIX}deadletter"
 
 def batch(batch_id: str, suffix: str = "") -> str:
     """`sq:batch:<id>` (hash: meta, status), `:keys` (list, input order), `:items` (hash:
-    input key -> current task id), `:gen` (hash: input key -> retry generation)."""
+    input key -> current task id), `:gen` (hash: input key -> retry generation), `:tasks`
+    (hash: input key -> the prepared task's JSON, secrets sealed; HTTP batches only, so the
+    dashboard can run failed inputs again)."""
     return f"{PREFIX}batch:{batch_id}{':' + suffix if suffix else ''}"
+
+
+BATCHES = f"{PREFIX}idx:batches"
+"""Sorted set: batch id -> creation time of every batch (entries older than the results are
+trimmed when a batch is registered): the dashboard's batch list reads it."""
 
 
 LIMIT_PREFIX = f"{PREFIX}limit:"

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api import Client
 from producer.apikeys import ApiKeys
-from producer.http import artifacts, batches, problems, tasks
+from producer.http import artifacts, batches, dashboard, problems, tasks
 from producer.http.metrics import metrics_endpoint
 from sandqueue import metrics, tracing
 from sandqueue.settings import Settings, load_settings
@@ -93,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(artifacts.router)  # issue 12
     app.include_router(batches.router)
+    dashboard.install(app)  # the web dashboard at / (producer/http/dashboard)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"],
                       responses={503: {"description": "Redis unreachable"}})

@@ -134,6 +134,10 @@ def _submit(request: Request, caller: Caller, batch: Batch, inputs: list[BatchIn
     pipe.hset(batch_key(batch.id), "tenant", caller.tenant)
     pipe.hset(batch_key(batch.id, "lines"), mapping={i.key: i.line for i in inputs})
     pipe.expire(batch_key(batch.id, "lines"), batch.ttl_s)
+    # The prepared tasks (secrets sealed), so the dashboard can run failed inputs again.
+    pipe.hset(batch_key(batch.id, "tasks"),
+              mapping={i.key: i.task.model_dump_json(exclude_defaults=True) for i in inputs})
+    pipe.expire(batch_key(batch.id, "tasks"), batch.ttl_s)
     pipe.execute()
     known = batch.items()
     batch.client.republish_stranded(list(known.values()))

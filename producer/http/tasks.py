@@ -8,6 +8,7 @@ the key's allow-list, and the tenant's submit rate.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
@@ -151,6 +152,16 @@ def list_tasks(request: Request, caller: Annotated[Caller, Depends(require("read
                batch: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
                cursor: str | None = None) -> TaskPage:
     """The caller's tasks, newest first, filtered; `next_cursor` pages on."""
+    keep = task_filter(status, label, batch)
+    found, next_cursor = records.page(_client(request).redis, caller.tenant, limit=limit,
+                                      cursor=cursor, keep=keep)
+    return TaskPage(items=[view(t, r, None) for t, r in found], next_cursor=next_cursor)
+
+
+def task_filter(status: TaskStatus | None, label: list[str] | None,
+                batch: str | None) -> Callable[[dict[str, str]], bool]:
+    """Which records a listing keeps (the API's and the dashboard's): status, labels
+    given as KEY=VALUE, batch id."""
     wanted: dict[str, str] = {}
     for item in label or []:
         name, sep, value = item.partition("=")
@@ -168,9 +179,7 @@ def list_tasks(request: Request, caller: Annotated[Caller, Depends(require("read
         have = view("", record, None).labels
         return all(have.get(k) == v for k, v in wanted.items())
 
-    found, next_cursor = records.page(_client(request).redis, caller.tenant, limit=limit,
-                                      cursor=cursor, keep=keep)
-    return TaskPage(items=[view(t, r, None) for t, r in found], next_cursor=next_cursor)
+    return keep
 
 
 @router.get("/{task_id}", response_model=TaskView)
