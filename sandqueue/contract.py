@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sandqueue import catalog
+from sandqueue import catalog, schemas
 
 CONTRACT_VERSION = 1
 TASK_NAME = "sandqueue.run_agent_task"
@@ -74,6 +74,7 @@ class ErrorCategory(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    OUTPUT_INVALID = "output_invalid"
 
 
 class RetryPolicy(BaseModel):
@@ -133,6 +134,31 @@ class AgentTask(BaseModel):
         None, min_length=16, max_length=4096, repr=False,
         description="HMAC key of the callback signature; sealed before it reaches Redis "
         "(the HTTP API sets it from the API key)")
+    # -- typed answers and follow-up turns (issue 12): see sandqueue/schemas.py and
+    # worker/agent/typed.py; the agent runner, not the adapter, interprets these.
+    output_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema (top level an object) the final answer must satisfy; "
+        "the parsed answer is the result's `output`. From Python also a pydantic model class")
+    parent_id: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="continue this earlier task's agent conversation (a follow-up turn)")
+    with_files: bool = Field(
+        False, description="with parent_id: also restore the parent's repository and "
+        "collected files into the new sandbox")
+    # -- end of typed answers and follow-up turns
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _output_schema_valid(cls, value: Any) -> Any:
+        """A pydantic model class becomes its schema; the schema must pass its meta-schema."""
+        value = schemas.schema_of(value)
+        return schemas.check_output_schema(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _files_need_a_parent(self) -> AgentTask:
+        if self.with_files and self.parent_id is None:
+            raise ValueError("with_files restores a parent task's files: give parent_id too")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -270,6 +296,13 @@ class AgentResult(BaseModel):
     usage: dict[str, Any] = Field(default_factory=dict)
     session_id: str | None = None
     agent_version: str | None = Field(None, description="the agent CLI's version, as it said")
+    # -- typed answers and follow-up turns (issue 12)
+    output: Any = Field(None, description="the final answer parsed as JSON and valid under "
+                        "the task's output_schema (None without a schema, or when invalid)")
+    agent_turns: int = Field(0, description="prompts the agent answered in the last attempt's "
+                             "session: 1, or 2 when a repair turn followed an invalid answer")
+    parent_id: str | None = Field(None, description="the task this one continued")
+    # -- end of typed answers and follow-up turns
     timings: Timings = Field(default_factory=Timings)
     attempts: int = 0
     """Sandboxes tried (every attempt, across deliveries)."""

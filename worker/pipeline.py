@@ -422,5 +422,10 @@ class Pipeline:
             timeout_s_requested=ctx.message.task.timeout_s,
             timeout_s_applied=ctx.timeout_s_applied,
             warnings=list(ctx.warnings),
+            # -- typed answers and follow-up turns (issue 12)
+            output=run.output,
+            agent_turns=run.turns,
+            parent_id=ctx.message.task.parent_id,
+            # -- end
         )
         return redactor.model(result)

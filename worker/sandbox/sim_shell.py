@@ -38,3 +38,11 @@ def _split(cmd: str) -> tuple[tuple[str, ...], str | None]:
         stdin = tokens[i + 1] if i + 1 < len(tokens) else None
         tokens = tokens[:i] + tokens[i + 2:]
     return tuple(tokens), stdin
+
+
+def cwd_of(cmd: str, default: str = "/home/user") -> str:
+    """The directory a `cd DIR && exec ...` command line runs in."""
+    tokens = shlex.split(cmd)
+    if len(tokens) >= 3 and tokens[0] == "cd" and tokens[2] == "&&":
+        return tokens[1]
+    return default
