@@ -7,6 +7,8 @@ every message again on receipt: nothing coming out of the broker is trusted.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import time
 from enum import StrEnum
@@ -66,6 +68,7 @@ class ErrorCategory(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     AGENT_STALLED = "agent_stalled"
     AGENT_NO_RESULT = "agent_no_result"
+    REPO_UNAVAILABLE = "repo_unavailable"
     AGENT_ERROR = "agent_error"
     AGENT_MISSING = "agent_missing"
     MAX_TURNS = "max_turns"
@@ -95,6 +98,117 @@ AGENT_OPTIONS = ("model", "max_turns", "allowed_tools", "disallowed_tools",
                  "append_system_prompt")
 """The task fields only the agent adapter interprets (tool names: `mcp:<tool>` for the
 MCP gateway's tools, the agent's own names for its built-in tools)."""
+
+
+# -- workspace in and out (issue 12): what a task brings into its sandbox and takes back --
+MAX_INPUT_FILES = 50
+MAX_INPUT_FILES_BYTES = 512 * 1024
+"""Inline input files ride in the task message: larger inputs belong in `repo`."""
+MAX_COLLECT_PATTERNS = 50
+_REF = re.compile(r"^(?!-)(?!.*\.\.)[A-Za-z0-9._/@+-]{1,255}\Z")
+_REPO_URL = re.compile(r"^(https?|ssh|git|file)://[^\s]+\Z")
+_ENV_REFERENCE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}\Z")
+
+
+def workspace_path(value: str, what: str) -> str:
+    """A path relative to the agent's working directory, with no way out of it."""
+    parts = value.split("/")
+    if (not value or value.startswith("/") or "\\" in value or "\x00" in value
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ValueError(f"{what} {value!r} must be a relative path inside the working "
+                         "directory (no leading /, no . or .. parts, no empty parts)")
+    return value
+
+
+class RepoSpec(BaseModel):
+    """A git repository cloned into the sandbox before the agent starts; the agent then
+    works in it, and `git diff` of what it changed comes back as the `repo.diff` artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., max_length=2048, description="https://, ssh://, git:// or file://")
+    ref: str | None = Field(None, description="branch, tag or full commit id; default: the "
+                            "remote's HEAD")
+    depth: int = Field(1, ge=0, le=1_000_000, description="commits of history; 0 = all")
+    token: str | None = Field(
+        None, max_length=200, description="`${ENV}` naming a variable on the workers that "
+        "holds an HTTPS token; sent as an HTTP header for the fetch only")
+    username: str = Field("x-access-token", min_length=1, max_length=100,
+                          description="user name the token is sent with (GitHub: "
+                          "x-access-token; GitLab: oauth2)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not _REPO_URL.match(value):
+            raise ValueError("repo.url must be an https://, http://, ssh://, git:// or "
+                             "file:// URL, e.g. https://github.com/owner/name.git")
+        if re.match(r"^https?://[^/@]*@", value):
+            raise ValueError("repo.url must not carry credentials; put the token in a "
+                             "worker environment variable and set repo.token to ${NAME}")
+        return value
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, value: str | None) -> str | None:
+        if value is not None and not _REF.match(value):
+            raise ValueError(f"repo.ref {value!r} is not a branch, tag or commit name "
+                             "(letters, digits, . _ / @ + -; no leading - and no ..)")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_REFERENCE.match(value):
+            raise ValueError("repo.token must be a ${NAME} reference to an environment "
+                             "variable set on the workers, e.g. ${GITHUB_TOKEN}: the token "
+                             "itself must not travel through Redis")
+        return value
+
+
+class InputFile(BaseModel):
+    """A small file written into the agent's working directory before the run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(..., max_length=1024)
+    content: str
+    encoding: Literal["text", "base64"] = "text"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return workspace_path(value, "files[].path")
+
+    @model_validator(mode="after")
+    def _decodable(self) -> InputFile:
+        self.data()
+        return self
+
+    def data(self) -> bytes:
+        if self.encoding == "text":
+            return self.content.encode("utf-8", "surrogatepass")
+        try:
+            return base64.b64decode(self.content, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"files: {self.path} is not valid base64 ({e})") from e
+
+
+class ArtifactRef(BaseModel):
+    """One file a task produced, as the result lists it: never the bytes, only where they
+    are (`path` in a local store, `url` in object storage) and how to check them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    size: int = Field(..., description="bytes stored")
+    sha256: str = Field(..., description="of the bytes stored")
+    content_type: str = "application/octet-stream"
+    path: str | None = None
+    url: str | None = None
+    truncated: bool = Field(False, description="the stored bytes are a prefix of the file")
+    original_size: int | None = Field(None, description="the file's size, when truncated")
+# -- end of workspace in and out
 
 
 class AgentTask(BaseModel):
@@ -159,6 +273,39 @@ class AgentTask(BaseModel):
         if self.with_files and self.parent_id is None:
             raise ValueError("with_files restores a parent task's files: give parent_id too")
         return self
+
+    # -- workspace in and out (issue 12)
+    repo: RepoSpec | None = None
+    files: list[InputFile] = Field(default_factory=list, max_length=MAX_INPUT_FILES)
+    collect: list[Annotated[str, Field(min_length=1, max_length=1024)]] = Field(
+        default_factory=list, max_length=MAX_COLLECT_PATTERNS,
+        description="glob patterns, relative to the working directory, of files brought "
+        "back as artifacts when the agent ends (also after a failure or timeout)")
+
+    @field_validator("repo", mode="before")
+    @classmethod
+    def _repo_shorthand(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("files")
+    @classmethod
+    def _files_bounded(cls, value: list[InputFile]) -> list[InputFile]:
+        total = sum(len(f.data()) for f in value)
+        if total > MAX_INPUT_FILES_BYTES:
+            raise ValueError(f"files total {total} bytes, over the {MAX_INPUT_FILES_BYTES}-"
+                             "byte limit; put large inputs in a repository (repo)")
+        paths = [f.path for f in value]
+        if len(set(paths)) != len(paths):
+            raise ValueError("files: two files have the same path")
+        return value
+
+    @field_validator("collect")
+    @classmethod
+    def _collect_relative(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            workspace_path(pattern.replace("**", "x").replace("*", "x"), "collect pattern")
+        return value
+    # -- end of workspace in and out
 
     @field_validator("prompt")
     @classmethod
@@ -332,6 +479,11 @@ class AgentResult(BaseModel):
     warnings: list[str] = Field(
         default_factory=list, description="what the worker changed or doubted, e.g. a clamp"
     )
+    # -- workspace out (issue 12)
+    artifacts: list[ArtifactRef] = Field(
+        default_factory=list, description="files brought back: collected, the repo's diff")
+    repo_commit: str | None = Field(None, description="the commit the repo was checked out at")
+    # -- end of workspace out
     finished_at: float = Field(default_factory=time.time)
 
     @property

@@ -10,9 +10,11 @@
     │   ├── ModelUnavailable        model API overloaded / 5xx              model_unavailable
     │   ├── AgentStalled            no output for the stall timeout         agent_stalled
     │   ├── AgentNoResult           CLI ended without a result event        agent_no_result
+    │   ├── RepoUnavailable         the task's git host unreachable / 5xx   repo_unavailable
     │   └── WorkerStopping          this worker stops or lost the task's lease worker_lost
     └── PermanentError              retrying cannot help
         ├── InvalidTask             the task fails validation               invalid_task
+        │   └── SandboxFileNotFound a file asked of the sandbox is not there  invalid_task
         ├── AuthError               a key or the MCP gateway token refused  auth
         ├── McpConfigError          bad MCP config, unresolvable ${ENV}     mcp_config
         ├── AgentMissing            the agent CLI is not in the template    agent_missing
@@ -98,6 +100,13 @@ class AgentNoResult(RetryableError):
     category = ErrorCategory.AGENT_NO_RESULT
 
 
+class RepoUnavailable(RetryableError):
+    """Cloning the task's `repo` failed on the network (DNS, connect, reset, 5xx): the
+    host may answer next time. Refused credentials or a missing ref are permanent."""
+
+    category = ErrorCategory.REPO_UNAVAILABLE
+
+
 class WorkerStopping(RetryableError):
     """The worker shuts down (or lost the lease): the task goes back to the queue.
 
@@ -116,6 +125,10 @@ class WorkerLost(PermanentError):
 
 class InvalidTask(PermanentError):
     category = ErrorCategory.INVALID_TASK
+
+
+class SandboxFileNotFound(InvalidTask):
+    """A path asked of the sandbox (a file to read, a directory to list) does not exist."""
 
 
 class AuthError(PermanentError):

@@ -227,6 +227,38 @@ class Settings(BaseSettings):
         "envs travel through Redis in clear when no SECRET_KEYS are set (producers warn)"
     )
 
+    # -- artifacts and workspaces (issue 12)
+    artifact_store: Literal["local", "s3"] = Field(
+        "local", description="where collected files and diffs go: a local directory or "
+        "S3-compatible object storage")
+    artifact_dir: str = Field(
+        "~/.sandqueue/artifacts", description="local artifact store: its directory (workers "
+        "write, the CLI and HTTP API read it: one machine or a shared volume)")
+    artifact_max_file_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="largest artifact; a larger file is stored "
+        "truncated and its entry says so")
+    artifact_max_task_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="artifact bytes per task; beyond, files are "
+        "truncated (recorded)")
+    artifact_max_task_files: int = Field(
+        200, ge=1, description="artifacts per task; files beyond are not stored (a warning "
+        "in the result names them)")
+    collect_timeout_s: float = Field(
+        45, gt=0, description="longest time spent bringing files back from a sandbox "
+        "(also after a timeout, so keep it below SANDQUEUE_SANDBOX_GRACE_S)")
+    clone_timeout_s: float = Field(300, gt=0, description="longest `repo` clone")
+    s3_endpoint_url: str | None = Field(
+        None, description="s3 artifact store: endpoint (MinIO, R2, ...); unset = AWS")
+    s3_bucket: str | None = Field(None, description="s3 artifact store: bucket")
+    s3_region: str | None = Field(None, description="s3 artifact store: region")
+    s3_prefix: str = Field("sandqueue/", description="s3 artifact store: key prefix")
+    s3_access_key_id: str | None = Field(
+        None, repr=False, description="s3 artifact store: access key id; unset = boto3's "
+        "usual chain (AWS_* variables, instance role)")
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="s3 artifact store: secret access key")
+    # -- end of artifacts and workspaces
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_valid(cls, value: str) -> str:

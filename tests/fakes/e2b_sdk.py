@@ -55,6 +55,7 @@ from connectrpc.errors import ConnectError
 from e2b.api import api_exception_from_code
 from e2b.api.client.models.sandbox_state import SandboxState
 from e2b.connection_config import ConnectionConfig
+from e2b.envd.filesystem import filesystem_pb
 from e2b.envd.process import process_pb
 from e2b.retry import resolve_idempotency_key
 from e2b.sandbox.sandbox_api import SandboxInfo, SandboxQuery
@@ -263,6 +264,42 @@ class FakeProcessRpc:
         raise AssertionError(f"the fake envd does not implement Process.{name}")
 
 
+class FakeFilesystemRpc:
+    """Stands in for connectrpc's `FilesystemClientSync`: `list_dir` only, over the
+    envd's flat file map (directories are the prefixes of its paths), answering a missing
+    directory with NOT_FOUND as envd does (the SDK maps it to FileNotFoundException)."""
+
+    def __init__(self, envd: FakeEnvd) -> None:
+        self._envd = envd
+
+    def list_dir(self, request: filesystem_pb.ListDirRequest, *,
+                 headers: Mapping[str, str] | None = None,
+                 timeout_ms: int | None = None) -> filesystem_pb.ListDirResponse:
+        if not self._envd.running:
+            raise ConnectError(Code.NOT_FOUND, f"The sandbox {self._envd.sandbox_id} was "
+                               "not found")  # what the proxy says for a dead sandbox
+        base = request.path.rstrip("/")
+        depth = request.depth or 1
+        found: dict[str, filesystem_pb.EntryInfo] = {}
+        for path, data in list(self._envd.files.items()):
+            if not path.startswith(base + "/"):
+                continue
+            parts = path[len(base) + 1:].split("/")
+            for level in range(1, min(len(parts), depth) + 1):
+                sub = f"{base}/{'/'.join(parts[:level])}"
+                is_file = level == len(parts)
+                found.setdefault(sub, filesystem_pb.EntryInfo(
+                    name=parts[level - 1], path=sub, size=len(data) if is_file else 4096,
+                    type=filesystem_pb.FileType.FILE if is_file
+                    else filesystem_pb.FileType.DIRECTORY))
+        if not found and base not in self._envd.dirs:
+            raise ConnectError(Code.NOT_FOUND, f"path '{request.path}' does not exist")
+        return filesystem_pb.ListDirResponse(entries=list(found.values()))
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the fake envd does not implement Filesystem.{name}")
+
+
 class FakeEnvd:
     """What runs inside one sandbox: files, processes, the MCP gateway's state."""
 
@@ -280,6 +317,8 @@ class FakeEnvd:
         self.access_token = uuid.uuid4().hex
         self.running = True
         self.files: dict[str, bytes] = {}
+        self.dirs: set[str] = {"/home/user"}
+        """Directories that exist even when empty (others are implied by files)."""
         self.file_owners: dict[str, str] = {}
         self.processes: list[FakeProcess] = []
         self.signals: list[tuple[int, Any]] = []
@@ -316,7 +355,7 @@ class FakeEnvd:
         files._envd_api_download = http()
         files._envd_api_streaming = http()
         files._envd_health_api = http()
-        files._rpc = _Unwired("Filesystem RPC")  # type: ignore[assignment]
+        files._rpc = FakeFilesystemRpc(self)  # type: ignore[assignment]
         client.pty._rpc = _Unwired("Pty RPC")  # type: ignore[assignment]
         self.clients.append(client)
 

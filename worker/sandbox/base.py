@@ -66,6 +66,15 @@ class LiveSandbox:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    """One entry of a sandbox directory listing (`Sandbox.list_files`)."""
+
+    path: str
+    size: int
+    is_dir: bool
+
+
+@dataclass(frozen=True)
 class CommandResult:
     exit_code: int
     stdout: str
@@ -106,8 +115,23 @@ class Sandbox(abc.ABC):
         """Write a file as the sandbox user (byte-exact; no shell involved)."""
 
     @abc.abstractmethod
-    def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
-        """Run a short command to completion; a non-zero exit is returned, not raised."""
+    def run(self, cmd: str, *, timeout_s: float, envs: dict[str, str] | None = None,
+            cwd: str | None = None) -> CommandResult:
+        """Run a short command to completion; a non-zero exit is returned, not raised.
+        `envs` are set for this command only (how a secret reaches one command without
+        being written anywhere in the sandbox); `cwd` must exist."""
+
+    # -- workspace in and out (issue 12) -------------------------------------------------
+    @abc.abstractmethod
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The file's bytes (at most `max_bytes`, read no further); NotFound-style errors
+        raise `errors.SandboxFileNotFound`."""
+
+    @abc.abstractmethod
+    def list_files(self, path: str, depth: int) -> list[FileEntry]:
+        """Entries under the directory `path`, `depth` levels down, with absolute paths;
+        symlinks are not followed. `errors.SandboxFileNotFound` if there is no such dir."""
+    # -- end of workspace in and out
 
     @abc.abstractmethod
     def start(

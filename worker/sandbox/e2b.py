@@ -21,6 +21,7 @@ from sandqueue.settings import Settings
 from worker.sandbox.base import (
     META_APP,
     CommandResult,
+    FileEntry,
     LiveSandbox,
     OutputCallback,
     RunningCommand,
@@ -90,6 +91,20 @@ def _sdk_errors(doing: str) -> Iterator[None]:
         translate(e, doing)
 
 
+@contextmanager
+def _file_errors(doing: str) -> Iterator[None]:
+    """As `_sdk_errors`, except that a missing path is the caller's business (a glob that
+    matched nothing, a file the agent did not write), not a bad template name."""
+    try:
+        yield
+    except e2b.NotFoundException as e:
+        raise errors.SandboxFileNotFound(f"{doing}: no such file or directory") from e
+    except errors.SandqueueError:
+        raise
+    except Exception as e:
+        translate(e, doing)
+
+
 class E2BCommand(RunningCommand):
     def __init__(
         self, handle: e2b.CommandHandle, on_stdout: OutputCallback, on_stderr: OutputCallback
@@ -144,14 +159,39 @@ class E2BSandbox(Sandbox):
         with _sdk_errors(f"writing {path}"):
             self._sdk.files.write(path, data, user=self._settings.sandbox_user)
 
-    def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
+    def run(self, cmd: str, *, timeout_s: float, envs: dict[str, str] | None = None,
+            cwd: str | None = None) -> CommandResult:
         with _sdk_errors("running a command"):
             try:
                 out = self._sdk.commands.run(cmd, user=self._settings.sandbox_user,
-                                             timeout=timeout_s)
+                                             timeout=timeout_s, envs=envs, cwd=cwd)
                 return CommandResult(out.exit_code, out.stdout, out.stderr)
             except e2b.CommandExitException as e:
                 return CommandResult(e.exit_code, e.stdout or "", e.stderr or "")
+
+    # -- workspace in and out (issue 12) -------------------------------------------------
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        """Streamed (`format="stream"`), so a huge file is read only up to `max_bytes`."""
+        with _file_errors(f"reading {path}"):
+            reader = self._sdk.files.read(path, format="stream",
+                                          user=self._settings.sandbox_user)
+            out = bytearray()
+            try:
+                for chunk in reader:
+                    out += chunk
+                    if max_bytes is not None and len(out) >= max_bytes:
+                        del out[max_bytes:]
+                        break
+            finally:
+                reader.close()
+            return bytes(out)
+
+    def list_files(self, path: str, depth: int) -> list[FileEntry]:
+        with _file_errors(f"listing {path}"):
+            entries = self._sdk.files.list(path, depth=depth, user=self._settings.sandbox_user)
+        return [FileEntry(e.path, e.size, e.type == e2b.FileType.DIR) for e in entries
+                if e.type in (e2b.FileType.FILE, e2b.FileType.DIR)]
+    # -- end of workspace in and out
 
     def start(
         self,

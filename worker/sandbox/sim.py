@@ -51,6 +51,7 @@ from sandqueue.settings import Settings
 from sandqueue.store import as_text
 from worker.sandbox.base import (
     CommandResult,
+    FileEntry,
     LiveSandbox,
     OutputCallback,
     RunningCommand,
@@ -58,6 +59,7 @@ from worker.sandbox.base import (
     SandboxProvider,
     SandboxSpec,
 )
+from worker.sandbox.sim_disk import SimDisk
 from worker.sandbox.sim_shell import argv_of, gateway_tools
 from worker.writebehind import WriteBehind
 
@@ -238,6 +240,7 @@ class SimSandbox(Sandbox):
         self.executed_tools: list[str] = []
         """Tool calls the scripted agent's permissions let run (denied ones are not here)."""
         self._dead = False
+        self._disk: SimDisk | None = None
 
     def fails(self, where: str, what: str) -> bool:
         return (where, what) in self._fails
@@ -267,10 +270,14 @@ class SimSandbox(Sandbox):
     def write_file(self, path: str, data: str | bytes) -> None:
         self._alive()
         self.files[path] = data.encode() if isinstance(data, str) else bytes(data)
+        self.disk.write(path, self.files[path])
 
-    def run(self, cmd: str, *, timeout_s: float) -> CommandResult:
+    def run(self, cmd: str, *, timeout_s: float, envs: dict[str, str] | None = None,
+            cwd: str | None = None) -> CommandResult:
         self._alive()
         argv, _ = argv_of(cmd)
+        if argv and argv[0] == "git":
+            return self.disk.git(argv, timeout_s=timeout_s, envs=envs or {}, cwd=cwd)
         program = self._program(cmd)
         if program is not None and argv[1:] == ["--version"]:
             return CommandResult(*program(self, cmd, dict(self._spec.envs)).version())
@@ -298,6 +305,23 @@ class SimSandbox(Sandbox):
         argv, _ = argv_of(cmd)
         return self._provider.programs.get(argv[0].rsplit("/", 1)[-1]) if argv else None
 
+    # -- workspace in and out (issue 12) -------------------------------------------------
+    @property
+    def disk(self) -> SimDisk:
+        """The sandbox's filesystem, a temporary directory made on first use."""
+        if self._disk is None:
+            self._disk = SimDisk(self._provider.settings.sandbox_user)
+        return self._disk
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        self._alive()
+        return self.disk.read(path, max_bytes)
+
+    def list_files(self, path: str, depth: int) -> list[FileEntry]:
+        self._alive()
+        return self.disk.list(path, depth)
+    # -- end of workspace in and out
+
     def kill(self) -> None:
         if self._dead:
             return
@@ -305,6 +329,8 @@ class SimSandbox(Sandbox):
         self.killed = True
         for command in self.commands:
             command.kill()
+        if self._disk is not None:
+            self._disk.remove()
         self._provider.forget(self.sandbox_id)
 
     def _alive(self) -> None:
