@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
+from sandqueue import errors
 from worker.sandbox.sim_shell import argv_of, cwd_of, gateway_tools, prompt_digest
 
 if TYPE_CHECKING:
@@ -267,12 +268,12 @@ class ScriptedAgent:
         if resume is None:
             self.session_id = opts.get("--session-id") or self.session_id
             return None
-        path = f"{self.project_dir}/{resume}.jsonl"
-        if path not in self.sandbox.files:
+        try:
+            self.prior = self.sandbox.read_file(f"{self.project_dir}/{resume}.jsonl")
+        except errors.SandboxFileNotFound:
             return self._finish(proc, opts, 0, subtype="error_during_execution",
                                 errors_=[f"No conversation found with session ID: {resume}"])
         self.session_id = resume
-        self.prior = self.sandbox.files[path]
         self.turn = 1 + sum(1 for line in self.prior.splitlines()
                             if json.loads(line).get("type") == "user")
         return None
@@ -280,8 +281,11 @@ class ScriptedAgent:
     def _record(self, event: dict[str, Any]) -> None:
         """Append a line to the session's transcript, as the CLI persists each message."""
         line = json.dumps({**event, "sessionId": self.session_id}) + "\n"
-        files = self.sandbox.files
-        files[self.transcript_path] = files.get(self.transcript_path, b"") + line.encode()
+        try:
+            before = self.sandbox.read_file(self.transcript_path)
+        except errors.SandboxFileNotFound:
+            before = b""
+        self.sandbox.write_file(self.transcript_path, before + line.encode())
 
     def _scripted(self) -> tuple[bool, Any]:
         """(True, this turn's answer) when SIM_OUTPUT scripts one, else (False, None)."""
