@@ -27,7 +27,14 @@ from producer.outbox import IdempotencyConflict, Outbox
 from producer.taskinfo import TaskInfo
 from sandqueue import errors, keys, signing
 from sandqueue.celeryconf import celery_config
-from sandqueue.contract import TASK_NAME, AgentResult, AgentTask, TaskMessage, TaskStatus
+from sandqueue.contract import (
+    TASK_NAME,
+    AgentResult,
+    AgentTask,
+    ParentSession,
+    TaskMessage,
+    TaskStatus,
+)
 from sandqueue.events import EventLog
 from sandqueue.sealing import Sealer, SecretPolicy, is_sealed
 from sandqueue.settings import Settings, load_settings, mask_url
@@ -110,6 +117,14 @@ class TaskHandle:
         """Ask for cancellation: a queued task never starts; a running one stops within
         seconds, its sandbox killed, and ends `cancelled` with its partial output."""
         self.client.cancel_many([self.id])
+
+    def follow_up(self, prompt: str, with_files: bool = False, **fields: Any) -> TaskHandle:
+        """A new task that continues this one's agent conversation (`parent_id`), on any
+        worker: its session transcript is restored and the agent resumed. Settings are not
+        inherited: give the MCP servers, model, etc. the follow-up needs in `fields`.
+        Raises InvalidTask when this task cannot be continued (not finished, or its
+        transcript is gone)."""
+        return self.client.submit(prompt, parent_id=self.id, with_files=with_files, **fields)
 
     def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The task's progress events in order, live, ending with the `result` event."""
@@ -354,9 +369,57 @@ class Client:
         return [TaskHandle(self, c.task_id, duplicate=c.verdict != "new") for c in claims]
 
     def _body(self, task_id: str, task: AgentTask, now: float) -> dict[str, Any]:
-        body = TaskMessage(task=task, submitted_at=now).model_dump(mode="json",
-                                                                   exclude_defaults=True)
+        body = TaskMessage(task=task, submitted_at=now,
+                           parent=self.parent_session(task)).model_dump(
+            mode="json", exclude_defaults=True)
         return signing.sign(self.settings.signing_keys_value, task_id, body)
+
+    # -- follow-up turns (issue 12) ---------------------------------------------------------
+    def parent_session(self, task: AgentTask) -> ParentSession | None:
+        """The session a follow-up continues, checked now so that a task that cannot be
+        continued is the submitter's error, not a worker's failure: the parent has ended,
+        saved its transcript whole, and the transcript is still in the artifact store."""
+        parent_id = task.parent_id
+        if parent_id is None:
+            return None
+        found = self.get(parent_id).result()
+        if found is None:
+            status = self.store.get(parent_id).get("status")
+            if not status:
+                raise errors.InvalidTask(
+                    f"parent_id: no task {parent_id} is known (wrong id, or its result expired "
+                    "after SANDQUEUE_RESULT_EXPIRES_S)")
+            raise errors.InvalidTask(f"parent_id: task {parent_id} has not finished ({status}); "
+                                     "continue it once it has ended")
+        ref = found.transcript
+        if ref is None or found.session_id is None:
+            raise errors.InvalidTask(
+                f"parent_id: task {parent_id} saved no session transcript (its agent never "
+                "ran, or saving failed: see its warnings); it cannot be continued")
+        if ref.truncated:
+            raise errors.InvalidTask(f"parent_id: task {parent_id}'s session transcript was "
+                                     "truncated (SANDQUEUE_ARTIFACT_MAX_FILE_BYTES); it cannot "
+                                     "be continued")
+        if found.repo_commit and not task.with_files:
+            raise errors.InvalidTask(f"parent_id: task {parent_id} worked in a clone of its "
+                                     "repository; continue it with with_files (--with-files)")
+        self._check_transcript_stored(parent_id, ref.name, ref.sha256)
+        return ParentSession(task_id=parent_id, session_id=found.session_id,
+                             transcript=ref.name, sha256=ref.sha256, cwd=found.agent_cwd)
+
+    def _check_transcript_stored(self, parent_id: str, name: str, sha256: str) -> None:
+        from sandqueue.artifacts import ArtifactError, make_store
+
+        try:
+            stored = {r.name: r for r in make_store(self.settings).list(parent_id)}
+        except (ArtifactError, errors.ConfigError) as e:
+            raise errors.InvalidTask(
+                f"parent_id: cannot look for task {parent_id}'s session transcript ({e}); "
+                "producers need the workers' SANDQUEUE_ARTIFACT_* settings") from e
+        if name not in stored or stored[name].sha256 != sha256:
+            raise errors.InvalidTask(
+                f"parent_id: task {parent_id}'s session transcript is gone from the artifact "
+                "store (expired or deleted); it cannot be continued")
 
     def _publish(self, messages: list[tuple[str, dict[str, Any], str]]) -> None:
         """Publish Celery task messages (task id, body, queue), pipelined. What `send_task`

@@ -362,6 +362,21 @@ class AgentTask(BaseModel):
         return self
 
 
+class ParentSession(BaseModel):
+    """The session a follow-up task continues, as the producer found it at submit: the
+    parent's session id and saved transcript (an artifact of the parent task), and the
+    directory its agent ran in (the transcript's place depends on it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(..., min_length=1, max_length=255)
+    session_id: str = Field(..., min_length=1, max_length=128)
+    transcript: str = Field(..., min_length=1, max_length=1024,
+                            description="artifact name of the transcript")
+    sha256: str = Field(..., min_length=64, max_length=64)
+    cwd: str | None = Field(None, max_length=1024)
+
+
 class TaskMessage(BaseModel):
     """What travels through the broker: the task plus what the producer knew when it sent it."""
 
@@ -372,6 +387,8 @@ class TaskMessage(BaseModel):
     submitted_at: float = Field(default_factory=time.time)
     sig: str | None = Field(None, max_length=128,
                             description="HMAC of the message (sandqueue/signing.py), if signed")
+    parent: ParentSession | None = Field(
+        None, description="with task.parent_id: the session to continue (set by the producer)")
 
 
 class TaskError(BaseModel):
@@ -449,6 +466,9 @@ class AgentResult(BaseModel):
     agent_turns: int = Field(0, description="prompts the agent answered in the last attempt's "
                              "session: 1, or 2 when a repair turn followed an invalid answer")
     parent_id: str | None = Field(None, description="the task this one continued")
+    transcript: ArtifactRef | None = Field(
+        None, description="the agent's session transcript, saved for follow-up turns")
+    agent_cwd: str | None = Field(None, description="the directory the agent ran in")
     # -- end of typed answers and follow-up turns
     timings: Timings = Field(default_factory=Timings)
     attempts: int = 0

@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandqueue import errors
+from sandqueue.artifacts import ArtifactStore, make_store
 from sandqueue.contract import (
     AgentResult,
+    ArtifactRef,
     AttemptRecord,
     McpServerStatus,
     TaskMessage,
@@ -30,6 +32,7 @@ from sandqueue.contract import (
 )
 from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
+from worker import sessions
 from worker.agent.base import Agent, AgentEvent, AgentRun, AgentText, ToolCall, Usage
 from worker.agent.runner import AgentRunner
 from worker.agent.watchdog import Watchdog
@@ -115,12 +118,16 @@ class _Progress:
     infra_retries: int = 0
     infra_streak: int = 0
     """Infrastructure failures in a row (the exponent of their backoff)."""
+    # -- follow-up turns (issue 12)
+    transcript: ArtifactRef | None = None
+    """The last attempt's saved session transcript."""
 
 
 class Pipeline:
     def __init__(self, settings: Settings, provider: SandboxProvider, agent: Agent,
                  environ: Mapping[str, str] | None = None,
-                 limiter: Limiter | None = None, runner: AgentRunner | None = None) -> None:
+                 limiter: Limiter | None = None, runner: AgentRunner | None = None,
+                 artifacts: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.provider = provider
         self.agent = agent
@@ -129,6 +136,14 @@ class Pipeline:
         self.limiter = limiter
         self.environ = environ if environ is not None else os.environ
         self.sealer = Sealer(settings.secret_keys)
+        self._artifacts = artifacts
+
+    @property
+    def artifact_store(self) -> ArtifactStore:
+        """Made on first use: a task that keeps nothing needs no store."""
+        if self._artifacts is None:
+            self._artifacts = make_store(self.settings)
+        return self._artifacts
 
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
@@ -342,15 +357,32 @@ class Pipeline:
                 progress.timings.gateway_ready_s = time.monotonic() - t1
                 ctx.on_event({"phase": "gateway_ready"})
                 self._check_time(ctx, "waiting for the MCP gateway")
+            parent = ctx.message.parent  # -- follow-up turns (issue 12): the session back
+            if parent is not None:
+                sessions.restore(self.artifact_store, self.agent, sandbox, parent)
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,
                                 run=progress.run, with_mcp=with_mcp,
                                 on_event=self._agent_events(ctx, redactor, progress),
                                 interrupted=ctx.interruption,
-                                on_started=lambda: self._agent_started(ctx, progress))
+                                on_started=lambda: self._agent_started(ctx, progress),
+                                resume_session_id=parent.session_id if parent else None,
+                                cwd=parent.cwd if parent else None)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
+                self._save_session(ctx, sandbox, progress)
+
+    def _save_session(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress) -> None:
+        """Keep the agent's session beyond the sandbox, for follow-up turns (issue 12);
+        not when the task is handed back (the next delivery runs its own session)."""
+        if not progress.run.started or (ctx.stop.is_set() and not ctx.cancel.is_set()):
+            return
+        ref, problem = sessions.save(self.artifact_store, self.agent, sandbox, ctx.task_id,
+                                     progress.run)
+        progress.transcript = ref
+        if problem is not None:
+            ctx.warnings.append(problem)
 
     @staticmethod
     def _agent_started(ctx: TaskContext, progress: _Progress) -> None:
@@ -426,6 +458,8 @@ class Pipeline:
             output=run.output,
             agent_turns=run.turns,
             parent_id=ctx.message.task.parent_id,
+            transcript=progress.transcript,
+            agent_cwd=run.cwd,
             # -- end
         )
         return redactor.model(result)

@@ -79,6 +79,8 @@ class Turn:
     output_schema: dict[str, Any] | None = None
     """Hand this JSON Schema to the agent's own structured-output support; set only when
     `Agent.native_output_schema` said yes for the agent's version."""
+    cwd: str | None = None
+    """Run in this directory (a follow-up runs where the session it continues ran)."""
 
 
 @dataclass
@@ -115,6 +117,9 @@ class AgentRun:
     """The answer parsed and valid under the task's output_schema (set by the runner)."""
     turns: int = 0
     """Starts of the agent in this session so far (2 after a repair turn)."""
+    cwd: str | None = None
+    """The directory the agent said it ran in (its session transcript's place may depend
+    on it)."""
     banked_usage: dict[str, int] = field(default_factory=dict)
     banked_cost_usd: float = 0.0
     banked_tool_calls: Counter[str] = field(default_factory=Counter)
@@ -230,7 +235,8 @@ class Agent(abc.ABC):
         prompt (`append_system_prompt`) and validates the text."""
         return False
 
-    def session_transcript(self, session_id: str) -> str | None:
-        """The sandbox path of a session's transcript, which a later run in another
-        sandbox restores there to resume the session; None if the agent keeps none."""
+    def session_transcript(self, session_id: str, cwd: str | None) -> str | None:
+        """The sandbox path of a session run in `cwd` (None: the agent's default), which a
+        later run in another sandbox restores there to resume the session; None if the
+        agent keeps no transcript."""
         return None

@@ -140,7 +140,8 @@ def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True
     if task.append_system_prompt:
         args += ["--append-system-prompt", task.append_system_prompt]
     quoted = " ".join(shlex.quote(a) for a in args)
-    return f"cd {shlex.quote(WORK_DIR)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
+    workdir = (turn.cwd if turn is not None else None) or WORK_DIR
+    return f"cd {shlex.quote(workdir)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
 
 
 def turn_args(turn: Turn) -> list[str]:
@@ -245,7 +246,7 @@ class ClaudeCodeAgent(Agent):
         found = version_tuple(version)
         return found is not None and found >= JSON_SCHEMA_SINCE
 
-    def session_transcript(self, session_id: str) -> str | None:
+    def session_transcript(self, session_id: str, cwd: str | None) -> str | None:
         """`~/.claude/projects/<encoded cwd>/<session id>.jsonl` (D sessions.md). Restored
         at the same encoded cwd: before 2.1.223 `--resume <id>` looked only in the current
         cwd's project (research/claude-code-facts.md §7, "Resume across hosts"), and every
@@ -253,7 +254,8 @@ class ClaudeCodeAgent(Agent):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", session_id):
             raise errors.AgentError(f"session id {session_id[:80]!r} is not one Claude Code "
                                     "gives out")
-        return f"{self.home}/.claude/projects/{project_dir_name(WORK_DIR)}/{session_id}.jsonl"
+        project = project_dir_name(cwd or WORK_DIR)
+        return f"{self.home}/.claude/projects/{project}/{session_id}.jsonl"
 
     def stream(self, task: AgentTask, with_mcp: bool, run: AgentRun) -> AgentStream:
         return ClaudeStream(run, with_mcp)
@@ -299,6 +301,7 @@ class ClaudeStream(AgentStream):
         run.session_id = run.session_id or _str(event.get("session_id"))
         run.model = _str(event.get("model"))
         run.agent_version = run.agent_version or _str(event.get("claude_code_version"))
+        run.cwd = _str(event.get("cwd")) or run.cwd
         if self.with_mcp:
             problem = _mcp_problem(self.transcript)
             if problem is not None:

@@ -37,10 +37,11 @@ class AgentRunner:
             run: AgentRun, with_mcp: bool = True, on_event: EventSink | None = None,
             interrupted: Callable[[], errors.SandqueueError | None] | None = None,
             on_started: Callable[[], None] | None = None,
-            resume_session_id: str | None = None) -> AgentRun:
+            resume_session_id: str | None = None, cwd: str | None = None) -> AgentRun:
         """Run the agent to its end, or raise the error that describes the failure.
 
-        With `resume_session_id` the agent continues that session (a follow-up task). With
+        With `resume_session_id` the agent continues that session, run in `cwd` (a
+        follow-up task: worker/sessions.py restored the transcript). With
         an `output_schema`, the answer is checked (`worker/agent/typed.py`); an invalid one
         gets ONE repair turn in the same session, listing what was wrong, and a second
         invalid answer ends the run `output_invalid` with its raw text kept."""
@@ -50,7 +51,7 @@ class AgentRunner:
         if schema is not None and not native:
             task = typed.instruct(task, schema)
         turn = Turn(resume_session_id=resume_session_id,
-                    output_schema=schema if native else None)
+                    output_schema=schema if native else None, cwd=cwd)
         go = _Go(agent, sandbox, deadline_at, with_mcp, on_event, interrupted)
         self._turn(go, task, turn, run, on_started)
         if schema is None:
@@ -66,7 +67,7 @@ class AgentRunner:
         repair = task.model_copy(update={"prompt": typed.repair_prompt(problems)})
         try:
             self._turn(go, repair, Turn(resume_session_id=run.session_id,
-                                        output_schema=turn.output_schema), run, None)
+                                        output_schema=turn.output_schema, cwd=cwd), run, None)
         finally:
             run.unbank_tool_calls()
         problems = typed.judge(run, schema)

@@ -1,0 +1,82 @@
+"""Follow-up turns: an agent's session kept beyond its sandbox.
+
+At the end of every run the agent's session transcript is read out of the sandbox and saved
+as an artifact of the task (`save`); a follow-up task, on any worker and after the first
+sandbox is gone, writes it back byte for byte at the same place in its new sandbox
+(`restore`) and the agent resumes that session. Where the transcript lives is the agent
+adapter's knowledge (`Agent.session_transcript`); what is kept and checked is this module's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from sandqueue import errors
+from sandqueue.artifacts import ArtifactError, ArtifactNotFound, ArtifactStore
+from sandqueue.contract import ArtifactRef, ParentSession
+from worker.agent.base import Agent, AgentRun
+from worker.sandbox.base import Sandbox
+
+log = logging.getLogger(__name__)
+
+TRANSCRIPT_PREFIX = "session/"
+"""Artifact names of transcripts: `session/<session id>.jsonl`."""
+CONTENT_TYPE = "application/x-ndjson"
+
+
+def transcript_name(session_id: str) -> str:
+    return f"{TRANSCRIPT_PREFIX}{session_id}.jsonl"
+
+
+def save(store: ArtifactStore, agent: Agent, sandbox: Sandbox, task_id: str,
+         run: AgentRun) -> tuple[ArtifactRef | None, str | None]:
+    """(the saved transcript's ref, None) or (None, why it could not be saved: a warning
+    for the result). Best effort: a run's outcome never depends on it."""
+    if run.session_id is None:
+        return None, None
+    try:
+        path = agent.session_transcript(run.session_id, run.cwd)
+        if path is None:
+            return None, None
+        limit = store.limits.max_file_bytes
+        data = sandbox.read_file(path, max_bytes=limit + 1)
+        ref = store.put(task_id, transcript_name(run.session_id), data[:limit], CONTENT_TYPE,
+                        original_size=len(data) if len(data) > limit else None)
+    except errors.SandboxFileNotFound:
+        return None, "the agent's session transcript was not found in the sandbox; this " \
+                     "task cannot be continued"
+    except errors.SandqueueError as e:
+        log.warning("task %s: saving the session transcript failed: %s", task_id, e.message)
+        return None, f"the agent's session transcript could not be saved ({e.message}); " \
+                     "this task cannot be continued"
+    if ref.truncated:
+        return ref, (f"the session transcript ({len(data)}+ bytes) is over "
+                     f"SANDQUEUE_ARTIFACT_MAX_FILE_BYTES and was truncated; this task "
+                     "cannot be continued")
+    return ref, None
+
+
+def restore(store: ArtifactStore, agent: Agent, sandbox: Sandbox,
+            parent: ParentSession) -> None:
+    """Write the parent's transcript where the agent looks for the session, byte-exact."""
+    if not agent.resumable:
+        raise errors.InvalidTask(f"the {agent.name} agent cannot continue a session; "
+                                 "submit the follow-up as a new task")
+    path = agent.session_transcript(parent.session_id, parent.cwd)
+    if path is None:
+        raise errors.InvalidTask(f"the {agent.name} agent keeps no session transcripts")
+    try:
+        data = store.get(parent.task_id, parent.transcript)
+    except ArtifactNotFound as e:
+        raise errors.InvalidTask(
+            f"task {parent.task_id}'s session transcript is gone from the artifact store "
+            "(deleted or expired since the follow-up was submitted); it cannot be "
+            "continued") from e
+    except ArtifactError as e:
+        raise errors.SandboxUnavailable(f"reading task {parent.task_id}'s session "
+                                        f"transcript: {e.message}") from e
+    if hashlib.sha256(data).hexdigest() != parent.sha256:
+        raise errors.InvalidTask(f"task {parent.task_id}'s session transcript changed in the "
+                                 "artifact store since it was saved; it cannot be continued")
+    sandbox.write_file(path, data)
