@@ -28,6 +28,8 @@ MAX_OUTPUT_SCHEMA_BYTES = 64 * 1024
 """Claude Code takes the schema as one command-line argument (`--json-schema`); Linux caps
 one argument at 128 KiB (MAX_ARG_STRLEN), so this leaves room, and it keeps messages small."""
 MAX_PROBLEMS = 10
+MAX_DEPTH = 64
+"""Nesting of objects and lists in a schema: deeper is refused, not a recursion error."""
 
 
 def _no_remote(uri: str) -> referencing.Resource[Any]:
@@ -53,6 +55,11 @@ def check_output_schema(schema: Any) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise ValueError("must be a JSON Schema object (a JSON object, or from Python a "
                          "pydantic model class)")
+    if _depth(schema) > MAX_DEPTH:
+        raise ValueError(f"nests objects and lists over {MAX_DEPTH} levels deep")
+    if not isinstance(schema.get("$schema", ""), str):
+        raise ValueError("$schema must be a meta-schema URI, e.g. "
+                         "https://json-schema.org/draft/2020-12/schema")
     size = len(json.dumps(schema, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     if size > MAX_OUTPUT_SCHEMA_BYTES:
         raise ValueError(f"is {size} bytes of JSON, over the {MAX_OUTPUT_SCHEMA_BYTES}-byte "
@@ -72,6 +79,19 @@ def check_output_schema(schema: Any) -> dict[str, Any]:
         raise ValueError(f"$ref must point inside the schema (#/...), not {remote[0]!r}: "
                          "workers never fetch schemas; inline it under $defs")
     return schema
+
+
+def _depth(value: Any) -> int:
+    """How deep objects and lists nest (iteratively: the input may be hostile)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_DEPTH:
+                children = item.values() if isinstance(item, dict) else item
+                todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _remote_refs(value: Any) -> Iterable[str]:
@@ -95,6 +115,8 @@ def problems(schema: dict[str, Any], instance: Any) -> list[str]:
         found = sorted(validator.iter_errors(instance), key=lambda e: list(e.absolute_path))
     except referencing.exceptions.Unresolvable as e:
         return [f"$: the schema's reference {e} cannot be resolved"]
+    except RecursionError:
+        return ["$: the answer nests too deeply to be checked"]
     return [_line(e) for e in found[:MAX_PROBLEMS]]
 
 

@@ -71,6 +71,15 @@ def flag(argv: list[str], name: str) -> str | None:
 
 # -- the schema itself, at submit --------------------------------------------------------
 
+def _nested(levels: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object"}
+    inner = schema
+    for _ in range(levels):
+        inner["properties"] = {"a": {"type": "object"}}
+        inner = inner["properties"]["a"]
+    return schema
+
+
 class Report(BaseModel):
     title: str
     pages: int
@@ -90,6 +99,8 @@ def test_a_pydantic_model_class_becomes_its_json_schema() -> None:
     ({"type": "object", "description": "x" * (schemas.MAX_OUTPUT_SCHEMA_BYTES + 1)},
      "over the 65536-byte limit"),
     ("not a schema", "must be a JSON Schema object"),
+    ({"$schema": {"a": 1}, "type": "object"}, "$schema must be a meta-schema URI"),
+    (_nested(200), "over 64 levels deep"),
 ])
 def test_a_bad_schema_is_refused_at_submit_saying_why(schema: Any, said: str) -> None:
     with pytest.raises(ValidationError) as caught:
@@ -102,6 +113,16 @@ def test_problems_name_where_and_assert_formats() -> None:
     assert schemas.problems(DUE, {"title": "t", "due": "2026-12-24"}) == []
     assert schemas.problems(DUE, {"title": 3, "due": "next week"}) == [
         "$.due: 'next week' is not a 'date'", "$.title: 3 is not of type 'string'"]
+
+
+def test_a_hostile_answer_is_a_problem_not_a_crash() -> None:
+    deep: Any = 0
+    for _ in range(100_000):
+        deep = [deep]
+    nested = {"type": "object", "properties": {"a": {"$ref": "#/$defs/list"}},
+              "$defs": {"list": {"type": ["array", "integer"], "items": {"$ref": "#/$defs/list"}}}}
+    assert schemas.problems(nested, {"a": deep}) == [
+        "$: the answer nests too deeply to be checked"]
 
 
 # -- the adapter's flags and the version that gets them ----------------------------------

@@ -46,7 +46,7 @@ def answer_of(run: AgentRun) -> tuple[Any, str | None]:
             continue
         try:
             return json.loads(candidate), None
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
     return None, "the final answer is not JSON"
 
