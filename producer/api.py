@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -26,11 +29,19 @@ from pydantic import ValidationError
 from producer.outbox import IdempotencyConflict, Outbox
 from producer.taskinfo import TaskInfo
 from sandqueue import errors, keys, signing
+from sandqueue.artifacts import (
+    ArtifactError,
+    ArtifactNotFound,
+    ArtifactStore,
+    check_name,
+    make_store,
+)
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import (
     TASK_NAME,
     AgentResult,
     AgentTask,
+    ArtifactRef,
     ParentSession,
     TaskMessage,
     TaskStatus,
@@ -141,6 +152,24 @@ class TaskHandle:
         except (redis.RedisError, OperationalError) as e:
             raise _redis_error(e, self.client.settings) from e
 
+    # -- artifacts (issue 12) ------------------------------------------------------------
+    def artifacts(self) -> list[ArtifactRef]:
+        """The files the task brought back, as its result lists them ([] until it ends)."""
+        outcome = self.result()
+        return list(outcome.artifacts) if outcome is not None else []
+
+    def read_artifact(self, name: str) -> bytes:
+        """One artifact's bytes, from the artifact store (SANDQUEUE_ARTIFACT_STORE)."""
+        return self.client.artifact_store.get(self.id, name)
+
+    def download_artifacts(self, out_dir: str | os.PathLike[str],
+                           names: list[str] | None = None) -> list[Path]:
+        """Write the task's artifacts (or those named) under `out_dir`, keeping their
+        relative names, each checked against the sha256 its result lists."""
+        return download(self.client.artifact_store, self.id, self.artifacts(), Path(out_dir),
+                        names)
+    # -- end of artifacts
+
     def wait(self, timeout: float | None = None, poll_s: float = 0.5) -> AgentResult:
         """Block until the task ends; raise WaitTimeout after `timeout` seconds. A task whose
         producer died between recording and publishing it is published first: nobody
@@ -166,6 +195,31 @@ class TaskHandle:
             raise _redis_error(e, self.client.settings) from e
         _release(async_result)
         return _to_result(self.id, value)
+
+
+def download(store: ArtifactStore, task_id: str, refs: list[ArtifactRef], out_dir: Path,
+             names: list[str] | None = None) -> list[Path]:
+    """Copy artifacts out of the store into `out_dir`; a corrupted copy is an error, not a
+    file someone trusts later."""
+    wanted = [r for r in refs if names is None or r.name in names]
+    missing = sorted(set(names or []) - {r.name for r in refs})
+    if missing:
+        raise ArtifactNotFound(f"task {task_id} has no artifact {', '.join(missing)}")
+    written = []
+    for ref in wanted:
+        target = out_dir / check_name(ref.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with store.open(task_id, ref.name) as src, target.open("wb") as dst:
+            while chunk := src.read(1024 * 1024):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != ref.sha256:
+            target.unlink()
+            raise ArtifactError(f"{ref.name}: the stored bytes do not match the sha256 the "
+                                "result lists (changed or damaged in the store)")
+        written.append(target)
+    return written
 
 
 def _release(async_result: Any) -> None:
@@ -208,6 +262,10 @@ class Client:
     @cached_property
     def events(self) -> EventLog:
         return EventLog(self.redis, self.settings.events_max_len, self.settings.result_expires_s)
+
+    @cached_property
+    def artifact_store(self) -> ArtifactStore:
+        return make_store(self.settings)
 
     @cached_property
     def outbox(self) -> Outbox:

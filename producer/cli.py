@@ -21,6 +21,7 @@ short and stable, e.g. `usage_error`, `invalid_task`, `invalid_task_id`, `unknow
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -36,6 +37,7 @@ import redis
 from producer import render
 from producer.api import Client, RedisUnavailable, WaitTimeout
 from sandqueue import catalog, errors
+from sandqueue.artifacts import ArtifactError, ArtifactNotFound
 from sandqueue.contract import AgentResult, TaskStatus
 from sandqueue.settings import load_settings
 
@@ -84,6 +86,10 @@ def _as_cli_error(e: errors.SandqueueError) -> CliError | None:
                         task_id=e.task_id)
     if isinstance(e, errors.ConfigError):
         return CliError(e.message, code="config_error")
+    if isinstance(e, ArtifactNotFound):
+        return CliError(e.message, code="unknown_artifact")
+    if isinstance(e, ArtifactError):
+        return CliError(e.message, code="artifact_store_error", exit_code=EXIT_UNREACHABLE)
     if isinstance(e, errors.InvalidTask):
         bad = getattr(e, "bad", None)  # a batch file's invalid lines, for machines too
         return CliError(e.message, code="invalid_task", extra={"lines": [
@@ -305,6 +311,19 @@ def parse_pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--retry-after-side-effects", is_flag=True, default=None,
               help="Retry even after the agent made tool calls (effects may repeat).")
 @click.option("--queue", envvar="SANDQUEUE_QUEUE", show_envvar=True, help="Queue to send to.")
+# -- workspace in and out (issue 12)
+@click.option("--repo", "repo_url", metavar="URL", help="Git repository cloned into the sandbox; "
+              "the agent works in it and its diff comes back as the repo.diff artifact.")
+@click.option("--ref", "repo_ref", help="With --repo: branch, tag or full commit id.")
+@click.option("--repo-depth", type=click.IntRange(0), default=None,
+              help="With --repo: commits of history to fetch (default 1; 0 = all).")
+@click.option("--repo-token", metavar="${NAME}", help="With --repo: a ${NAME} reference to a "
+              "worker environment variable holding an HTTPS token for a private repository.")
+@click.option("--file", "input_files", multiple=True, metavar="LOCAL[:REMOTE]",
+              help="A small local file written into the agent's working directory.")
+@click.option("--collect", multiple=True, metavar="GLOB",
+              help="Files (glob, relative to the working directory) brought back as artifacts.")
+# -- end of workspace in and out
 @click.option("--wait", is_flag=True, help="Block until the task ends and print its result.")
 @click.option("--wait-timeout", type=float, default=None, help="With --wait: give up after N s.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -324,6 +343,7 @@ def submit(ctx: click.Context, prompt: str | None, mcp_names: tuple[str, ...],
     if fields.get("parent_id") is not None:
         fields["parent_id"] = check_task_id(fields["parent_id"])
     task: dict[str, Any] = {
+        **task_io(fields),  # repo, files, collect (issue 12)
         "prompt": read_prompt(prompt),
         "mcp": parse_mcp(mcp_names, mcp_settings),
         "envs": parse_pairs(envs, "--env"),
@@ -352,6 +372,44 @@ def submit(ctx: click.Context, prompt: str | None, mcp_names: tuple[str, ...],
                        exit_code=EXIT_INTERRUPTED, task_id=handle.id) from None
     _show(result, as_json)
     sys.exit(_exit_for(result))
+
+
+def read_input_file(spec: str) -> dict[str, str]:
+    """`--file LOCAL[:REMOTE]`: text files travel as text, others as base64."""
+    local, remote = spec, None
+    if not Path(spec).is_file() and ":" in spec:
+        local, _, remote = spec.rpartition(":")
+    path = Path(local)
+    if not path.is_file():
+        raise CliError(f"--file {spec}: no such local file {local!r}", code="usage_error")
+    data = path.read_bytes()
+    try:
+        return {"path": remote or path.name, "content": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"path": remote or path.name, "content": base64.b64encode(data).decode(),
+                "encoding": "base64"}
+
+
+def task_io(fields: dict[str, Any]) -> dict[str, Any]:
+    """The repo, files and collect options of `submit` (popped from `fields`) as task
+    fields."""
+    url, ref = fields.pop("repo_url", None), fields.pop("repo_ref", None)
+    depth, token = fields.pop("repo_depth", None), fields.pop("repo_token", None)
+    files, collect = fields.pop("input_files", ()), fields.pop("collect", ())
+    out: dict[str, Any] = {}
+    if url is None and (ref or depth is not None or token):
+        raise CliError("--ref, --repo-depth and --repo-token need --repo URL",
+                       code="usage_error")
+    if url is not None:
+        repo: dict[str, Any] = {"url": url, "ref": ref, "token": token}
+        if depth is not None:
+            repo["depth"] = depth
+        out["repo"] = repo
+    if files:
+        out["files"] = [read_input_file(f) for f in files]
+    if collect:
+        out["collect"] = list(collect)
+    return out
 
 
 def _show(result: AgentResult, as_json: bool) -> None:
@@ -408,6 +466,42 @@ def result(ctx: click.Context, task_id: str, wait: bool, wait_timeout: float | N
                        extra={"status": state, "result": None})
     _show(outcome, as_json)
     sys.exit(_exit_for(outcome))
+
+
+# -- artifacts (issue 12) --------------------------------------------------------------------
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Download them into this directory (names kept); else only list them.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@handle_errors
+def artifacts(ctx: click.Context, task_id: str, out_dir: Path | None, as_json: bool) -> None:
+    """List a finished task's artifacts (collected files, repo.diff); download with --out.
+    Exit 4 if the task has not finished."""
+    handle = _client(ctx).get(check_task_id(task_id))
+    outcome = handle.result()
+    if outcome is None:
+        state = str(handle.task_info().status)
+        if state == TaskStatus.UNKNOWN:
+            raise unknown_task(task_id)
+        raise CliError(f"{task_id} has not finished: {state}", code="not_finished",
+                       exit_code=EXIT_PENDING, task_id=task_id, extra={"status": state})
+    refs = outcome.artifacts
+    paths = handle.download_artifacts(out_dir) if out_dir is not None else []
+    if as_json:
+        render.print_json({"id": task_id, "artifacts": [
+            {**r.model_dump(mode="json"), **({"downloaded_to": str(p)} if paths else {})}
+            for r, p in zip(refs, paths or [None] * len(refs), strict=True)]})
+        return
+    for ref, path in zip(refs, paths or [None] * len(refs), strict=True):
+        note = f"  truncated (of {ref.original_size or 'more'} bytes)" if ref.truncated else ""
+        where = str(path) if path is not None else (ref.path or ref.url or "")
+        render.out.print(f"{render.escape(ref.name)}  {ref.size} B  sha256 {ref.sha256[:16]}"
+                         f"  {render.escape(where)}{note}", soft_wrap=True)
+    if not refs:
+        render.err.print(f"{task_id} has no artifacts")
 
 
 _CANCEL_OUTCOMES = {"cancelled": "cancelled", "requested": "cancel_requested",

@@ -75,6 +75,10 @@ def print_result(result: AgentResult) -> None:
         table.add_row("turns", str(result.num_turns))
     if result.total_cost_usd is not None:
         table.add_row("cost", f"${result.total_cost_usd:.4f}")
+    if result.artifacts:  # issue 12
+        table.add_row("artifacts", escape(", ".join(
+            a.name + (" (truncated)" if a.truncated else "") for a in result.artifacts))
+            + f"  [dim](sandqueue artifacts {result.task_id} --out DIR)[/]")
     _session_rows(table, result)
     t = result.timings
     table.add_row("timings", f"queued {_fmt_s(t.queued_s)}, sandbox {_fmt_s(t.sandbox_create_s)}, "

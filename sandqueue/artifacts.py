@@ -98,13 +98,13 @@ class ArtifactStore(abc.ABC):
         the file's full size, when the caller knows it (e.g. it read only a prefix)."""
         check_task_id(task_id)
         check_name(name)
-        existing = {r.name: r for r in self.list(task_id)}
+        existing = self._sizes(task_id)
         existing.pop(name, None)
         if len(existing) >= self.limits.max_task_files:
             raise ArtifactLimitExceeded(
                 f"{name}: not stored, the task already has {len(existing)} artifacts "
                 f"(limit {self.limits.max_task_files})")
-        budget = self.limits.max_task_bytes - sum(r.size for r in existing.values())
+        budget = self.limits.max_task_bytes - sum(existing.values())
         cap = max(0, min(self.limits.max_file_bytes, budget))
         with tempfile.SpooledTemporaryFile(max_size=CHUNK) as spool:
             size, digest, more = _copy_capped(_as_stream(data), spool, cap)
@@ -114,6 +114,10 @@ class ArtifactStore(abc.ABC):
                               truncated=truncated,
                               original_size=original_size if truncated else None)
             return self._write(task_id, ref, spool)  # type: ignore[arg-type]
+
+    def _sizes(self, task_id: str) -> dict[str, int]:
+        """The task's artifacts and their sizes: what the limits count."""
+        return {r.name: r.size for r in self.list(task_id)}
 
     def get(self, task_id: str, name: str) -> bytes:
         with self.open(task_id, name) as stream:
@@ -280,11 +284,22 @@ class S3Store(ArtifactStore):
         return sorted(refs, key=lambda r: r.name)
 
     def _keys(self, prefix: str) -> Iterator[str]:
+        yield from self._objects(prefix)
+
+    def _objects(self, prefix: str) -> dict[str, int]:
+        objects = {}
         pages = self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=prefix)
         for page in pages:
             for item in page.get("Contents", []):
-                yield item["Key"]
+                objects[item["Key"]] = item["Size"]
+        return objects
+
+    def _sizes(self, task_id: str) -> dict[str, int]:
+        """One LIST (no HEAD per object): put() asks this every time."""
+        base = self._key(task_id)
+        with _s3_errors(f"listing the artifacts of {task_id}"):
+            return {key[len(base):]: size for key, size in self._objects(base).items()}
 
     def delete(self, task_id: str, name: str | None = None) -> int:
         keys = ([self._key(task_id, check_name(name))] if name is not None

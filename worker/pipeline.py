@@ -40,6 +40,7 @@ from worker.credentials import resolve_envs, resolve_mcp
 from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
+from worker.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,10 @@ class _Progress:
     infra_retries: int = 0
     infra_streak: int = 0
     """Infrastructure failures in a row (the exponent of their backoff)."""
+    # -- workspace in and out (issue 12)
+    repo_commit: str | None = None
+    artifacts: list[ArtifactRef] = field(default_factory=list)
+    """The last attempt's artifacts (each attempt collects afresh)."""
     # -- follow-up turns (issue 12)
     transcript: ArtifactRef | None = None
     """The last attempt's saved session transcript."""
@@ -144,6 +149,13 @@ class Pipeline:
         if self._artifacts is None:
             self._artifacts = make_store(self.settings)
         return self._artifacts
+
+    @property
+    def workspace(self) -> Workspace:
+        """Made on first use: a task without repo, files or collect needs no store."""
+        if self._artifacts is None:
+            self._artifacts = make_store(self.settings)
+        return Workspace(self.settings, self._artifacts, self.environ)
 
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
@@ -357,6 +369,10 @@ class Pipeline:
                 progress.timings.gateway_ready_s = time.monotonic() - t1
                 ctx.on_event({"phase": "gateway_ready"})
                 self._check_time(ctx, "waiting for the MCP gateway")
+            # -- workspace in (issue 12): the repo and input files, before the agent starts
+            task_io = bool(task.repo or task.files or task.collect)
+            if task_io:
+                self._prepare(ctx, sandbox, progress, redactor)
             parent = ctx.message.parent  # -- follow-up turns (issue 12): the session back
             if parent is not None:
                 sessions.restore(self.artifact_store, self.agent, sandbox, parent)
@@ -371,6 +387,8 @@ class Pipeline:
                                 cwd=parent.cwd if parent else None)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
+                if task_io:  # -- workspace out (issue 12): also after a failure or timeout
+                    self._collect(ctx, sandbox, progress, redactor)
                 self._save_session(ctx, sandbox, progress)
 
     def _save_session(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress) -> None:
@@ -383,6 +401,33 @@ class Pipeline:
         progress.transcript = ref
         if problem is not None:
             ctx.warnings.append(problem)
+
+    def _prepare(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress,
+                 redactor: Redactor) -> None:
+        """Clone and write the inputs; if the deadline (or a cancel) strikes meanwhile,
+        what is there is still collected."""
+        try:
+            progress.repo_commit = self.workspace.prepare(sandbox, ctx.message.task, redactor,
+                                                          ctx.deadline_at)
+            self._check_time(ctx, "preparing the workspace")
+        except (errors.DeadlineExceeded, errors.Cancelled):
+            self._collect(ctx, sandbox, progress, redactor)
+            raise
+
+    def _collect(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress,
+                 redactor: Redactor) -> None:
+        """Bring the attempt's files back before the sandbox is killed; not when the task
+        is handed back (the next delivery collects its own)."""
+        if ctx.stop.is_set() and not ctx.cancel.is_set():
+            return
+        workspace = self.workspace
+        for stale in progress.artifacts:  # an earlier attempt's, replaced by this one's
+            workspace.store.delete(ctx.task_id, stale.name)
+        done = workspace.collect(sandbox, ctx.message.task, ctx.task_id, progress.repo_commit)
+        progress.artifacts = done.artifacts
+        ctx.warnings.extend(redactor.text(w) for w in done.warnings)
+        if done.artifacts:
+            ctx.on_event({"phase": "artifacts", "count": len(done.artifacts)})
 
     @staticmethod
     def _agent_started(ctx: TaskContext, progress: _Progress) -> None:
@@ -454,6 +499,8 @@ class Pipeline:
             timeout_s_requested=ctx.message.task.timeout_s,
             timeout_s_applied=ctx.timeout_s_applied,
             warnings=list(ctx.warnings),
+            artifacts=progress.artifacts,  # workspace out (issue 12)
+            repo_commit=progress.repo_commit,
             # -- typed answers and follow-up turns (issue 12)
             output=run.output,
             agent_turns=run.turns,

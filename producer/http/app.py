@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api import Client
 from producer.apikeys import ApiKeys
-from producer.http import batches, problems, tasks
+from producer.http import artifacts, batches, problems, tasks
 from sandqueue.settings import Settings, load_settings
 
 
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan)
     problems.install(app)
     app.include_router(tasks.router)
+    app.include_router(artifacts.router)  # issue 12
     app.include_router(batches.router)
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
     app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"],

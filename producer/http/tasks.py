@@ -87,11 +87,14 @@ def bind_to_caller(task: AgentTask, caller: Caller, idempotency_key: str | None,
     if asked is not None and asked != caller.tenant:
         raise errors.InvalidTask(f"labels.{TENANT_LABEL}: set from your API key (tenant "
                                  f"{caller.tenant!r}); leave it out")
-    refused = sorted(env_references(task.mcp) - caller.key.allow_env)
+    # A repo token is a worker variable sent to the repo's host: the same allow-list.
+    repo_token = {task.repo.token[2:-1]} if task.repo and task.repo.token else set()
+    refused = sorted((env_references(task.mcp) | repo_token) - caller.key.allow_env)
     if refused:
         allowed = ", ".join(sorted(caller.key.allow_env)) or "none"
         raise errors.InvalidTask(
-            f"mcp: this API key may not reference {', '.join('${' + n + '}' for n in refused)}"
+            f"mcp/repo.token: this API key may not reference "
+            f"{', '.join('${' + n + '}' for n in refused)}"
             f" (allowed: {allowed}); ask for a key created with --allow-env")
     key = idempotency_key or task.idempotency_key
     if idempotency_key and task.idempotency_key and idempotency_key != task.idempotency_key:

@@ -167,3 +167,16 @@ def test_s3_store_without_a_bucket_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="SANDQUEUE_S3_BUCKET"):
         make_store(Settings(artifact_store="s3", s3_region="us-east-1"))
+
+
+def test_compose_shares_the_local_store_and_has_minio_under_the_s3_profile() -> None:
+    import yaml
+
+    services = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml")
+                              .read_text())["services"]
+    for name in ("worker", "api"):  # writers and readers must see the same directory
+        assert services[name]["environment"]["SANDQUEUE_ARTIFACT_DIR"] == "/artifacts"
+        assert "artifacts:/artifacts" in services[name]["volumes"]
+    assert services["minio"]["profiles"] == ["s3"]
+    assert services["minio-bucket"]["profiles"] == ["s3"]
+    assert "mb --ignore-existing local/sandqueue" in services["minio-bucket"]["entrypoint"][-1]

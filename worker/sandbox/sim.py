@@ -28,6 +28,8 @@ Behaviour is set per task through the task's `envs` (they become the sandbox's e
                               repeats): the `structured_output` under --json-schema (one the
                               CLI's own check refuses ends error_max_structured_output_retries),
                               else the final text (a string as is, other values as JSON)
+    SIM_EDITS={"a.txt": "x"}  files the agent writes in its working directory when it starts
+                              (null deletes one): what `collect` and the repo diff bring back
 
 Live simulated sandboxes are recorded in Redis (when given a client) so tests, the reaper
 and other processes can see them, as they would list real ones.

@@ -151,7 +151,7 @@ class ScriptedAgent:
             opts["mcp_config"] = self._mcp_config(config_path)
         if opts.get("--json-schema") is not None:
             opts["schema"] = self._schema(opts["--json-schema"])
-        opts["cwd"] = cwd_of(self.cmd)
+        opts["cwd"] = cwd_of(self.cmd) or "/home/user"
         return opts
 
     @staticmethod
@@ -336,6 +336,7 @@ class ScriptedAgent:
               context: list[str]) -> int:
         fails = self.sandbox.fails
         latency = float(self.envs.get("SIM_LATENCY_S", self.sandbox.default_latency_s))
+        self._edit()
         planned = self._planned_calls(mcp_tools)
         steps = len(planned) + 1
         for i, tool in enumerate(planned):
@@ -370,6 +371,19 @@ class ScriptedAgent:
         self._record({"type": "assistant", "message": {"role": "assistant", "content": [
             {"type": "text", "text": answer}]}})
         return self._finish(proc, opts, steps, text=answer, structured=structured)
+
+    def _edit(self) -> None:
+        """SIM_EDITS={"path": "new content", "gone.txt": null}: the files the agent writes
+        (or deletes), relative to its working directory, at once: a test that times the
+        agent out still finds them there to collect."""
+        edits = json.loads(self.envs.get("SIM_EDITS") or "{}")
+        base = cwd_of(self.cmd) or "/home/user"
+        for path, content in edits.items():
+            target = f"{base}/{path}"
+            if content is None:
+                self.sandbox.disk.delete(target)
+            else:
+                self.sandbox.disk.write(target, content.encode())
 
     def _leak(self) -> str:
         """What SIM_ECHO asks the agent to repeat: sandbox env values and MCP settings."""

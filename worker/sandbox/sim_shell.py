@@ -40,9 +40,7 @@ def _split(cmd: str) -> tuple[tuple[str, ...], str | None]:
     return tuple(tokens), stdin
 
 
-def cwd_of(cmd: str, default: str = "/home/user") -> str:
-    """The directory a `cd DIR && exec ...` command line runs in."""
+def cwd_of(cmd: str) -> str | None:
+    """The directory a `cd DIR && ...` command line runs in (None without a `cd`)."""
     tokens = shlex.split(cmd)
-    if len(tokens) >= 3 and tokens[0] == "cd" and tokens[2] == "&&":
-        return tokens[1]
-    return default
+    return tokens[1] if len(tokens) > 1 and tokens[0] == "cd" else None
