@@ -427,8 +427,12 @@ class Client:
         return [TaskHandle(self, c.task_id, duplicate=c.verdict != "new") for c in claims]
 
     def _body(self, task_id: str, task: AgentTask, now: float) -> dict[str, Any]:
-        body = TaskMessage(task=task, submitted_at=now,
-                           parent=self.parent_session(task)).model_dump(
+        parent = self.parent_session(task)
+        if parent is not None and task.with_files and task.repo is not None:
+            # the parent's changes apply to the commit it worked on, not to today's HEAD
+            task = task.model_copy(update={"repo": task.repo.model_copy(
+                update={"ref": parent.repo_commit or task.repo.ref})})
+        body = TaskMessage(task=task, submitted_at=now, parent=parent).model_dump(
             mode="json", exclude_defaults=True)
         return signing.sign(self.settings.signing_keys_value, task_id, body)
 
@@ -462,8 +466,30 @@ class Client:
             raise errors.InvalidTask(f"parent_id: task {parent_id} worked in a clone of its "
                                      "repository; continue it with with_files (--with-files)")
         self._check_transcript_stored(parent_id, ref.name, ref.sha256)
-        return ParentSession(task_id=parent_id, session_id=found.session_id,
-                             transcript=ref.name, sha256=ref.sha256, cwd=found.agent_cwd)
+        session = ParentSession(task_id=parent_id, session_id=found.session_id,
+                                transcript=ref.name, sha256=ref.sha256, cwd=found.agent_cwd)
+        return self._with_files(task, found, session) if task.with_files else session
+
+    def _with_files(self, task: AgentTask, found: AgentResult,
+                    session: ParentSession) -> ParentSession:
+        """What of the parent's workspace a `with_files` follow-up gets back: its collected
+        files and, on a fresh clone of the same repository at the parent's commit, its diff.
+        A truncated artifact would restore a corrupt file: refused, not restored."""
+        kept = [a for a in found.artifacts
+                if a.name.startswith("files/") or a.name == "repo.diff"]
+        cut = [a.name for a in kept if a.truncated]
+        if cut:
+            raise errors.InvalidTask(f"with_files: task {found.task_id}'s {', '.join(cut[:5])} "
+                                     "were truncated (artifact size limits); they cannot be "
+                                     "restored")
+        if found.repo_commit and task.repo is None:
+            raise errors.InvalidTask(
+                f"with_files: task {found.task_id} worked in a clone of a repository; give "
+                "the same repo (its commit and changes are restored on a fresh clone)")
+        return session.model_copy(update={
+            "files": [a.name for a in kept if a.name.startswith("files/")],
+            "diff": "repo.diff" if any(a.name == "repo.diff" for a in kept) else None,
+            "repo_commit": found.repo_commit})
 
     def _check_transcript_stored(self, parent_id: str, name: str, sha256: str) -> None:
         from sandqueue.artifacts import ArtifactError, make_store

@@ -375,6 +375,12 @@ class ParentSession(BaseModel):
                             description="artifact name of the transcript")
     sha256: str = Field(..., min_length=64, max_length=64)
     cwd: str | None = Field(None, max_length=1024)
+    # with task.with_files: what of the parent's workspace to bring back
+    files: list[str] = Field(default_factory=list, max_length=10_000,
+                             description="artifact names of its collected files (`files/...`)")
+    diff: str | None = Field(None, description="artifact name of its repo's diff")
+    repo_commit: str | None = Field(None, max_length=64,
+                                    description="the commit its diff applies to")
 
 
 class TaskMessage(BaseModel):

@@ -376,6 +376,7 @@ class Pipeline:
             parent = ctx.message.parent  # -- follow-up turns (issue 12): the session back
             if parent is not None:
                 sessions.restore(self.artifact_store, self.agent, sandbox, parent)
+                sessions.restore_files(self.artifact_store, sandbox, parent)
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,

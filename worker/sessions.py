@@ -1,5 +1,9 @@
 """Follow-up turns: an agent's session kept beyond its sandbox.
 
+With `with_files`, the parent's workspace comes back too (`restore_files`): its repo's diff
+applied to a fresh clone at the parent's commit (the producer pinned `repo.ref` to it), and
+its collected files written where they were.
+
 At the end of every run the agent's session transcript is read out of the sandbox and saved
 as an artifact of the task (`save`); a follow-up task, on any worker and after the first
 sandbox is gone, writes it back byte for byte at the same place in its new sandbox
@@ -17,6 +21,7 @@ from sandqueue.artifacts import ArtifactError, ArtifactNotFound, ArtifactStore
 from sandqueue.contract import ArtifactRef, ParentSession
 from worker.agent.base import Agent, AgentRun
 from worker.sandbox.base import Sandbox
+from worker.workspace import COLLECTED_PREFIX, HOME_DIR, REPO_DIR
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +85,38 @@ def restore(store: ArtifactStore, agent: Agent, sandbox: Sandbox,
         raise errors.InvalidTask(f"task {parent.task_id}'s session transcript changed in the "
                                  "artifact store since it was saved; it cannot be continued")
     sandbox.write_file(path, data)
+
+
+PARENT_DIFF = f"{HOME_DIR}/.sandqueue/parent.diff"
+"""Where the parent's diff is put to be applied: the worker's own folder, never collected.
+Named to `git apply` relative to REPO_DIR (the simulated sandbox's git runs on a host path)."""
+
+
+def restore_files(store: ArtifactStore, sandbox: Sandbox, parent: ParentSession) -> None:
+    """The parent's changes to its repository, then its collected files, byte-exact."""
+    if parent.diff is not None:
+        data = _artifact(store, parent, parent.diff)
+        if data.strip():
+            sandbox.write_file(PARENT_DIFF, data)
+            relative = "../" + PARENT_DIFF.removeprefix(HOME_DIR + "/")
+            out = sandbox.run(f"git apply --binary --whitespace=nowarn {relative}",
+                              timeout_s=120, cwd=REPO_DIR)
+            if out.exit_code != 0:
+                raise errors.InvalidTask(
+                    f"with_files: task {parent.task_id}'s changes do not apply to its commit "
+                    f"{parent.repo_commit} of the repository: {out.stderr.strip()[-300:]}")
+    base = parent.cwd or HOME_DIR
+    for name in parent.files:
+        sandbox.write_file(f"{base}/{name.removeprefix(COLLECTED_PREFIX)}",
+                           _artifact(store, parent, name))
+
+
+def _artifact(store: ArtifactStore, parent: ParentSession, name: str) -> bytes:
+    try:
+        return store.get(parent.task_id, name)
+    except ArtifactNotFound as e:
+        raise errors.InvalidTask(f"with_files: task {parent.task_id}'s {name} is gone from "
+                                 "the artifact store (deleted or expired)") from e
+    except ArtifactError as e:
+        raise errors.SandboxUnavailable(f"reading task {parent.task_id}'s {name}: "
+                                        f"{e.message}") from e

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+from pathlib import Path
 
 from producer.api import Client
 from sandqueue import errors
@@ -91,3 +93,46 @@ def test_continuing_an_unknown_or_unfinished_task_says_so(api_client: Client) ->
     else:
         raise AssertionError("accepted")
     queued.cancel()
+
+
+def _bare_repo(root: Path) -> str:
+    """A bare repository with one commit, served over file:// (workers share this disk)."""
+    work = root / "work"
+    work.mkdir()
+    ident = ["-c", "user.email=t@example.com", "-c", "user.name=t"]
+    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "first"]):
+        if args[0] == "add":
+            (work / "README.md").write_text("hello\n")
+        subprocess.run(["git", *ident, *args], cwd=work, check=True, capture_output=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(root / "repo.git")],
+                   check=True, capture_output=True)
+    return f"file://{root / 'repo.git'}"
+
+
+def test_with_files_restores_the_parents_repository_changes_and_collected_files(
+        worker_factory: StartWorker, api_client: Client, tmp_path: Path) -> None:
+    worker_factory(concurrency=2)
+    url = _bare_repo(tmp_path)
+    first = api_client.submit("Edit the README and write a note.", repo=url,
+                              collect=["notes/*.txt"], envs={**FAST, "SIM_EDITS": json.dumps(
+                                  {"README.md": "edited by turn one\n",
+                                   "notes/a.txt": "a note\n"})}).wait(timeout=60)
+    assert first.status is TaskStatus.SUCCEEDED, first.error
+    assert {a.name for a in first.artifacts} == {"repo.diff", "files/notes/a.txt"}
+
+    try:  # a repository's session continues only with its files
+        api_client.submit("next", parent_id=first.task_id, repo=url)
+    except errors.InvalidTask as e:
+        assert "continue it with with_files" in e.message
+    else:
+        raise AssertionError("accepted")
+
+    # no SIM_EDITS now: whatever the follow-up finds, it got from its parent
+    second = api_client.get(first.task_id).follow_up(
+        "Go on.", with_files=True, repo=url, collect=["notes/*.txt"], envs=FAST).wait(timeout=60)
+    assert second.status is TaskStatus.SUCCEEDED, second.error
+    assert second.repo_commit == first.repo_commit  # cloned at the parent's commit
+    store = LocalStore(os.environ["SANDQUEUE_ARTIFACT_DIR"])
+    assert store.get(second.task_id, "files/notes/a.txt") == b"a note\n"
+    assert store.get(second.task_id, "repo.diff") == store.get(first.task_id, "repo.diff")
+    assert second.session_id == first.session_id
