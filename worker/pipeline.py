@@ -40,7 +40,7 @@ from worker.credentials import resolve_envs, resolve_mcp
 from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
-from worker.workspace import Workspace
+from worker.workspace import Workspace, workdir
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +385,9 @@ class Pipeline:
                                 interrupted=ctx.interruption,
                                 on_started=lambda: self._agent_started(ctx, progress),
                                 resume_session_id=parent.session_id if parent else None,
-                                cwd=parent.cwd if parent else None)
+                                # the agent works in the repo's clone (issue 12), a follow-up
+                                # where its session ran
+                                cwd=(parent.cwd if parent else None) or workdir(task))
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
                 if task_io:  # -- workspace out (issue 12): also after a failure or timeout

@@ -31,7 +31,6 @@ from worker.agent.base import (
 from worker.agent.pricing import estimate_usd
 from worker.agent.stream import Transcript
 from worker.sandbox.base import Sandbox, TemplateRecipe
-from worker.workspace import REPO_DIR
 
 GATEWAY_NAME = "e2b-mcp-gateway"
 WORK_DIR = "/home/user"
@@ -141,9 +140,8 @@ def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True
     if task.append_system_prompt:
         args += ["--append-system-prompt", task.append_system_prompt]
     quoted = " ".join(shlex.quote(a) for a in args)
-    # a follow-up runs where its session ran; else in the repo when the task has one
-    workdir = ((turn.cwd if turn is not None else None)
-               or (REPO_DIR if task.repo is not None else WORK_DIR))
+    # where the runner says: the repo's clone, or where a continued session ran
+    workdir = (turn.cwd if turn is not None else None) or WORK_DIR
     return f"cd {shlex.quote(workdir)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
 
 
