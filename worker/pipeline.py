@@ -33,7 +33,15 @@ from sandqueue.contract import (
 from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
 from worker import sessions
-from worker.agent.base import Agent, AgentEvent, AgentRun, AgentText, ToolCall, Usage
+from worker.agent.base import (
+    Agent,
+    AgentEvent,
+    AgentRun,
+    AgentText,
+    OutputRepair,
+    ToolCall,
+    Usage,
+)
 from worker.agent.runner import AgentRunner
 from worker.agent.watchdog import Watchdog
 from worker.credentials import resolve_envs, resolve_mcp
@@ -461,6 +469,9 @@ class Pipeline:
                 ctx.on_event({"phase": "agent_text", "text": redactor.text(event.text[:2000])})
             elif isinstance(event, Usage):
                 ctx.on_state(cost_usd=round(progress.spent_usd + progress.run.cost_usd, 6))
+            elif isinstance(event, OutputRepair):  # typed answers (issue 12)
+                ctx.on_event({"phase": "output_repair",
+                              "problems": [redactor.text(p) for p in event.problems]})
         return sink
 
     def _result(self, ctx: TaskContext, progress: _Progress,

@@ -40,6 +40,7 @@ class Harness:
                                  sim_create_latency_s=0, sim_latency_s=0.01)
         self.provider = SimProvider(self.settings)
         self.sandboxes: list[SimSandbox] = []
+        self.events: list[dict[str, Any]] = []
         create = self.provider.create
 
         def keep(spec: Any) -> Any:
@@ -55,7 +56,7 @@ class Harness:
         task = AgentTask(prompt="When is the report due?", envs=envs, **fields)
         now = time.time()
         ctx = TaskContext(task_id="t-typed", message=TaskMessage(task=task, submitted_at=now),
-                          started_at=now, deadline_at=now + 60)
+                          started_at=now, deadline_at=now + 60, on_event=self.events.append)
         result = self.pipeline.run(ctx)
         assert self.provider.list_live() == []
         return result
@@ -174,6 +175,8 @@ def test_an_invalid_answer_is_repaired_in_the_same_session() -> None:
     assert json.loads(flag(repair, "--json-schema") or "") == DUE
     prompt = h.sandboxes[0].files["/home/user/.sandqueue/prompt.txt"].decode()
     assert "$.due: 'next week' is not a 'date'" in prompt
+    assert {"phase": "output_repair",
+            "problems": ["$.due: 'next week' is not a 'date'"]} in h.events
     # both turns are counted: the sim reports $0.0042 per start of the CLI
     assert result.total_cost_usd == pytest.approx(0.0084)
 

@@ -67,7 +67,14 @@ class Usage:
     tokens: dict[str, int]
 
 
-AgentEvent = AgentText | ToolCall | Usage
+@dataclass(frozen=True)
+class OutputRepair:
+    """The answer failed the task's output_schema: one repair turn follows (issue 12)."""
+
+    problems: tuple[str, ...]
+
+
+AgentEvent = AgentText | ToolCall | Usage | OutputRepair
 
 
 @dataclass(frozen=True)

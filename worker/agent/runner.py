@@ -18,7 +18,15 @@ from typing import Any
 from sandqueue import errors
 from sandqueue.contract import AgentTask
 from worker.agent import typed
-from worker.agent.base import Agent, AgentEvent, AgentRun, AgentStream, Turn, Usage
+from worker.agent.base import (
+    Agent,
+    AgentEvent,
+    AgentRun,
+    AgentStream,
+    OutputRepair,
+    Turn,
+    Usage,
+)
 from worker.agent.stream import MAX_LINE_CHARS, LineBuffer
 from worker.agent.watchdog import Watch, Watchdog
 from worker.sandbox.base import Sandbox
@@ -63,6 +71,8 @@ class AgentRunner:
             raise errors.OutputInvalid(errors.describe_output(problems, run.final_text))
         log.info("the answer does not satisfy output_schema (%d problem(s)); one repair "
                  "turn in session %s", len(problems), run.session_id)
+        if on_event is not None:
+            on_event(OutputRepair(tuple(problems)))
         run.bank()
         repair = task.model_copy(update={"prompt": typed.repair_prompt(problems)})
         try:
