@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from sandqueue import schemas
+from sandqueue import errors, schemas
 from sandqueue.contract import AgentResult, AgentTask, ErrorCategory, TaskMessage, TaskStatus
 from sandqueue.settings import Settings
 from worker.agent.base import Turn
@@ -90,6 +90,16 @@ def test_a_pydantic_model_class_becomes_its_json_schema() -> None:
     task = AgentTask(prompt="p", output_schema=Report)  # type: ignore[arg-type]
     assert task.output_schema == Report.model_json_schema()
     assert schemas.columns(task.output_schema) == ["title", "pages"]
+
+
+def test_the_python_api_takes_a_model_class() -> None:
+    from producer.api import Client
+
+    client = Client(Settings(_env_file=None))  # type: ignore[call-arg]
+    task = client.build("Summarise", output_schema=Report)
+    assert task.output_schema == Report.model_json_schema()
+    with pytest.raises(errors.InvalidTask, match="output_schema: must describe a JSON object"):
+        client.build("Summarise", output_schema={"type": "string"})
 
 
 @pytest.mark.parametrize(("schema", "said"), [
