@@ -45,6 +45,7 @@ from sandqueue.contract import (
     ParentSession,
     TaskMessage,
     TaskStatus,
+    session_store_key,
 )
 from sandqueue.events import EventLog
 from sandqueue.sealing import Sealer, SecretPolicy, is_sealed
@@ -495,7 +496,8 @@ class Client:
         from sandqueue.artifacts import ArtifactError, make_store
 
         try:
-            stored = {r.name: r for r in make_store(self.settings).list(parent_id)}
+            stored = {r.name: r for r in make_store(self.settings).list(
+                session_store_key(parent_id))}
         except (ArtifactError, errors.ConfigError) as e:
             raise errors.InvalidTask(
                 f"parent_id: cannot look for task {parent_id}'s session transcript ({e}); "

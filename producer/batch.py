@@ -71,7 +71,20 @@ def _merge(defaults: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
     for name in _MERGED:
         if isinstance(defaults.get(name), dict) and isinstance(row.get(name), dict):
             merged[name] = {**defaults[name], **row[name]}
+    merged.update(_merge_repo(defaults.get("repo"), row.get("repo")))
     return merged
+
+
+def _merge_repo(default: Any, line: Any) -> dict[str, Any]:
+    """Issue 12: `batch run --repo-token` gives each line's own repo (`"repo": URL` or an
+    object, or a CSV `repo` column) its token; a line without a repo gets none."""
+    if not isinstance(default, dict) or "url" in default:
+        return {}
+    if line is None:
+        return {"repo": None}
+    if isinstance(line, str):
+        line = {"url": line}
+    return {"repo": {**default, **line}} if isinstance(line, dict) else {}
 
 
 def _csv_rows(text: str, template: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -112,6 +125,9 @@ def _csv_rows(text: str, template: str) -> Iterator[tuple[int, dict[str, Any]]]:
         fields: dict[str, Any] = {"prompt": prompt}
         if row.get("id"):
             fields["id"] = row["id"]
+        if row.get("repo"):  # issue 12: one task per repository (`repo`, `ref` columns)
+            fields["repo"] = {"url": row["repo"], **({"ref": row["ref"]} if row.get("ref")
+                                                     else {})}
         yield start, fields
 
 

@@ -651,6 +651,10 @@ def batch() -> None:
 @click.option("--max-failures", type=click.IntRange(0),
               help="Stop submitting and cancel queued tasks after more failures than this.")
 @click.option("--retry-failed", is_flag=True, help="On resume, run failed inputs again.")
+@click.option("--collect", "collect", multiple=True, metavar="GLOB",
+              help="Files every task brings back as artifacts (issue 12).")
+@click.option("--repo-token", metavar="${NAME}",
+              help="Token reference for every line's repo (JSONL `repo`, CSV `repo`/`ref`).")
 @click.option("--queue", envvar="SANDQUEUE_QUEUE", show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("--no-progress", is_flag=True, help="No live progress bar.")
@@ -666,7 +670,10 @@ def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template:
 
     client = _client(ctx)
     fields["output_schema"] = read_output_schema(fields.get("output_schema"))
-    defaults: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    defaults: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v)
+                                for k, v in fields.items() if v not in (None, ())}
+    if "repo_token" in defaults:  # merged into each line's own repo (producer/batch.py)
+        defaults["repo"] = {"token": defaults.pop("repo_token")}
     mcp = parse_mcp(mcp_names, mcp_settings)
     for name, value in (("mcp", mcp), ("envs", parse_pairs(envs, "--env")),
                         ("labels", parse_pairs(labels, "--label"))):

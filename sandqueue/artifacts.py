@@ -183,12 +183,15 @@ class LocalStore(ArtifactStore):
 
     def open(self, task_id: str, name: str) -> BinaryIO:
         data, meta = self._paths(task_id, name)
+        missing = (f"task {task_id} has no artifact {name!r} in {self.root} (the workers "
+                   "that ran it must write to this directory: share it, or use "
+                   "SANDQUEUE_ARTIFACT_STORE=s3)")
         if not meta.is_file():
-            raise ArtifactNotFound(f"task {task_id} has no artifact {name!r}")
+            raise ArtifactNotFound(missing)
         try:
             return data.open("rb")
         except FileNotFoundError as e:
-            raise ArtifactNotFound(f"task {task_id} has no artifact {name!r}") from e
+            raise ArtifactNotFound(missing) from e
 
     def list(self, task_id: str) -> list[ArtifactRef]:
         meta_dir = self.root / check_task_id(task_id) / "meta"

@@ -362,6 +362,13 @@ class AgentTask(BaseModel):
         return self
 
 
+def session_store_key(task_id: str) -> str:
+    """Where a task's session transcripts are kept in the artifact store: beside its
+    artifacts, not among them (they are the agent's state for follow-ups, not files the
+    task brought back, and are not served as artifacts)."""
+    return f"{task_id}:session"
+
+
 class ParentSession(BaseModel):
     """The session a follow-up task continues, as the producer found it at submit: the
     parent's session id and saved transcript (an artifact of the parent task), and the

@@ -48,7 +48,7 @@ from worker.credentials import resolve_envs, resolve_mcp
 from worker.limits import Limiter
 from worker.redact import Redactor
 from worker.sandbox.base import Sandbox, SandboxProvider, SandboxSpec
-from worker.workspace import Workspace, workdir
+from worker.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -152,18 +152,16 @@ class Pipeline:
         self._artifacts = artifacts
 
     @property
-    def artifact_store(self) -> ArtifactStore:
-        """Made on first use: a task that keeps nothing needs no store."""
+    def artifacts(self) -> ArtifactStore:
+        """The artifact store, made on first use: a task that brings nothing back needs
+        none (and an S3 store needs boto3)."""
         if self._artifacts is None:
             self._artifacts = make_store(self.settings)
         return self._artifacts
 
     @property
     def workspace(self) -> Workspace:
-        """Made on first use: a task without repo, files or collect needs no store."""
-        if self._artifacts is None:
-            self._artifacts = make_store(self.settings)
-        return Workspace(self.settings, self._artifacts, self.environ)
+        return Workspace(self.settings, self.artifacts, self.environ)
 
     def run(self, ctx: TaskContext) -> AgentResult:
         task = ctx.message.task
@@ -383,8 +381,8 @@ class Pipeline:
                 self._prepare(ctx, sandbox, progress, redactor)
             parent = ctx.message.parent  # -- follow-up turns (issue 12): the session back
             if parent is not None:
-                sessions.restore(self.artifact_store, self.agent, sandbox, parent)
-                sessions.restore_files(self.artifact_store, sandbox, parent)
+                sessions.restore(self.artifacts, self.agent, sandbox, parent)
+                sessions.restore_files(self.artifacts, sandbox, parent)
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,
@@ -393,9 +391,7 @@ class Pipeline:
                                 interrupted=ctx.interruption,
                                 on_started=lambda: self._agent_started(ctx, progress),
                                 resume_session_id=parent.session_id if parent else None,
-                                # the agent works in the repo's clone (issue 12), a follow-up
-                                # where its session ran
-                                cwd=(parent.cwd if parent else None) or workdir(task))
+                                cwd=parent.cwd if parent else None)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
                 if task_io:  # -- workspace out (issue 12): also after a failure or timeout
@@ -407,8 +403,8 @@ class Pipeline:
         not when the task is handed back (the next delivery runs its own session)."""
         if not progress.run.started or (ctx.stop.is_set() and not ctx.cancel.is_set()):
             return
-        ref, problem = sessions.save(self.artifact_store, self.agent, sandbox, ctx.task_id,
-                                     progress.run)
+        ref, problem = sessions.save(self.artifacts, self.agent, sandbox, ctx.task_id,
+                                     progress.run, replaces=progress.transcript)
         progress.transcript = ref
         if problem is not None:
             ctx.warnings.append(problem)
@@ -421,6 +417,7 @@ class Pipeline:
             progress.repo_commit = self.workspace.prepare(sandbox, ctx.message.task, redactor,
                                                           ctx.deadline_at)
             self._check_time(ctx, "preparing the workspace")
+            ctx.on_event({"phase": "workspace_ready", "repo_commit": progress.repo_commit})
         except (errors.DeadlineExceeded, errors.Cancelled):
             self._collect(ctx, sandbox, progress, redactor)
             raise
@@ -432,10 +429,11 @@ class Pipeline:
         if ctx.stop.is_set() and not ctx.cancel.is_set():
             return
         workspace = self.workspace
-        for stale in progress.artifacts:  # an earlier attempt's, replaced by this one's
-            workspace.store.delete(ctx.task_id, stale.name)
+        earlier = [a for a in progress.artifacts if workspace.collects(a.name)]
+        workspace.forget(ctx.task_id, earlier)  # an earlier attempt's, replaced by these
         done = workspace.collect(sandbox, ctx.message.task, ctx.task_id, progress.repo_commit)
-        progress.artifacts = done.artifacts
+        progress.artifacts = [a for a in progress.artifacts if a not in earlier]
+        progress.artifacts += done.artifacts
         ctx.warnings.extend(redactor.text(w) for w in done.warnings)
         if done.artifacts:
             ctx.on_event({"phase": "artifacts", "count": len(done.artifacts)})

@@ -18,7 +18,7 @@ import logging
 
 from sandqueue import errors
 from sandqueue.artifacts import ArtifactError, ArtifactNotFound, ArtifactStore
-from sandqueue.contract import ArtifactRef, ParentSession
+from sandqueue.contract import ArtifactRef, ParentSession, session_store_key
 from worker.agent.base import Agent, AgentRun
 from worker.sandbox.base import Sandbox
 from worker.workspace import COLLECTED_PREFIX, HOME_DIR, REPO_DIR
@@ -35,9 +35,17 @@ def transcript_name(session_id: str) -> str:
 
 
 def save(store: ArtifactStore, agent: Agent, sandbox: Sandbox, task_id: str,
-         run: AgentRun) -> tuple[ArtifactRef | None, str | None]:
+         run: AgentRun, replaces: ArtifactRef | None = None,
+         ) -> tuple[ArtifactRef | None, str | None]:
     """(the saved transcript's ref, None) or (None, why it could not be saved: a warning
-    for the result). Best effort: a run's outcome never depends on it."""
+    for the result). Best effort: a run's outcome never depends on it. `replaces`: an
+    earlier attempt's transcript, deleted (the result names the last attempt's session)."""
+    key = session_store_key(task_id)
+    if replaces is not None and replaces.name != transcript_name(run.session_id or ""):
+        try:
+            store.delete(key, replaces.name)
+        except ArtifactError as e:
+            log.warning("task %s: could not delete %s: %s", task_id, replaces.name, e)
     if run.session_id is None:
         return None, None
     try:
@@ -46,7 +54,7 @@ def save(store: ArtifactStore, agent: Agent, sandbox: Sandbox, task_id: str,
             return None, None
         limit = store.limits.max_file_bytes
         data = sandbox.read_file(path, max_bytes=limit + 1)
-        ref = store.put(task_id, transcript_name(run.session_id), data[:limit], CONTENT_TYPE,
+        ref = store.put(key, transcript_name(run.session_id), data[:limit], CONTENT_TYPE,
                         original_size=len(data) if len(data) > limit else None)
     except errors.SandboxFileNotFound:
         return None, "the agent's session transcript was not found in the sandbox; this " \
@@ -72,7 +80,7 @@ def restore(store: ArtifactStore, agent: Agent, sandbox: Sandbox,
     if path is None:
         raise errors.InvalidTask(f"the {agent.name} agent keeps no session transcripts")
     try:
-        data = store.get(parent.task_id, parent.transcript)
+        data = store.get(session_store_key(parent.task_id), parent.transcript)
     except ArtifactNotFound as e:
         raise errors.InvalidTask(
             f"task {parent.task_id}'s session transcript is gone from the artifact store "

@@ -59,6 +59,7 @@ _NETWORK = re.compile(r"could not resolve|failed to connect|connection (refused|
 
 
 def workdir(task: AgentTask) -> str:
+    """Where the agent works, and where `files` and `collect` paths start."""
     return REPO_DIR if task.repo is not None else HOME_DIR
 
 
@@ -156,8 +157,10 @@ class Workspace:
         name = repo.token[2:-1]
         token = self.environ.get(name)
         if not token:
-            raise errors.InvalidTask(f"repo.token refers to ${{{name}}}, which is not set in "
-                                     f"this worker's environment; set {name} on every worker")
+            # As every unresolvable `${NAME}` (worker/credentials.py): mcp_config, permanent.
+            raise errors.McpConfigError(f"repo.token refers to ${{{name}}}, which is not set "
+                                        f"in this worker's environment; set {name} on every "
+                                        "worker")
         basic = base64.b64encode(f"{repo.username}:{token}".encode()).decode()
         redactor.add(token, basic)
         envs.update({"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "http.extraHeader",
@@ -184,6 +187,21 @@ class Workspace:
             self._step(done, "collected files", lambda: self._globs(sandbox, task, task_id,
                                                                     until, done))
         return done
+
+    @staticmethod
+    def collects(name: str) -> bool:
+        """Whether an artifact is one `collect` makes (others, e.g. a transcript, are not
+        this module's to replace)."""
+        return name == DIFF_NAME or name.startswith(COLLECTED_PREFIX)
+
+    def forget(self, task_id: str, refs: list[ArtifactRef]) -> None:
+        """Delete an earlier attempt's artifacts before this one's are stored (best effort:
+        a leftover is replaced by name or left over, never an error of the task)."""
+        for ref in refs:
+            try:
+                self.store.delete(task_id, ref.name)
+            except ArtifactError as e:
+                log.warning("task %s: could not delete %s: %s", task_id, ref.name, e)
 
     @staticmethod
     def _step(done: Collected, what: str, step: Callable[[], None]) -> None:

@@ -275,9 +275,9 @@ class FakeFilesystemRpc:
     def list_dir(self, request: filesystem_pb.ListDirRequest, *,
                  headers: Mapping[str, str] | None = None,
                  timeout_ms: int | None = None) -> filesystem_pb.ListDirResponse:
-        if not self._envd.running:
-            raise ConnectError(Code.NOT_FOUND, f"The sandbox {self._envd.sandbox_id} was "
-                               "not found")  # what the proxy says for a dead sandbox
+        if not self._envd.running:  # the proxy's 502, as connectrpc reports it
+            raise ConnectError(Code.UNAVAILABLE, f"The sandbox {self._envd.sandbox_id} was "
+                               "not found")
         base = request.path.rstrip("/")
         depth = request.depth or 1
         found: dict[str, filesystem_pb.EntryInfo] = {}

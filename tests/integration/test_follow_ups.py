@@ -19,7 +19,7 @@ from pathlib import Path
 from producer.api import Client
 from sandqueue import errors
 from sandqueue.artifacts import LocalStore
-from sandqueue.contract import TaskStatus
+from sandqueue.contract import TaskStatus, session_store_key
 from tests.integration.conftest import RunCli, StartWorker
 
 FAST = {"SIM_LATENCY_S": "0.05"}
@@ -64,7 +64,7 @@ def test_continuing_a_task_whose_transcript_is_gone_is_refused_at_submit(
     handle = api_client.submit("Say something.", envs=FAST)
     assert handle.wait(timeout=60).status is TaskStatus.SUCCEEDED
     store = LocalStore(os.environ["SANDQUEUE_ARTIFACT_DIR"])
-    assert store.delete(handle.id) >= 1  # expired, or removed by hand
+    assert store.delete(session_store_key(handle.id)) == 1  # expired, or removed by hand
 
     queued_before = api_client.redis.llen("sandqueue")
     try:

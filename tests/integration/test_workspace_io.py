@@ -118,11 +118,11 @@ def test_python_api_and_batch_lines_carry_the_artifacts(
 
     source = tmp_path / "inputs.jsonl"
     source.write_text("\n".join(json.dumps(
-        {"id": ref, "prompt": "look", "repo": {"url": origin["url"], "ref": ref},
-         "collect": ["README.md"]}) for ref in ("v1", "main")) + "\n")
+        {"id": ref, "prompt": "look", "repo": {"url": origin["url"], "ref": ref}})
+        for ref in ("v1", "main")) + "\n")
     out = tmp_path / "results.jsonl"
     code, _, err = cli("batch", "run", str(source), "--out", str(out), "--no-progress",
-                       env=env)
+                       "--collect", "README.md", env=env)
     assert code == 0, err
     lines = {line["id"]: line for line in map(json.loads, out.read_text().splitlines())}
     for key, commit in (("v1", "first"), ("main", "second")):

@@ -180,3 +180,21 @@ def test_compose_shares_the_local_store_and_has_minio_under_the_s3_profile() -> 
     assert services["minio"]["profiles"] == ["s3"]
     assert services["minio-bucket"]["profiles"] == ["s3"]
     assert "mb --ignore-existing local/sandqueue" in services["minio-bucket"]["entrypoint"][-1]
+
+
+def test_download_checks_the_sha256_the_result_lists(tmp_path: Path) -> None:
+    from producer.api import download
+
+    store = LocalStore(tmp_path / "store", LIMITS)
+    good = store.put("t", "files/out/a.txt", b"as collected")
+    bad = store.put("t", "b.txt", b"original")
+    assert bad.path is not None
+    Path(bad.path).write_bytes(b"tampered")
+    out = tmp_path / "out"
+    assert download(store, "t", [good], out) == [out / "files/out/a.txt"]
+    assert (out / "files/out/a.txt").read_bytes() == b"as collected"
+    with pytest.raises(ArtifactError, match="do not match the sha256"):
+        download(store, "t", [good, bad], out, ["b.txt"])
+    assert not (out / "b.txt").exists()
+    with pytest.raises(ArtifactNotFound, match=r"no artifact c\.txt"):
+        download(store, "t", [good, bad], out, ["c.txt"])

@@ -61,6 +61,9 @@ def test_list_files_walks_to_the_depth_asked(sandbox: Sandbox) -> None:
 def test_a_killed_sandbox_is_unavailable_not_missing_files(sandbox: Sandbox) -> None:
     sandbox.write_file("/home/user/a.txt", b"abc")
     sandbox.kill()
-    with pytest.raises(errors.SandqueueError) as caught:
-        sandbox.read_file("/home/user/a.txt")
-    assert not isinstance(caught.value, errors.SandboxFileNotFound)
+    for call in (lambda: sandbox.read_file("/home/user/a.txt"),
+                 lambda: sandbox.list_files("/home/user", depth=2)):
+        with pytest.raises(errors.SandqueueError) as caught:
+            call()
+        assert not isinstance(caught.value, errors.SandboxFileNotFound)
+        assert caught.value.retryable  # SandboxUnavailable, as for any call to a dead one

@@ -98,6 +98,10 @@ def test_the_agents_change_comes_back_as_the_diff_computed_locally(
                  envs={"SIM_EDITS": json.dumps(EDITS)})
     assert result.status is TaskStatus.SUCCEEDED, result.error
     assert result.repo_commit == origin["second"]
+    phases = [e["phase"] for e in harness.events]
+    assert phases.index("workspace_ready") < phases.index("agent_started")
+    assert {"phase": "workspace_ready", "repo_commit": origin["second"]} in harness.events
+    assert {"phase": "artifacts", "count": 1} in harness.events
     (ref,) = [a for a in result.artifacts if a.name == "repo.diff"]
     diff = store(harness).get(result.task_id, "repo.diff")
     assert diff == local_diff(origin, tmp_path / "local", origin["second"], EDITS)
@@ -193,7 +197,7 @@ def test_an_unreachable_host_is_retried_as_repo_unavailable(harness: Harness,
 def test_a_token_variable_missing_on_the_worker_is_named(harness: Harness,
                                                           origin: dict[str, Any]) -> None:
     result = run(harness, repo={"url": origin["url"], "token": "${NOT_ON_WORKER}"})
-    assert result.error is not None and result.error.category is ErrorCategory.INVALID_TASK
+    assert result.error is not None and result.error.category is ErrorCategory.MCP_CONFIG
     assert "NOT_ON_WORKER" in result.error.message
 
 
@@ -337,3 +341,11 @@ def test_a_cancel_while_preparing_still_collects_what_is_there(
     assert cancel.is_set() and result.status is TaskStatus.CANCELLED
     assert result.agent_runs == 0
     assert [a.name for a in result.artifacts] == ["files/in.txt"]
+
+
+def test_a_retried_task_lists_the_last_attempts_artifacts_once(harness: Harness) -> None:
+    result = run(harness, collect=["*.txt"], envs={
+        "SIM_FAIL": "agent:overloaded:1", "SIM_EDITS": json.dumps({"a.txt": "a"})})
+    assert result.status is TaskStatus.SUCCEEDED and result.agent_runs == 2
+    assert [a.name for a in result.artifacts] == ["files/a.txt"]
+    assert store(harness).list(result.task_id) == result.artifacts

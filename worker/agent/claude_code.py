@@ -31,6 +31,7 @@ from worker.agent.base import (
 from worker.agent.pricing import estimate_usd
 from worker.agent.stream import Transcript
 from worker.sandbox.base import Sandbox, TemplateRecipe
+from worker.workspace import workdir
 
 GATEWAY_NAME = "e2b-mcp-gateway"
 WORK_DIR = "/home/user"
@@ -140,9 +141,10 @@ def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True
     if task.append_system_prompt:
         args += ["--append-system-prompt", task.append_system_prompt]
     quoted = " ".join(shlex.quote(a) for a in args)
-    # where the runner says: the repo's clone, or where a continued session ran
-    workdir = (turn.cwd if turn is not None else None) or WORK_DIR
-    return f"cd {shlex.quote(workdir)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
+    # where a continued session ran (Turn.cwd), else where the workspace puts the agent
+    # (in the task's repo, if any)
+    cwd = (turn.cwd if turn is not None else None) or workdir(task)
+    return f"cd {shlex.quote(cwd)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
 
 
 def turn_args(turn: Turn) -> list[str]:
