@@ -241,3 +241,14 @@ def _spec() -> Any:
 
     return SandboxSpec(task_id="t", attempt=1, lifetime_s=60, deadline_at=time.time() + 60,
                        envs={"ANTHROPIC_API_KEY": "sk-ant-x"})
+
+
+def test_a_repair_turn_counts_the_first_turns_cost_against_max_cost_usd() -> None:
+    h = Harness()
+    # The sim reports $0.0042 per start; its estimate per turn is far below that. The
+    # first turn's reported cost alone is under the cap, with the repair turn it is over.
+    first = h.run([{"title": "Q4", "due": "next week"}, {"title": "Q4", "due": "2026-12-24"}],
+                  output_schema=DUE, max_cost_usd=0.0043)
+    assert first.error is not None, first
+    assert first.error.category is ErrorCategory.BUDGET_EXCEEDED
+    assert first.agent_turns == 2

@@ -182,9 +182,10 @@ class _Output:
         run = self.run
         # this turn's usage: earlier turns of the session are in run.banked_cost_usd
         run.estimated_cost_usd = self.agent.price(run.model, run.turn_usage)
+        spent = run.banked_cost_usd + run.estimated_cost_usd  # a repair turn counts it all
         cap = self.task.max_cost_usd
-        if cap is not None and run.estimated_cost_usd >= cap:
+        if cap is not None and spent >= cap:
             self.watch.trip(errors.BudgetExceeded(
-                f"the agent was stopped at an estimated ${run.estimated_cost_usd:.4f}, over "
+                f"the agent was stopped at an estimated ${spent:.4f}, over "
                 f"the task's max_cost_usd (${cap:g})"
             ))
