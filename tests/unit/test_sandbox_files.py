@@ -67,3 +67,15 @@ def test_a_killed_sandbox_is_unavailable_not_missing_files(sandbox: Sandbox) -> 
             call()
         assert not isinstance(caught.value, errors.SandboxFileNotFound)
         assert caught.value.retryable  # SandboxUnavailable, as for any call to a dead one
+
+
+def test_files_written_before_and_after_a_listing_read_back(sandbox: Sandbox) -> None:
+    """(The sim makes its disk on first listing: what was written before must be on it.)"""
+    sandbox.write_file("/home/user/d/before.txt", b"before")
+    assert [e.path for e in sandbox.list_files("/home/user/d", depth=1)] == [
+        "/home/user/d/before.txt"]
+    sandbox.write_file("/home/user/d/after.txt", b"after")
+    assert sandbox.read_file("/home/user/d/before.txt") == b"before"
+    assert sandbox.read_file("/home/user/d/after.txt", max_bytes=3) == b"aft"
+    assert {e.path for e in sandbox.list_files("/home/user/d", depth=1)} == {
+        "/home/user/d/before.txt", "/home/user/d/after.txt"}
