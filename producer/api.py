@@ -33,6 +33,7 @@ from sandqueue.artifacts import (
     ArtifactError,
     ArtifactNotFound,
     ArtifactStore,
+    LocalStore,
     check_name,
     make_store,
 )
@@ -493,19 +494,20 @@ class Client:
             "repo_commit": found.repo_commit})
 
     def _check_transcript_stored(self, parent_id: str, name: str, sha256: str) -> None:
-        from sandqueue.artifacts import ArtifactError, make_store
-
         try:
-            stored = {r.name: r for r in make_store(self.settings).list(
-                session_store_key(parent_id))}
+            store = make_store(self.settings)
+            stored = {r.name: r for r in store.list(session_store_key(parent_id))}
         except (ArtifactError, errors.ConfigError) as e:
             raise errors.InvalidTask(
                 f"parent_id: cannot look for task {parent_id}'s session transcript ({e}); "
                 "producers need the workers' SANDQUEUE_ARTIFACT_* settings") from e
         if name not in stored or stored[name].sha256 != sha256:
+            where = (f" {store.root}, or this producer does not see the workers' directory: "
+                     "give it the same SANDQUEUE_ARTIFACT_DIR (a shared volume) or use the "
+                     "s3 store" if isinstance(store, LocalStore) else "")
             raise errors.InvalidTask(
                 f"parent_id: task {parent_id}'s session transcript is gone from the artifact "
-                "store (expired or deleted); it cannot be continued")
+                f"store (expired or deleted{where}); it cannot be continued")
 
     def _publish(self, messages: list[tuple[str, dict[str, Any], str]]) -> None:
         """Publish Celery task messages (task id, body, queue), pipelined. What `send_task`
