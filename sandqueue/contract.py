@@ -271,7 +271,8 @@ class AgentTask(BaseModel):
     @model_validator(mode="after")
     def _files_need_a_parent(self) -> AgentTask:
         if self.with_files and self.parent_id is None:
-            raise ValueError("with_files restores a parent task's files: give parent_id too")
+            raise ValueError("with_files restores a parent task's files: give parent_id too "
+                             "(--continue TASK_ID)")
         return self
 
     # -- workspace in and out (issue 12)
