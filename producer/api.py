@@ -33,6 +33,7 @@ from sandqueue.artifacts import (
     ArtifactError,
     ArtifactNotFound,
     ArtifactStore,
+    LocalStore,
     check_name,
     make_store,
 )
@@ -42,8 +43,10 @@ from sandqueue.contract import (
     AgentResult,
     AgentTask,
     ArtifactRef,
+    ParentSession,
     TaskMessage,
     TaskStatus,
+    session_store_key,
 )
 from sandqueue.events import EventLog
 from sandqueue.sealing import Sealer, SecretPolicy, is_sealed
@@ -142,6 +145,14 @@ class TaskHandle:
         """Ask for cancellation: a queued task never starts; a running one stops within
         seconds, its sandbox killed, and ends `cancelled` with its partial output."""
         self.client.cancel_many([self.id])
+
+    def follow_up(self, prompt: str, with_files: bool = False, **fields: Any) -> TaskHandle:
+        """A new task that continues this one's agent conversation (`parent_id`), on any
+        worker: its session transcript is restored and the agent resumed. Settings are not
+        inherited: give the MCP servers, model, etc. the follow-up needs in `fields`.
+        Raises InvalidTask when this task cannot be continued (not finished, or its
+        transcript is gone)."""
+        return self.client.submit(prompt, parent_id=self.id, with_files=with_files, **fields)
 
     def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """The task's progress events in order, live, ending with the `result` event."""
@@ -443,9 +454,85 @@ class Client:
     def _body(self, task_id: str, task: AgentTask, now: float,
               span: Any = None) -> dict[str, Any]:
         trace = tracing.carrier(span) if span is not None else None
-        body = TaskMessage(task=task, submitted_at=now, trace=trace).model_dump(
+        parent = self.parent_session(task)
+        if parent is not None and task.with_files and task.repo is not None:
+            # the parent's changes apply to the commit it worked on, not to today's HEAD
+            task = task.model_copy(update={"repo": task.repo.model_copy(
+                update={"ref": parent.repo_commit or task.repo.ref})})
+        body = TaskMessage(task=task, submitted_at=now, trace=trace, parent=parent).model_dump(
             mode="json", exclude_defaults=True)
         return signing.sign(self.settings.signing_keys_value, task_id, body)
+
+    # -- follow-up turns (issue 12) ---------------------------------------------------------
+    def parent_session(self, task: AgentTask) -> ParentSession | None:
+        """The session a follow-up continues, checked now so that a task that cannot be
+        continued is the submitter's error, not a worker's failure: the parent has ended,
+        saved its transcript whole, and the transcript is still in the artifact store."""
+        parent_id = task.parent_id
+        if parent_id is None:
+            return None
+        found = self.get(parent_id).result()
+        if found is None:
+            status = self.store.get(parent_id).get("status")
+            if not status:
+                raise errors.InvalidTask(
+                    f"parent_id: no task {parent_id} is known (wrong id, or its result expired "
+                    "after SANDQUEUE_RESULT_EXPIRES_S)")
+            raise errors.InvalidTask(f"parent_id: task {parent_id} has not finished ({status}); "
+                                     "continue it once it has ended")
+        ref = found.transcript
+        if ref is None or found.session_id is None:
+            raise errors.InvalidTask(
+                f"parent_id: task {parent_id} saved no session transcript (its agent never "
+                "ran, or saving failed: see its warnings); it cannot be continued")
+        if ref.truncated:
+            raise errors.InvalidTask(f"parent_id: task {parent_id}'s session transcript was "
+                                     "truncated (SANDQUEUE_ARTIFACT_MAX_FILE_BYTES); it cannot "
+                                     "be continued")
+        if found.repo_commit and not task.with_files:
+            raise errors.InvalidTask(f"parent_id: task {parent_id} worked in a clone of its "
+                                     "repository; continue it with with_files (--with-files)")
+        self._check_transcript_stored(parent_id, ref.name, ref.sha256)
+        session = ParentSession(task_id=parent_id, session_id=found.session_id,
+                                transcript=ref.name, sha256=ref.sha256, cwd=found.agent_cwd)
+        return self._with_files(task, found, session) if task.with_files else session
+
+    def _with_files(self, task: AgentTask, found: AgentResult,
+                    session: ParentSession) -> ParentSession:
+        """What of the parent's workspace a `with_files` follow-up gets back: its collected
+        files and, on a fresh clone of the same repository at the parent's commit, its diff.
+        A truncated artifact would restore a corrupt file: refused, not restored."""
+        kept = [a for a in found.artifacts
+                if a.name.startswith("files/") or a.name == "repo.diff"]
+        cut = [a.name for a in kept if a.truncated]
+        if cut:
+            raise errors.InvalidTask(f"with_files: task {found.task_id}'s {', '.join(cut[:5])} "
+                                     "were truncated (artifact size limits); they cannot be "
+                                     "restored")
+        if found.repo_commit and task.repo is None:
+            raise errors.InvalidTask(
+                f"with_files: task {found.task_id} worked in a clone of a repository; give "
+                "the same repo (its commit and changes are restored on a fresh clone)")
+        return session.model_copy(update={
+            "files": [a.name for a in kept if a.name.startswith("files/")],
+            "diff": "repo.diff" if any(a.name == "repo.diff" for a in kept) else None,
+            "repo_commit": found.repo_commit})
+
+    def _check_transcript_stored(self, parent_id: str, name: str, sha256: str) -> None:
+        try:
+            store = make_store(self.settings)
+            stored = {r.name: r for r in store.list(session_store_key(parent_id))}
+        except (ArtifactError, errors.ConfigError) as e:
+            raise errors.InvalidTask(
+                f"parent_id: cannot look for task {parent_id}'s session transcript ({e}); "
+                "producers need the workers' SANDQUEUE_ARTIFACT_* settings") from e
+        if name not in stored or stored[name].sha256 != sha256:
+            where = (f" {store.root}, or this producer does not see the workers' directory: "
+                     "give it the same SANDQUEUE_ARTIFACT_DIR (a shared volume) or use the "
+                     "s3 store" if isinstance(store, LocalStore) else "")
+            raise errors.InvalidTask(
+                f"parent_id: task {parent_id}'s session transcript is gone from the artifact "
+                f"store (expired or deleted{where}); it cannot be continued")
 
     def _publish(self, messages: list[tuple[str, dict[str, Any], str]]) -> None:
         """Publish Celery task messages (task id, body, queue), pipelined. What `send_task`

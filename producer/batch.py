@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from producer.batch_csv import CsvResults, shared_schema
 from producer.outbox import fingerprint
 from sandqueue import errors, keys
 from sandqueue.contract import FINAL_STATUSES, AgentResult, AgentTask, TaskStatus
@@ -436,6 +437,10 @@ class BatchRunner:
         self._running_cost: dict[str, float] = {}
         self._failures_at_stop: int | None = None
         self._cancelled_by_stop = 0
+        self.csv: CsvResults | None = None
+        """`--out FILE.csv`: rows with the output_schema's columns (producer/batch_csv.py)."""
+        if out is not None and out.suffix.lower() == ".csv":
+            self.csv = CsvResults(out, shared_schema([i.task for i in inputs], out))
 
     def run(self, source: str) -> Progress:
         new = self.batch.register(self.inputs, source)
@@ -474,6 +479,8 @@ class BatchRunner:
     def _read_out(self) -> dict[str, dict[str, Any]]:
         """Lines already in the results file, by input key (the last line of a key wins)."""
         lines: dict[str, dict[str, Any]] = {}
+        if self.csv is not None:
+            return {line["id"]: line for line in self.csv.read() if line["id"] in self.by_key}
         if self.out is None or not self.out.exists():
             return lines
         for raw in self.out.read_text(encoding="utf-8").splitlines():
@@ -514,6 +521,9 @@ class BatchRunner:
         return pending
 
     def _rewrite(self, written: dict[str, dict[str, Any]]) -> None:
+        if self.csv is not None:
+            self.csv.rewrite([written[i.key] for i in self.inputs if i.key in written])
+            return
         if self.out is None:
             return
         tmp = self.out.with_name(self.out.name + ".tmp")
@@ -525,7 +535,8 @@ class BatchRunner:
 
     # -- follow ----------------------------------------------------------------------------
     def _follow(self, pending: dict[str, str]) -> None:
-        out = self.out.open("a", encoding="utf-8") if self.out is not None else None
+        out = (self.out.open("a", encoding="utf-8")
+               if self.out is not None and self.csv is None else None)
         try:
             while pending:
                 states = self.batch.states(list(pending))
@@ -539,6 +550,8 @@ class BatchRunner:
                     if out is not None:
                         out.write(json.dumps(line, ensure_ascii=False) + "\n")
                         out.flush()
+                    if self.csv is not None:
+                        self.csv.append(line)
                     self._count(result.status.value, line)
                 self._tally_open(states, pending)
                 if self.progress.stopped is None and self._over_budget():

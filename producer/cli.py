@@ -249,6 +249,28 @@ def parse_mcp(names: tuple[str, ...], settings: tuple[str, ...]) -> dict[str, di
     return mcp
 
 
+def read_output_schema(value: str | None) -> Any:
+    """`--output-schema`: a JSON Schema as a FILE (e.g. schema.json) or inline JSON text."""
+    if value is None:
+        return None
+    text = value
+    if not value.lstrip().startswith("{"):
+        try:
+            text = Path(value).read_bytes().decode("utf-8-sig")
+        except OSError as e:
+            raise errors.InvalidTask(f"--output-schema {value}: cannot read the file "
+                                     f"({e.strerror}); give a JSON Schema file or inline "
+                                     "JSON") from e
+        except UnicodeDecodeError as e:
+            raise errors.InvalidTask(f"--output-schema {value} is not UTF-8 text") from e
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise errors.InvalidTask(f"--output-schema is not JSON ({e}); give a JSON Schema "
+                                 "file or inline JSON") from e
+    return schema  # the contract says what is wrong with it, if anything
+
+
 def parse_pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for item in items:
@@ -270,6 +292,12 @@ def parse_pairs(items: tuple[str, ...], flag: str) -> dict[str, str]:
 @click.option("--allowed-tool", "allowed_tools", multiple=True, help="Tool the agent may use.")
 @click.option("--disallowed-tool", "disallowed_tools", multiple=True, help="Tool it may not use.")
 @click.option("--append-system-prompt", help="Text appended to Claude Code's system prompt.")
+@click.option("--output-schema", "output_schema", metavar="FILE|JSON",
+              help="JSON Schema the final answer must satisfy (the result's `output`).")
+@click.option("--continue", "parent_id", metavar="TASK_ID",
+              help="Continue that task's agent conversation (a follow-up turn).")
+@click.option("--with-files", is_flag=True, default=None,
+              help="With --continue: restore the parent's repository and collected files.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1),
               help="Whole-task deadline in seconds (all attempts).")
 @click.option("--template", help="E2B template (default: mcp-gateway).")
@@ -311,6 +339,9 @@ def submit(ctx: click.Context, prompt: str | None, mcp_names: tuple[str, ...],
         retry["max_attempts"] = max_attempts
     if retry_after_side_effects:
         retry["retry_after_side_effects"] = True
+    fields["output_schema"] = read_output_schema(fields.get("output_schema"))
+    if fields.get("parent_id") is not None:
+        fields["parent_id"] = check_task_id(fields["parent_id"])
     task: dict[str, Any] = {
         **task_io(fields),  # repo, files, collect (issue 12)
         "prompt": read_prompt(prompt),
@@ -612,6 +643,9 @@ def batch() -> None:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE")
 @click.option("--max-task-cost", "max_cost_usd", type=click.FloatRange(min=0, min_open=True),
               help="Per-task budget in USD: stops that task's agent.")
+@click.option("--output-schema", "output_schema", metavar="FILE|JSON",
+              help="JSON Schema every answer must satisfy; with --out FILE.csv, its top-level "
+                   "properties are the CSV's columns.")
 @click.option("--max-cost", "batch_max_cost", type=float,
               help="Batch budget in USD: stop submitting and cancel queued tasks past it.")
 @click.option("--max-failures", type=click.IntRange(0),
@@ -635,6 +669,7 @@ def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template:
     from producer.batch import Batch, BatchRunner, derive_batch_id, load_inputs
 
     client = _client(ctx)
+    fields["output_schema"] = read_output_schema(fields.get("output_schema"))
     defaults: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in fields.items() if v not in (None, ())}
     if "repo_token" in defaults:  # merged into each line's own repo (producer/batch.py)

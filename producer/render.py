@@ -79,14 +79,29 @@ def print_result(result: AgentResult) -> None:
         table.add_row("artifacts", escape(", ".join(
             a.name + (" (truncated)" if a.truncated else "") for a in result.artifacts))
             + f"  [dim](sandqueue artifacts {result.task_id} --out DIR)[/]")
+    _session_rows(table, result)
     t = result.timings
     table.add_row("timings", f"queued {_fmt_s(t.queued_s)}, sandbox {_fmt_s(t.sandbox_create_s)}, "
                   f"gateway {_fmt_s(t.gateway_ready_s)}, agent {_fmt_s(t.agent_run_s)}, "
                   f"total {_fmt_s(t.total_s)}")
     out.print(table)
-    if result.result:
+    if result.output is not None:  # typed answers (issue 12)
+        out.print(Panel(Text(json.dumps(result.output, indent=2, ensure_ascii=False)),
+                        title="output (valid under output_schema)", title_align="left"),
+                  soft_wrap=False)
+    elif result.result:
         out.print(Panel(Text(result.result), title="agent result", title_align="left"),
                   soft_wrap=False)
+
+
+def _session_rows(table: Table, result: AgentResult) -> None:
+    """Follow-up turns and typed answers (issue 12): which session, continuing what."""
+    if result.parent_id:
+        table.add_row("continues", escape(result.parent_id))
+    if result.session_id:
+        table.add_row("session", escape(result.session_id))
+    if result.agent_turns > 1:
+        table.add_row("repair", "the answer was repaired in a second turn")
 
 
 class BatchProgress:

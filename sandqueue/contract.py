@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sandqueue import catalog
+from sandqueue import catalog, schemas
 
 CONTRACT_VERSION = 1
 TASK_NAME = "sandqueue.run_agent_task"
@@ -79,6 +79,7 @@ class ErrorCategory(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     INTERNAL = "internal"
+    OUTPUT_INVALID = "output_invalid"
 
 
 class RetryPolicy(BaseModel):
@@ -249,6 +250,32 @@ class AgentTask(BaseModel):
         None, min_length=16, max_length=4096, repr=False,
         description="HMAC key of the callback signature; sealed before it reaches Redis "
         "(the HTTP API sets it from the API key)")
+    # -- typed answers and follow-up turns (issue 12): see sandqueue/schemas.py and
+    # worker/agent/typed.py; the agent runner, not the adapter, interprets these.
+    output_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema (top level an object) the final answer must satisfy; "
+        "the parsed answer is the result's `output`. From Python also a pydantic model class")
+    parent_id: str | None = Field(
+        None, min_length=1, max_length=255,
+        description="continue this earlier task's agent conversation (a follow-up turn)")
+    with_files: bool = Field(
+        False, description="with parent_id: also restore the parent's repository and "
+        "collected files into the new sandbox")
+    # -- end of typed answers and follow-up turns
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _output_schema_valid(cls, value: Any) -> Any:
+        """A pydantic model class becomes its schema; the schema must pass its meta-schema."""
+        value = schemas.schema_of(value)
+        return schemas.check_output_schema(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _files_need_a_parent(self) -> AgentTask:
+        if self.with_files and self.parent_id is None:
+            raise ValueError("with_files restores a parent task's files: give parent_id too "
+                             "(--continue TASK_ID)")
+        return self
 
     # -- workspace in and out (issue 12)
     repo: RepoSpec | None = None
@@ -338,6 +365,34 @@ class AgentTask(BaseModel):
         return self
 
 
+def session_store_key(task_id: str) -> str:
+    """Where a task's session transcripts are kept in the artifact store: beside its
+    artifacts, not among them (they are the agent's state for follow-ups, not files the
+    task brought back, and are not served as artifacts)."""
+    return f"{task_id}:session"
+
+
+class ParentSession(BaseModel):
+    """The session a follow-up task continues, as the producer found it at submit: the
+    parent's session id and saved transcript (an artifact of the parent task), and the
+    directory its agent ran in (the transcript's place depends on it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(..., min_length=1, max_length=255)
+    session_id: str = Field(..., min_length=1, max_length=128)
+    transcript: str = Field(..., min_length=1, max_length=1024,
+                            description="artifact name of the transcript")
+    sha256: str = Field(..., min_length=64, max_length=64)
+    cwd: str | None = Field(None, max_length=1024)
+    # with task.with_files: what of the parent's workspace to bring back
+    files: list[str] = Field(default_factory=list, max_length=10_000,
+                             description="artifact names of its collected files (`files/...`)")
+    diff: str | None = Field(None, description="artifact name of its repo's diff")
+    repo_commit: str | None = Field(None, max_length=64,
+                                    description="the commit its diff applies to")
+
+
 class TaskMessage(BaseModel):
     """What travels through the broker: the task plus what the producer knew when it sent it."""
 
@@ -351,6 +406,8 @@ class TaskMessage(BaseModel):
     trace: dict[TraceHeader, TraceValue] | None = Field(
         None, max_length=4, description="W3C trace context of the producer's span "
         "(sandqueue/tracing.py), when it traces")
+    parent: ParentSession | None = Field(
+        None, description="with task.parent_id: the session to continue (set by the producer)")
 
 
 class TaskError(BaseModel):
@@ -422,6 +479,16 @@ class AgentResult(BaseModel):
     usage: dict[str, Any] = Field(default_factory=dict)
     session_id: str | None = None
     agent_version: str | None = Field(None, description="the agent CLI's version, as it said")
+    # -- typed answers and follow-up turns (issue 12)
+    output: Any = Field(None, description="the final answer parsed as JSON and valid under "
+                        "the task's output_schema (None without a schema, or when invalid)")
+    agent_turns: int = Field(0, description="prompts the agent answered in the last attempt's "
+                             "session: 1, or 2 when a repair turn followed an invalid answer")
+    parent_id: str | None = Field(None, description="the task this one continued")
+    transcript: ArtifactRef | None = Field(
+        None, description="the agent's session transcript, saved for follow-up turns")
+    agent_cwd: str | None = Field(None, description="the directory the agent ran in")
+    # -- end of typed answers and follow-up turns
     timings: Timings = Field(default_factory=Timings)
     attempts: int = 0
     """Sandboxes tried (every attempt, across deliveries)."""

@@ -21,6 +21,8 @@
         ├── AgentError              the agent reported an error result      agent_error
         ├── MaxTurns                the agent used up its max_turns         max_turns
         ├── BudgetExceeded          the task's max_cost_usd was reached     budget_exceeded
+        ├── OutputInvalid           the answer failed output_schema, also   output_invalid
+        │                           after one repair turn
         ├── DeadlineExceeded        the task's timeout_s ran out            timeout
         └── Cancelled               somebody cancelled the task             cancelled
 
@@ -164,3 +166,20 @@ class DeadlineExceeded(PermanentError):
 
 class Cancelled(PermanentError):
     category = ErrorCategory.CANCELLED
+
+
+class OutputInvalid(PermanentError):
+    """The agent's final answer did not satisfy the task's `output_schema`, also after the
+    one repair turn that told it what was wrong: another run would cost as much and
+    likely fail the same way. The raw answer stays in the result's `result`."""
+
+    category = ErrorCategory.OUTPUT_INVALID
+
+
+def describe_output(problems: list[str], answered: str | None) -> str:
+    """Why an answer was refused, as the user needs it: the schema's complaints (`$.where:
+    what`, at most ten, as `describe` lists a task's) and the start of the raw answer."""
+    shown = "; ".join(problems[:10]) or "no JSON answer"
+    said = (answered or "").strip()
+    quoted = f" (the answer began: {said[:200]!r})" if said else " (the answer was empty)"
+    return f"the answer does not satisfy output_schema: {shown}{quoted}"

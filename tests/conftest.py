@@ -22,3 +22,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPat
             monkeypatch.delenv(name, raising=False)
     # Settings read `.env` from the working directory: run each test where there is none.
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    # Artifacts (session transcripts are saved after every run) go to a temporary store,
+    # not the developer's ~/.sandqueue/artifacts.
+    monkeypatch.setenv("SANDQUEUE_ARTIFACT_DIR", str(tmp_path_factory.mktemp("artifacts")))

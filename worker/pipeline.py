@@ -32,7 +32,16 @@ from sandqueue.contract import (
 )
 from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
-from worker.agent.base import Agent, AgentEvent, AgentRun, AgentText, ToolCall, Usage
+from worker import sessions
+from worker.agent.base import (
+    Agent,
+    AgentEvent,
+    AgentRun,
+    AgentText,
+    OutputRepair,
+    ToolCall,
+    Usage,
+)
 from worker.agent.runner import AgentRunner
 from worker.agent.watchdog import Watchdog
 from worker.credentials import resolve_envs, resolve_mcp
@@ -122,6 +131,9 @@ class _Progress:
     repo_commit: str | None = None
     artifacts: list[ArtifactRef] = field(default_factory=list)
     """The last attempt's artifacts (each attempt collects afresh)."""
+    # -- follow-up turns (issue 12)
+    transcript: ArtifactRef | None = None
+    """The last attempt's saved session transcript."""
 
 
 class Pipeline:
@@ -368,17 +380,35 @@ class Pipeline:
             task_io = bool(task.repo or task.files or task.collect)
             if task_io:
                 self._prepare(ctx, sandbox, progress, redactor)
+            parent = ctx.message.parent  # -- follow-up turns (issue 12): the session back
+            if parent is not None:
+                sessions.restore(self.artifacts, self.agent, sandbox, parent)
+                sessions.restore_files(self.artifacts, sandbox, parent)
             ctx.on_event({"phase": "agent_started"})
             try:
                 self.runner.run(self.agent, sandbox, task, deadline_at=ctx.deadline_at,
                                 run=progress.run, with_mcp=with_mcp,
                                 on_event=self._agent_events(ctx, redactor, progress),
                                 interrupted=ctx.interruption,
-                                on_started=lambda: self._agent_started(ctx, progress))
+                                on_started=lambda: self._agent_started(ctx, progress),
+                                resume_session_id=parent.session_id if parent else None,
+                                cwd=parent.cwd if parent else None)
             finally:
                 progress.timings.agent_run_s = progress.run.duration_s
                 if task_io:  # -- workspace out (issue 12): also after a failure or timeout
                     self._collect(ctx, sandbox, progress, redactor)
+                self._save_session(ctx, sandbox, progress)
+
+    def _save_session(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress) -> None:
+        """Keep the agent's session beyond the sandbox, for follow-up turns (issue 12);
+        not when the task is handed back (the next delivery runs its own session)."""
+        if not progress.run.started or (ctx.stop.is_set() and not ctx.cancel.is_set()):
+            return
+        ref, problem = sessions.save(self.artifacts, self.agent, sandbox, ctx.task_id,
+                                     progress.run, replaces=progress.transcript)
+        progress.transcript = ref
+        if problem is not None:
+            ctx.warnings.append(problem)
 
     def _prepare(self, ctx: TaskContext, sandbox: Sandbox, progress: _Progress,
                  redactor: Redactor) -> None:
@@ -438,6 +468,9 @@ class Pipeline:
                 ctx.on_event({"phase": "agent_text", "text": redactor.text(event.text[:2000])})
             elif isinstance(event, Usage):
                 ctx.on_state(cost_usd=round(progress.spent_usd + progress.run.cost_usd, 6))
+            elif isinstance(event, OutputRepair):  # typed answers (issue 12)
+                ctx.on_event({"phase": "output_repair",
+                              "problems": [redactor.text(p) for p in event.problems]})
         return sink
 
     def _result(self, ctx: TaskContext, progress: _Progress,
@@ -481,5 +514,12 @@ class Pipeline:
             warnings=list(ctx.warnings),
             artifacts=progress.artifacts,  # workspace out (issue 12)
             repo_commit=progress.repo_commit,
+            # -- typed answers and follow-up turns (issue 12)
+            output=run.output,
+            agent_turns=run.turns,
+            parent_id=ctx.message.task.parent_id,
+            transcript=progress.transcript,
+            agent_cwd=run.cwd,
+            # -- end
         )
         return redactor.model(result)

@@ -39,9 +39,11 @@ REPO_DIR = f"{HOME_DIR}/repo"
 DIFF_NAME = "repo.diff"
 COLLECTED_PREFIX = "files/"
 LIST_DEPTH = 32
-PRIVATE_PREFIXES = (".sandqueue/", ".sandqueue-repo.diff")
+PRIVATE_PREFIXES = (".sandqueue/", ".sandqueue-repo.diff", ".claude/", ".claude.json")
 """The worker's own files in the home directory (the prompt, the MCP client config with the
-gateway's token): never collected, whatever the pattern."""
+gateway's token): never collected, whatever the pattern. Nor the agent's own state there
+(merge of h/typed: Claude Code keeps its config, session transcripts and any login under
+~/.claude/ and ~/.claude.json; transcripts are saved apart, by worker/sessions.py)."""
 _DIFF_TMP = "../.sandqueue-repo.diff"
 """Relative to REPO_DIR: outside the repository, so the diff does not diff itself."""
 

@@ -117,7 +117,7 @@ async def submit_batch(request: Request, caller: Annotated[Caller, Depends(requi
     def prepare(fields: dict[str, Any]) -> AgentTask:
         allow_private = request.app.state.settings.webhook_allow_private
         return client.prepare(bind_to_caller(client.build(fields), caller, None,
-                                             allow_private=allow_private))
+                                             allow_private=allow_private, client=client))
 
     inputs = await run_in_threadpool(parse_inputs, text, "jsonl", prepare=prepare,
                                      defaults=defaults, template=template, source="the body")

@@ -76,8 +76,14 @@ def bind_callback(task: AgentTask, caller: Caller, allow_private: bool) -> dict[
 
 
 def bind_to_caller(task: AgentTask, caller: Caller, idempotency_key: str | None, *,
-                   allow_private: bool = False) -> AgentTask:
-    """The task as the caller's tenant submits it, or InvalidTask saying what to change."""
+                   allow_private: bool = False, client: Client | None = None) -> AgentTask:
+    """The task as the caller's tenant submits it, or InvalidTask saying what to change.
+    With `client`, a `parent_id` must name one of the caller's own tasks (another tenant's
+    is "not known", as everywhere in the API)."""
+    if task.parent_id is not None and client is not None:
+        record = client.store.get(task.parent_id)
+        if not record or not caller.owns(record.get("tenant")):
+            raise errors.InvalidTask(f"parent_id: no task {task.parent_id} is known")
     asked = task.labels.get(TENANT_LABEL)
     if asked is not None and asked != caller.tenant:
         raise errors.InvalidTask(f"labels.{TENANT_LABEL}: set from your API key (tenant "
@@ -131,10 +137,10 @@ def submit_task(request: Request, response: Response, task: Annotated[AgentTask,
                 idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
                 ) -> Submitted:
     """Enqueue one agent task (the same `AgentTask` as the CLI and Python API)."""
-    task = bind_to_caller(task, caller, idempotency_key,
+    client = _client(request)
+    task = bind_to_caller(task, caller, idempotency_key, client=client,
                           allow_private=request.app.state.settings.webhook_allow_private)
     charge(request, caller, 1)
-    client = _client(request)
     handle = client.submit(task)
     status = TaskStatus.QUEUED
     if handle.duplicate:
@@ -142,6 +148,24 @@ def submit_task(request: Request, response: Response, task: Annotated[AgentTask,
     response.headers["Location"] = f"/v1/tasks/{handle.id}"
     return Submitted(id=handle.id, status=status, duplicate=handle.duplicate,
                      links=links(handle.id))
+
+
+@router.post("/{task_id}/follow-up", status_code=202, response_model=Submitted,
+             responses={409: {"description": "idempotency key used for another task", **PROBLEM},
+                        422: {"description": "invalid task, or one that cannot be continued",
+                              **PROBLEM},
+                        429: {"description": "submit rate limit", **PROBLEM}})
+def follow_up(request: Request, response: Response, task_id: str,
+              task: Annotated[AgentTask, Body()],
+              caller: Annotated[Caller, Depends(require("submit"))],
+              idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+              ) -> Submitted:
+    """A new task continuing this task's agent conversation (its `parent_id`)."""
+    records.owned_record(_client(request), caller, task_id)
+    if task.parent_id not in (None, task_id):
+        raise errors.InvalidTask("parent_id: the path names the task to continue; leave it out")
+    return submit_task(request, response, task.model_copy(update={"parent_id": task_id}),
+                       caller, idempotency_key)
 
 
 @router.get("", response_model=TaskPage)

@@ -70,10 +70,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # -- environment ----------------------------------------------------------------------------
 
 def product_env(redis_url: str, overrides: dict[str, str | None] | None = None) -> dict[str, str]:
-    """The environment of a worker or CLI subprocess: clean, sim mode, this test's Redis."""
+    """The environment of a worker or CLI subprocess: clean, sim mode, this test's Redis,
+    and the artifact store of the test process (a temporary directory, see tests/conftest)."""
+    artifact_dir = os.environ.get("SANDQUEUE_ARTIFACT_DIR")
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(_SCRUB_PREFIXES) and k not in _SCRUB_NAMES}
     env.update(WORKER_DEFAULTS)
+    if artifact_dir:
+        env["SANDQUEUE_ARTIFACT_DIR"] = artifact_dir
     env["REDIS_URL"] = redis_url
     for name, value in (overrides or {}).items():
         if value is None:

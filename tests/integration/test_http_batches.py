@@ -22,7 +22,7 @@ JSONL = "\n".join([
     json.dumps({"prompt": "fourth input"}),
 ]) + "\n"
 VOLATILE = {"task_id", "timings", "session_id", "finished_at", "sandbox_id", "labels",
-            "attempt_log"}
+            "attempt_log", "transcript"}
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from worker.agent.base import (
     AgentStream,
     AgentText,
     ToolCall,
+    Turn,
     Usage,
 )
 from worker.agent.runner import AgentRunner
@@ -71,8 +72,10 @@ class EchoAgent(Agent):
             raise errors.AgentMissing("echo-agent is not installed")
         return out.stdout.strip()
 
-    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool) -> str:
+    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool,
+                turn: Turn | None = None) -> str:
         sandbox.write_file("/home/user/echo-prompt.txt", task.prompt)
+        sandbox.write_file(ECHO_SYSTEM, task.append_system_prompt or "")
         return "cd /home/user && exec echo-agent < /home/user/echo-prompt.txt"
 
     def stream(self, task: AgentTask, with_mcp: bool, run: AgentRun) -> AgentStream:
@@ -86,8 +89,12 @@ class EchoAgent(Agent):
         return TemplateRecipe(base=base, npm_global=(f"echo-agent@{version or '1.0.0'}",))
 
 
+ECHO_SYSTEM = "/home/user/echo-system.txt"
+
+
 class EchoProgram:
-    """`echo-agent` inside a simulated sandbox: says the prompt back, calls one tool."""
+    """`echo-agent` inside a simulated sandbox: says the prompt back, calls one tool; asked
+    in its system prompt for JSON, it answers {"text": <the prompt, upper case>}."""
 
     def __init__(self, sandbox: SimSandbox, cmd: str, envs: dict[str, str]) -> None:
         self.sandbox, self.cmd, self.envs = sandbox, cmd, envs
@@ -98,8 +105,11 @@ class EchoProgram:
     def script(self, proc: SimCommand) -> int:
         stdin = shlex.split(self.cmd)[-1]
         prompt = self.sandbox.files[stdin].decode()
+        answer = prompt.upper()
+        if "JSON Schema" in self.sandbox.files.get(ECHO_SYSTEM, b"").decode():
+            answer = json.dumps({"text": answer})
         for event in ({"say": f"key={self.envs.get('ECHO_KEY')}"}, {"tool": "Read"},
-                      {"tokens": 500, "n": 1}, {"done": prompt.upper()}):
+                      {"tokens": 500, "n": 1}, {"done": answer}):
             proc.emit(json.dumps(event) + "\n")
         return 0
 
@@ -145,6 +155,48 @@ def test_the_same_budget_rule_binds_any_agent() -> None:
     result, _ = run_task(pipeline, max_cost_usd=0.25)  # 500 tokens price at 0.5
     assert result.error is not None
     assert result.error.category is ErrorCategory.BUDGET_EXCEEDED
+
+
+def _echo_pipeline() -> tuple[Pipeline, list[SimSandbox]]:
+    settings = Settings(_env_file=None, agent="echo", backoff_scale=0,  # type: ignore[call-arg]
+                        sim_create_latency_s=0)
+    provider = SimProvider(settings)
+    provider.programs["echo-agent"] = EchoProgram
+    created: list[SimSandbox] = []
+    create = provider.create
+
+    def keep(spec: Any) -> Any:
+        created.append(create(spec))
+        return created[-1]
+
+    provider.create = keep  # type: ignore[method-assign]
+    return Pipeline(settings, provider, make_agent(settings),
+                    runner=AgentRunner(Watchdog(tick_s=0.02), stall_timeout_s=5)), created
+
+
+@pytest.mark.usefixtures("registered")
+def test_an_agent_without_native_structured_output_is_asked_in_its_system_prompt() -> None:
+    pipeline, sandboxes = _echo_pipeline()
+    schema = {"type": "object", "properties": {"text": {"type": "string"}},
+              "required": ["text"]}
+    result, _ = run_task(pipeline, output_schema=schema)
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    assert result.output == {"text": "HELLO SEAM"}
+    system = sandboxes[0].files[ECHO_SYSTEM].decode()
+    assert "JSON Schema" in system and json.dumps(schema) in system
+
+
+@pytest.mark.usefixtures("registered")
+def test_an_agent_that_cannot_resume_gets_no_repair_turn() -> None:
+    pipeline, sandboxes = _echo_pipeline()
+    schema = {"type": "object", "properties": {"text": {"type": "integer"}}}
+    result, _ = run_task(pipeline, output_schema=schema)
+    assert result.error is not None
+    assert result.error.category is ErrorCategory.OUTPUT_INVALID
+    assert "$.text: 'HELLO SEAM' is not of type 'integer'" in result.error.message
+    assert result.agent_turns == 1 and len(sandboxes[0].command_lines) == 1
+    assert result.result == json.dumps({"text": "HELLO SEAM"})  # the raw answer is kept
+    assert result.output is None
 
 
 def test_an_unknown_agent_is_a_configuration_error() -> None:

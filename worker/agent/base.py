@@ -14,6 +14,14 @@ jobs, one method each:
 - `price`: what usage costs, so a run that is killed or hangs is not free;
 - `template_recipe`: what a sandbox template needs to run it, for `sandqueue template build`.
 
+Typed answers and follow-up turns (issue 12) add three questions an adapter may answer, each
+with a default that works for an agent that cannot: `native_output_schema` (can this version
+take the task's JSON Schema itself? else the runner asks for JSON in the system prompt),
+`resumable` (can a run continue an earlier session, given `Turn.resume_session_id`?) and
+`session_transcript` (where in the sandbox the agent keeps a session's transcript, which is
+saved after a run and restored before a follow-up). Validating the answer and the one repair
+turn are the runner's (`worker/agent/typed.py`), the same for every agent.
+
 What is common to every agent (start, watch for stalls and the deadline, stop on cancel,
 count usage once per message, enforce `max_cost_usd`) lives in `worker/agent/runner.py`.
 
@@ -27,7 +35,7 @@ from __future__ import annotations
 import abc
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sandqueue import errors
 from sandqueue.contract import AgentTask
@@ -59,7 +67,27 @@ class Usage:
     tokens: dict[str, int]
 
 
-AgentEvent = AgentText | ToolCall | Usage
+@dataclass(frozen=True)
+class OutputRepair:
+    """The answer failed the task's output_schema: one repair turn follows (issue 12)."""
+
+    problems: tuple[str, ...]
+
+
+AgentEvent = AgentText | ToolCall | Usage | OutputRepair
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What the runner asks of one start of the agent beyond the task's own fields."""
+
+    resume_session_id: str | None = None
+    """Continue this session (a repair turn, or a follow-up task) instead of a new one."""
+    output_schema: dict[str, Any] | None = None
+    """Hand this JSON Schema to the agent's own structured-output support; set only when
+    `Agent.native_output_schema` said yes for the agent's version."""
+    cwd: str | None = None
+    """Run in this directory (a follow-up runs where the session it continues ran)."""
 
 
 @dataclass
@@ -88,10 +116,25 @@ class AgentRun:
     exit_code: int | None = None
     duration_s: float = 0.0
     stderr_tail: str = ""
+    # -- typed answers and turns of one session (issue 12)
+    structured_output: Any = None
+    """The answer the agent itself parsed against the schema (`has_structured_output`)."""
+    has_structured_output: bool = False
+    output: Any = None
+    """The answer parsed and valid under the task's output_schema (set by the runner)."""
+    turns: int = 0
+    """Starts of the agent in this session so far (2 after a repair turn)."""
+    cwd: str | None = None
+    """The directory the agent said it ran in (its session transcript's place may depend
+    on it)."""
+    banked_usage: dict[str, int] = field(default_factory=dict)
+    banked_cost_usd: float = 0.0
+    banked_tool_calls: Counter[str] = field(default_factory=Counter)
 
     @property
-    def usage(self) -> dict[str, int]:
-        """The agent's own total if it gave one, else the sum over messages (each once)."""
+    def turn_usage(self) -> dict[str, int]:
+        """This turn's tokens: the agent's own total if it gave one, else the sum over
+        messages (each once)."""
         if self.reported_usage is not None:
             return dict(self.reported_usage)
         total: dict[str, int] = {}
@@ -101,11 +144,44 @@ class AgentRun:
         return total
 
     @property
+    def usage(self) -> dict[str, int]:
+        """Tokens of every turn of this run's session (most runs have one)."""
+        total = dict(self.banked_usage)
+        for key, value in self.turn_usage.items():
+            total[key] = total.get(key, 0) + value
+        return total
+
+    @property
     def cost_usd(self) -> float:
-        """The agent's reported cost once it reported one; the estimate until then."""
+        """Earlier turns' cost plus this turn's: the agent's reported cost once it reported
+        one, the estimate until then."""
         if self.reported_cost_usd is not None:
-            return self.reported_cost_usd
-        return self.estimated_cost_usd
+            return self.banked_cost_usd + self.reported_cost_usd
+        return self.banked_cost_usd + self.estimated_cost_usd
+
+    def bank(self) -> None:
+        """Close a turn before the same session continues (a repair turn): its usage, cost
+        and tool calls stay counted, and the next turn's report starts afresh (an agent
+        totals each start of its process on its own)."""
+        self.banked_usage = self.usage
+        self.banked_cost_usd = self.cost_usd
+        self.banked_tool_calls = self.banked_tool_calls + self.tool_calls
+        self.tool_calls = Counter()
+        self.reported_usage = None
+        self.reported_cost_usd = None
+        self.usage_by_message = {}
+        self.estimated_cost_usd = 0.0
+        self.final_text = None
+        self.is_error = None
+        self.subtype = None
+        self.structured_output = None
+        self.has_structured_output = False
+
+    def unbank_tool_calls(self) -> None:
+        """After a later turn: every turn's tool calls in `tool_calls` again (the adapter's
+        stream filled it with this turn's only)."""
+        self.tool_calls = self.banked_tool_calls + self.tool_calls
+        self.banked_tool_calls = Counter()
 
 
 class AgentStream(abc.ABC):
@@ -138,8 +214,10 @@ class Agent(abc.ABC):
         """The CLI's version; raise AgentMissing when it does not run for the sandbox user."""
 
     @abc.abstractmethod
-    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool) -> str:
-        """Write the run's input files; return the command line that starts the run."""
+    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool,
+                turn: Turn | None = None) -> str:
+        """Write the run's input files; return the command line that starts the run
+        (continuing `turn.resume_session_id` when set)."""
 
     @abc.abstractmethod
     def stream(self, task: AgentTask, with_mcp: bool, run: AgentRun) -> AgentStream:
@@ -153,3 +231,19 @@ class Agent(abc.ABC):
     def template_recipe(self, version: str | None = None,
                         base: str = "mcp-gateway") -> TemplateRecipe:
         """What a sandbox template needs to run this agent, at this version."""
+
+    # -- typed answers and follow-up turns (issue 12); defaults for an agent without them
+    resumable: ClassVar[bool] = False
+    """Whether `prepare` honours `Turn.resume_session_id` (repair turns, follow-ups)."""
+
+    def native_output_schema(self, version: str | None) -> bool:
+        """Whether this version of the agent takes a JSON Schema for its final answer
+        itself (`Turn.output_schema`); if not, the runner asks for JSON in the system
+        prompt (`append_system_prompt`) and validates the text."""
+        return False
+
+    def session_transcript(self, session_id: str, cwd: str | None) -> str | None:
+        """The sandbox path of a session run in `cwd` (None: the agent's default), which a
+        later run in another sandbox restores there to resume the session; None if the
+        agent keeps no transcript."""
+        return None

@@ -18,7 +18,16 @@ from typing import Any, ClassVar
 from sandqueue import errors
 from sandqueue.contract import AgentTask
 from sandqueue.settings import Settings
-from worker.agent.base import Agent, AgentEvent, AgentRun, AgentStream, AgentText, ToolCall, Usage
+from worker.agent.base import (
+    Agent,
+    AgentEvent,
+    AgentRun,
+    AgentStream,
+    AgentText,
+    ToolCall,
+    Turn,
+    Usage,
+)
 from worker.agent.pricing import estimate_usd
 from worker.agent.stream import Transcript
 from worker.sandbox.base import Sandbox, TemplateRecipe
@@ -46,6 +55,17 @@ PINNED_VERSION = "2.1.221"
 """The Claude Code version `sandqueue template build` installs by default: the first whose
 `-p` mode waits for `--mcp-config` servers before the first turn (CHANGELOG 2.1.221: "Fixed
 MCP servers from --mcp-config not being connected before the first turn in print mode")."""
+JSON_SCHEMA_SINCE = (2, 1, 205)
+"""The first version whose `--json-schema` we hand the task's schema to. The flag predates it
+(CHANGELOG 2.1.22: "Fixed structured outputs for non-interactive (-p) mode"), but before
+2.1.187 follow-up turns did not reliably return structured output ("follow-up turns now
+reliably return structured output"), which the repair turn needs, and before 2.1.205 an
+invalid schema was silently ignored and schemas using `format` were rejected ("Fixed
+`--json-schema` silently producing unstructured output when the schema was invalid, and
+schemas using the `format` keyword being rejected"). Older or unknown versions (one without
+the flag would refuse it and end without a result) get the runner's system-prompt
+instruction instead. Sources: research/claude-code-facts.md §7 (D headless.md,
+cli-reference.md; CL = anthropics/claude-code CHANGELOG.md @ 5cfc0a19)."""
 NPM_PACKAGE = "@anthropic-ai/claude-code"
 CREDENTIAL_ENVS = ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN")
 """Either runs Claude Code headless; with both, the API key wins in `-p` mode
@@ -107,10 +127,11 @@ def permission_args(task: AgentTask) -> list[str]:
     return args
 
 
-def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True) -> str:
+def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True,
+                  turn: Turn | None = None) -> str:
     """The shell command that runs the agent; every variable part is shell-quoted."""
     args = [claude, "-p", "--output-format", "stream-json", "--verbose",
-            *permission_args(task)]
+            *permission_args(task), *turn_args(turn or Turn())]
     if with_mcp:
         args += ["--mcp-config", MCP_CONFIG_PATH, "--strict-mcp-config"]
     if task.model:
@@ -120,8 +141,40 @@ def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True
     if task.append_system_prompt:
         args += ["--append-system-prompt", task.append_system_prompt]
     quoted = " ".join(shlex.quote(a) for a in args)
-    # issue 12: the workspace decides where the agent works (in the task's repo, if any)
-    return f"cd {shlex.quote(workdir(task))} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
+    # where a continued session ran (Turn.cwd), else where the workspace puts the agent
+    # (in the task's repo, if any)
+    cwd = (turn.cwd if turn is not None else None) or workdir(task)
+    return f"cd {shlex.quote(cwd)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
+
+
+def turn_args(turn: Turn) -> list[str]:
+    """`--resume <id>` continues a session and keeps its id (the result's `session_id` is
+    the same); `--json-schema '<schema>'` puts the parsed answer in the result's
+    `structured_output` (research/claude-code-facts.md §7: D headless.md, cli-reference.md)."""
+    args: list[str] = []
+    if turn.resume_session_id:
+        args += ["--resume", turn.resume_session_id]
+    if turn.output_schema is not None:
+        args += ["--json-schema", json.dumps(turn.output_schema, separators=(",", ":"),
+                                             ensure_ascii=False)]
+    return args
+
+
+def project_dir_name(cwd: str) -> str:
+    """The folder under `~/.claude/projects/` that keeps a cwd's sessions: the absolute cwd
+    with every non-alphanumeric character replaced by `-` (`/home/user` -> `-home-user`).
+    Names over 200 characters are truncated and hashed by the CLI; refused here instead
+    (research/claude-code-facts.md §7: D sessions.md, claude-directory.md)."""
+    name = re.sub(r"[^A-Za-z0-9]", "-", cwd)
+    if len(name) > 200:
+        raise errors.ConfigError(f"working directory {cwd!r} is too long for a session "
+                                 "folder name (over 200 characters)")
+    return name
+
+
+def version_tuple(version: str | None) -> tuple[int, ...] | None:
+    found = _VERSION.search(version or "")
+    return tuple(int(part) for part in found.group(1).split(".")) if found else None
 
 
 def agent_version(sandbox: Sandbox, claude: str = "claude") -> str:
@@ -156,12 +209,17 @@ class ClaudeCodeAgent(Agent):
 
     name: ClassVar[str] = "claude-code"
 
-    def __init__(self, claude_command: str = "claude") -> None:
+    resumable: ClassVar[bool] = True
+
+    def __init__(self, claude_command: str = "claude", sandbox_user: str = "user") -> None:
         self.claude_command = claude_command
+        self.home = "/root" if sandbox_user == "root" else f"/home/{sandbox_user}"
+        """The sandbox user's HOME, where Claude Code keeps `.claude/`."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClaudeCodeAgent:
-        return cls(claude_command=settings.claude_command)
+        return cls(claude_command=settings.claude_command,
+                   sandbox_user=settings.sandbox_user)
 
     def environment(self, settings: Settings, simulated: bool) -> dict[str, str]:
         """ANTHROPIC_API_KEY and/or CLAUDE_CODE_OAUTH_TOKEN, and no self-update mid-task."""
@@ -179,12 +237,28 @@ class ClaudeCodeAgent(Agent):
     def check(self, sandbox: Sandbox) -> str:
         return agent_version(sandbox, self.claude_command)
 
-    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool) -> str:
+    def prepare(self, sandbox: Sandbox, task: AgentTask, with_mcp: bool,
+                turn: Turn | None = None) -> str:
         sandbox.write_file(PROMPT_PATH, task.prompt.encode("utf-8", "surrogatepass"))
         if with_mcp:
             sandbox.write_file(MCP_CONFIG_PATH,
                                mcp_client_config(sandbox.mcp_url(), sandbox.mcp_token()))
-        return build_command(task, self.claude_command, with_mcp)
+        return build_command(task, self.claude_command, with_mcp, turn)
+
+    def native_output_schema(self, version: str | None) -> bool:
+        found = version_tuple(version)
+        return found is not None and found >= JSON_SCHEMA_SINCE
+
+    def session_transcript(self, session_id: str, cwd: str | None) -> str | None:
+        """`~/.claude/projects/<encoded cwd>/<session id>.jsonl` (D sessions.md). Restored
+        at the same encoded cwd: before 2.1.223 `--resume <id>` looked only in the current
+        cwd's project (research/claude-code-facts.md §7, "Resume across hosts"), and every
+        run starts in WORK_DIR."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", session_id):
+            raise errors.AgentError(f"session id {session_id[:80]!r} is not one Claude Code "
+                                    "gives out")
+        project = project_dir_name(cwd or WORK_DIR)
+        return f"{self.home}/.claude/projects/{project}/{session_id}.jsonl"
 
     def stream(self, task: AgentTask, with_mcp: bool, run: AgentRun) -> AgentStream:
         return ClaudeStream(run, with_mcp)
@@ -230,6 +304,7 @@ class ClaudeStream(AgentStream):
         run.session_id = run.session_id or _str(event.get("session_id"))
         run.model = _str(event.get("model"))
         run.agent_version = run.agent_version or _str(event.get("claude_code_version"))
+        run.cwd = _str(event.get("cwd")) or run.cwd
         if self.with_mcp:
             problem = _mcp_problem(self.transcript)
             if problem is not None:
@@ -260,6 +335,9 @@ class ClaudeStream(AgentStream):
         run.session_id = _str(event.get("session_id")) or run.session_id
         if isinstance(event.get("result"), str):
             run.final_text = event["result"]
+        if "structured_output" in event:  # with --json-schema (D headless.md)
+            run.structured_output = event["structured_output"]
+            run.has_structured_output = True
         if isinstance(event.get("usage"), dict):
             run.reported_usage = {k: v for k, v in event["usage"].items()
                                   if isinstance(v, int) and not isinstance(v, bool)}
@@ -329,6 +407,10 @@ def classify_result(result: dict[str, Any],
         return errors.MaxTurns, text
     if subtype == "error_max_budget_usd":
         return errors.BudgetExceeded, text
+    if subtype == "error_max_structured_output_retries":
+        # The CLI retried its own schema check (MAX_STRUCTURED_OUTPUT_RETRIES, default 5;
+        # research/claude-code-facts.md §3.1): our one repair turn would not do better.
+        return errors.OutputInvalid, text
     status = result.get("api_error_status")
     if isinstance(status, int):
         if status in (401, 403):

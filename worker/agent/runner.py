@@ -12,11 +12,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sandqueue import errors
 from sandqueue.contract import AgentTask
-from worker.agent.base import Agent, AgentEvent, AgentRun, AgentStream, Usage
+from worker.agent import typed
+from worker.agent.base import (
+    Agent,
+    AgentEvent,
+    AgentRun,
+    AgentStream,
+    OutputRepair,
+    Turn,
+    Usage,
+)
 from worker.agent.stream import MAX_LINE_CHARS, LineBuffer
 from worker.agent.watchdog import Watch, Watchdog
 from worker.sandbox.base import Sandbox
@@ -34,22 +44,65 @@ class AgentRunner:
     def run(self, agent: Agent, sandbox: Sandbox, task: AgentTask, *, deadline_at: float,
             run: AgentRun, with_mcp: bool = True, on_event: EventSink | None = None,
             interrupted: Callable[[], errors.SandqueueError | None] | None = None,
-            on_started: Callable[[], None] | None = None) -> AgentRun:
-        """Run the agent to its end, or raise the error that describes the failure."""
+            on_started: Callable[[], None] | None = None,
+            resume_session_id: str | None = None, cwd: str | None = None) -> AgentRun:
+        """Run the agent to its end, or raise the error that describes the failure.
+
+        With `resume_session_id` the agent continues that session, run in `cwd` (a
+        follow-up task: worker/sessions.py restored the transcript). With
+        an `output_schema`, the answer is checked (`worker/agent/typed.py`); an invalid one
+        gets ONE repair turn in the same session, listing what was wrong, and a second
+        invalid answer ends the run `output_invalid` with its raw text kept."""
         run.agent_version = agent.check(sandbox)
-        cmd = agent.prepare(sandbox, task, with_mcp)
+        schema = task.output_schema
+        native = schema is not None and agent.native_output_schema(run.agent_version)
+        if schema is not None and not native:
+            task = typed.instruct(task, schema)
+        turn = Turn(resume_session_id=resume_session_id,
+                    output_schema=schema if native else None, cwd=cwd)
+        go = _Go(agent, sandbox, deadline_at, with_mcp, on_event, interrupted)
+        self._turn(go, task, turn, run, on_started)
+        if schema is None:
+            return run
+        problems = typed.judge(run, schema)
+        if not problems:
+            return run
+        if not agent.resumable or run.session_id is None:
+            raise errors.OutputInvalid(errors.describe_output(problems, run.final_text))
+        log.info("the answer does not satisfy output_schema (%d problem(s)); one repair "
+                 "turn in session %s", len(problems), run.session_id)
+        if on_event is not None:
+            on_event(OutputRepair(tuple(problems)))
+        run.bank()
+        repair = task.model_copy(update={"prompt": typed.repair_prompt(problems)})
+        try:
+            self._turn(go, repair, Turn(resume_session_id=run.session_id,
+                                        output_schema=turn.output_schema, cwd=cwd), run, None)
+        finally:
+            run.unbank_tool_calls()
+        problems = typed.judge(run, schema)
+        if problems:
+            raise errors.OutputInvalid(errors.describe_output(problems, run.final_text))
+        return run
+
+    def _turn(self, go: _Go, task: AgentTask, turn: Turn, run: AgentRun,
+              on_started: Callable[[], None] | None) -> None:
+        """One start of the agent's process, followed to its end."""
+        cmd = go.agent.prepare(go.sandbox, task, go.with_mcp, turn)
         holder: dict[str, Any] = {}
-        watch = Watch(stall_timeout_s=self.stall_timeout_s, deadline_at=deadline_at,
+        watch = Watch(stall_timeout_s=self.stall_timeout_s, deadline_at=go.deadline_at,
                       kill=lambda: holder["cmd"].kill() if "cmd" in holder else None,
-                      interrupted=interrupted)
-        sink = _Output(agent, agent.stream(task, with_mcp, run), task, watch, on_event)
+                      interrupted=go.interrupted)
+        sink = _Output(go.agent, go.agent.stream(task, go.with_mcp, run), task, watch,
+                       go.on_event)
         started = time.monotonic()
-        remaining = max(1.0, deadline_at - time.time())
+        remaining = max(1.0, go.deadline_at - time.time())
         run.started = True
+        run.turns += 1
         if on_started is not None:
             on_started()
-        holder["cmd"] = sandbox.start(cmd, on_stdout=sink.on_stdout, on_stderr=sink.on_stderr,
-                                      timeout_s=remaining + 5)
+        holder["cmd"] = go.sandbox.start(cmd, on_stdout=sink.on_stdout,
+                                         on_stderr=sink.on_stderr, timeout_s=remaining + 5)
         self.watchdog.watch(watch)
         try:
             run.exit_code = holder["cmd"].wait()
@@ -60,14 +113,25 @@ class AgentRunner:
             raise
         finally:
             self.watchdog.unwatch(watch)
-            run.duration_s = time.monotonic() - started
+            run.duration_s += time.monotonic() - started
             sink.close()
         if watch.reason is not None:
             raise watch.reason
         failure = sink.stream.verdict()
         if failure is not None:
             raise failure
-        return run
+
+
+@dataclass(frozen=True)
+class _Go:
+    """What every turn of one run shares."""
+
+    agent: Agent
+    sandbox: Sandbox
+    deadline_at: float
+    with_mcp: bool
+    on_event: EventSink | None
+    interrupted: Callable[[], errors.SandqueueError | None] | None
 
 
 class _Output:
@@ -116,10 +180,12 @@ class _Output:
 
     def _count_cost(self) -> None:
         run = self.run
-        run.estimated_cost_usd = self.agent.price(run.model, run.usage)
+        # this turn's usage: earlier turns of the session are in run.banked_cost_usd
+        run.estimated_cost_usd = self.agent.price(run.model, run.turn_usage)
+        spent = run.banked_cost_usd + run.estimated_cost_usd  # a repair turn counts it all
         cap = self.task.max_cost_usd
-        if cap is not None and run.estimated_cost_usd >= cap:
+        if cap is not None and spent >= cap:
             self.watch.trip(errors.BudgetExceeded(
-                f"the agent was stopped at an estimated ${run.estimated_cost_usd:.4f}, over "
+                f"the agent was stopped at an estimated ${spent:.4f}, over "
                 f"the task's max_cost_usd (${cap:g})"
             ))

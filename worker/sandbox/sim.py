@@ -24,6 +24,10 @@ Behaviour is set per task through the task's `envs` (they become the sandbox's e
     SIM_MCP_STATUS=pending    the gateway's status in Claude Code's init event (default
                               connected; pending lists none of its tools yet, as real runs do)
     SIM_TOOLS=Bash,Read       the tool calls the agent attempts, in order (with SIM_TOOL_CALLS)
+    SIM_OUTPUT='[A, B]'       the agent's answer per turn of its session (JSON list; the last
+                              repeats): the `structured_output` under --json-schema (one the
+                              CLI's own check refuses ends error_max_structured_output_retries),
+                              else the final text (a string as is, other values as JSON)
     SIM_EDITS={"a.txt": "x"}  files the agent writes in its working directory when it starts
                               (null deletes one): what `collect` and the repo diff bring back
 
@@ -233,6 +237,8 @@ class SimSandbox(Sandbox):
         self._token = uuid.uuid4().hex
         self.files: dict[str, bytes] = {}
         self.commands: list[SimCommand] = []
+        self.command_lines: list[str] = []
+        """Every command line started here, in order (tests read the flags a run got)."""
         self.executed_tools: list[str] = []
         """Tool calls the scripted agent's permissions let run (denied ones are not here)."""
         self._dead = False
@@ -294,6 +300,7 @@ class SimSandbox(Sandbox):
             script = program(self, cmd, {**self._spec.envs, **(envs or {})}).script
         command = SimCommand(script, on_stdout, on_stderr)
         self.commands.append(command)
+        self.command_lines.append(cmd)
         return command
 
     def _program(self, cmd: str) -> SimProgram | None:

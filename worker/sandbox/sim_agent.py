@@ -9,14 +9,26 @@ results with `is_error`) and applies tool permissions with the real semantics (a
 ignored in bypass mode, denies binding in every mode, `--tools` limiting built-ins), so a
 test fails where production would. Its final text echoes the prompt it received, byte for
 byte, with a digest. The research behind each quirk is cited where it is reproduced.
+
+Sessions are kept as the CLI keeps them (research/claude-code-facts.md §7): a transcript
+`~/.claude/projects/<cwd, non-alphanumerics as '-'>/<session id>.jsonl` in the sandbox's
+files, appended per turn; `--resume <id>` continues it under the same id (a resumed answer
+says which session, which turn and the digest of the transcript it found) or, when there is
+none, ends `error_during_execution` with "No conversation found with session ID: <id>",
+exit 1 (§3.3); `--json-schema` puts the answer in `structured_output` after the CLI's own
+check, which ignores `format` (§7), and refuses an invalid schema.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import jsonschema
+
+from sandqueue import errors
 from worker.sandbox.sim_shell import argv_of, cwd_of, gateway_tools, prompt_digest
 
 if TYPE_CHECKING:
@@ -44,8 +56,45 @@ API_ERRORS: dict[str, tuple[int, str, str]] = {
 }
 
 
+NO_STRUCTURED = object()
+"""The run was not asked for structured output (no `structured_output` in its result)."""
+REFUSED = object()
+"""The CLI's own schema check refused every answer (error_max_structured_output_retries)."""
+MAX_STRUCTURED_OUTPUT_RETRIES = 5
+
+
 class CliError(Exception):
     pass
+
+
+def example_of(schema: Any, root: Any = None) -> Any:
+    """A small instance of a schema, for runs that script no answer (SIM_OUTPUT unset)."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict):
+        return None
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/"):
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        return example_of(target, root)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    samples = {"date": "2026-12-02", "date-time": "2026-12-02T10:00:00Z",
+               "email": "sim@example.com", "uri": "https://example.com/"}
+    return {
+        "object": lambda: {k: example_of(v, root)
+                           for k, v in (schema.get("properties") or {}).items()},
+        "array": lambda: [],
+        "string": lambda: samples.get(schema.get("format"), "simulated"),
+        "integer": lambda: int(schema.get("minimum", 0)),
+        "number": lambda: float(schema.get("minimum", 0)),
+        "boolean": lambda: True,
+    }.get(kind, lambda: None)()
 
 
 def _matches(rule: str, tool: str) -> bool:
@@ -64,6 +113,11 @@ class ScriptedAgent:
         self.cmd = cmd
         self.envs = envs
         self.session_id = str(uuid.uuid4())
+        self.turn = 1
+        """Which turn of its session this run is (2 and up when resumed)."""
+        self.prior = b""
+        """The transcript a resumed session started from."""
+        self.project_dir = ""
         self._messages = 0
         self.usage: dict[str, dict[str, int]] = {}
         self.denials: list[dict[str, Any]] = []
@@ -76,7 +130,8 @@ class ScriptedAgent:
         opts: dict[str, Any] = {"flags": set()}
         value_flags = {"--output-format", "--mcp-config", "--model", "--max-turns",
                        "--allowedTools", "--disallowedTools", "--append-system-prompt",
-                       "--permission-mode", "--tools"}
+                       "--permission-mode", "--tools", "--json-schema", "--resume",
+                       "--session-id"}
         it = iter(argv[1:])
         for arg in it:
             if arg in value_flags:
@@ -94,7 +149,22 @@ class ScriptedAgent:
         config_path = opts.get("--mcp-config")
         if config_path is not None:
             opts["mcp_config"] = self._mcp_config(config_path)
+        if opts.get("--json-schema") is not None:
+            opts["schema"] = self._schema(opts["--json-schema"])
+        opts["cwd"] = cwd_of(self.cmd) or "/home/user"
         return opts
+
+    @staticmethod
+    def _schema(text: str) -> dict[str, Any]:
+        """Since 2.1.205 an invalid schema is refused, not silently ignored (CHANGELOG)."""
+        try:
+            schema = json.loads(text)
+            if not isinstance(schema, dict):
+                raise ValueError("not an object")
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except (ValueError, jsonschema.SchemaError) as e:
+            raise CliError("Error: --json-schema is not a valid JSON Schema") from e
+        return schema
 
     def _check_flags(self, opts: dict[str, Any]) -> None:
         if "-p" not in opts["flags"]:
@@ -167,13 +237,83 @@ class ScriptedAgent:
             proc.emit(f"{e}\n", "stderr")
             return 1
         proc.emit("[simulated] Claude Code starting (sandqueue sim provider)\n")
+        missing = self._open_session(proc, opts)
+        if missing is not None:
+            return missing
         mcp_tools = self._mcp_tools(opts)
         context = self._context_tools(opts, mcp_tools)
         proc.emit(self._line(self._init(opts, mcp_tools, context)))
+        self._record({"type": "user", "message": {"role": "user", "content": opts[
+            "prompt"].decode("utf-8", "surrogatepass")}})
         early = self._early_exit(proc, opts)
         if early is not None:
             return early
         return self._work(proc, opts, mcp_tools, context)
+
+    # -- sessions: transcripts, --resume, --session-id -------------------------------------
+    def _config_dir(self) -> str:
+        home = "/root" if self.sandbox.user == "root" else f"/home/{self.sandbox.user}"
+        return self.envs.get("CLAUDE_CONFIG_DIR") or f"{home}/.claude"
+
+    @property
+    def transcript_path(self) -> str:
+        return f"{self.project_dir}/{self.session_id}.jsonl"
+
+    def _open_session(self, proc: SimCommand, opts: dict[str, Any]) -> int | None:
+        """Start or resume the session; the exit code when `--resume` finds none. Version
+        2.1.221 looks in the current cwd's project only (2.1.223 searches all)."""
+        self.project_dir = (f"{self._config_dir()}/projects/"
+                            f"{re.sub(r'[^A-Za-z0-9]', '-', opts['cwd'])}")
+        resume = opts.get("--resume")
+        if resume is None:
+            self.session_id = opts.get("--session-id") or self.session_id
+            return None
+        try:
+            self.prior = self.sandbox.read_file(f"{self.project_dir}/{resume}.jsonl")
+        except errors.SandboxFileNotFound:
+            return self._finish(proc, opts, 0, subtype="error_during_execution",
+                                errors_=[f"No conversation found with session ID: {resume}"])
+        self.session_id = resume
+        self.turn = 1 + sum(1 for line in self.prior.splitlines()
+                            if json.loads(line).get("type") == "user")
+        return None
+
+    def _record(self, event: dict[str, Any]) -> None:
+        """Append a line to the session's transcript, as the CLI persists each message."""
+        line = json.dumps({**event, "sessionId": self.session_id}) + "\n"
+        try:
+            before = self.sandbox.read_file(self.transcript_path)
+        except errors.SandboxFileNotFound:
+            before = b""
+        self.sandbox.write_file(self.transcript_path, before + line.encode())
+
+    def _scripted(self) -> tuple[bool, Any]:
+        """(True, this turn's answer) when SIM_OUTPUT scripts one, else (False, None)."""
+        raw = self.envs.get("SIM_OUTPUT")
+        if raw is None:
+            return False, None
+        try:
+            answers = json.loads(raw)
+        except ValueError:
+            answers = [raw]
+        if not isinstance(answers, list) or not answers:
+            answers = [answers]
+        return True, answers[min(self.turn, len(answers)) - 1]
+
+    def _answer(self, opts: dict[str, Any]) -> tuple[str, Any]:
+        """(final text, structured output or NO_STRUCTURED or REFUSED) of this turn."""
+        echo = self._echo(opts) + self._leak()
+        scripted, value = self._scripted()
+        schema = opts.get("schema")
+        if schema is None:
+            if not scripted:
+                return echo, NO_STRUCTURED
+            return (value if isinstance(value, str) else json.dumps(value)), NO_STRUCTURED
+        value = value if scripted else example_of(schema)
+        # The CLI's StructuredOutput tool checks the schema without asserting `format`.
+        if not jsonschema.validators.validator_for(schema)(schema).is_valid(value):
+            return echo, REFUSED
+        return echo, value
 
     def _early_exit(self, proc: SimCommand, opts: dict[str, Any]) -> int | None:
         """Credentials and the crash modes that end a run before its first turn."""
@@ -220,10 +360,17 @@ class ScriptedAgent:
             return self._finish(proc, opts, steps, subtype="error_during_execution",
                                 errors_=["The agent could not complete the task"
                                          + self._leak()])
-        answer = self._echo(opts) + self._leak()
+        answer, structured = self._answer(opts)
+        if structured is REFUSED:
+            return self._finish(proc, opts, steps + MAX_STRUCTURED_OUTPUT_RETRIES,
+                                subtype="error_max_structured_output_retries", errors_=[
+                                    "Failed to provide valid structured output after "
+                                    f"{MAX_STRUCTURED_OUTPUT_RETRIES} attempts"])
         self._assistant(proc, opts, [{"type": "text", "text": answer}],
                         input_tokens=50, output_tokens=30)
-        return self._finish(proc, opts, steps, text=answer)
+        self._record({"type": "assistant", "message": {"role": "assistant", "content": [
+            {"type": "text", "text": answer}]}})
+        return self._finish(proc, opts, steps, text=answer, structured=structured)
 
     def _edit(self) -> None:
         """SIM_EDITS={"path": "new content", "gone.txt": null}: the files the agent writes
@@ -279,7 +426,7 @@ class ScriptedAgent:
                                                          if t not in mcp_tools]
         key_source = "ANTHROPIC_API_KEY" if self.envs.get("ANTHROPIC_API_KEY") else "none"
         return {"type": "system", "subtype": "init", "session_id": self.session_id,
-                "cwd": "/home/user", "model": opts.get("--model") or "claude-sonnet-4-5",
+                "cwd": opts["cwd"], "model": opts.get("--model") or "claude-sonnet-4-5",
                 "tools": listed, "mcp_servers": servers, "permissionMode": opts["mode"],
                 "apiKeySource": key_source, "claude_code_version": SIM_CLAUDE_VERSION,
                 "output_style": "default", "uuid": str(uuid.uuid4()), "simulated": True}
@@ -328,6 +475,10 @@ class ScriptedAgent:
         header = (f"[simulated] Claude Code received {len(prompt)} bytes "
                   f"(sha256 {prompt_digest(prompt)}), model {opts.get('--model') or 'default'}, "
                   f"MCP servers: {servers}.")
+        if self.turn > 1:
+            header += (f"\n[simulated] resumed session {self.session_id}, turn {self.turn}, "
+                       f"from a transcript of {len(self.prior)} bytes "
+                       f"(sha256 {prompt_digest(self.prior)}).")
         return f"{header}\n--- prompt ---\n{prompt.decode('utf-8', 'surrogatepass')}"
 
     def _api_error(self, proc: SimCommand, opts: dict[str, Any], status: int | None,
@@ -343,7 +494,8 @@ class ScriptedAgent:
 
     def _finish(self, proc: SimCommand, opts: dict[str, Any], turns: int, *,
                 subtype: str = "success", text: str | None = None, is_error: bool = False,
-                errors_: list[str] | None = None, api_error_status: int | None = None) -> int:
+                errors_: list[str] | None = None, api_error_status: int | None = None,
+                structured: Any = NO_STRUCTURED) -> int:
         """The result event: totals over unique messages, exit 1 exactly when `is_error`
         (anthropics/claude-code src/cli/print.ts)."""
         is_error = is_error or subtype != "success"
@@ -360,6 +512,8 @@ class ScriptedAgent:
         }
         if subtype == "success":
             event["result"] = text or ""
+            if structured is not NO_STRUCTURED:
+                event["structured_output"] = structured
         else:
             event["errors"] = errors_ or []
         proc.emit(self._line(event))
