@@ -54,8 +54,10 @@ DEADLETTER = f"{PREFIX}deadletter"
 
 
 def batch(batch_id: str, suffix: str = "") -> str:
-    """`sq:batch:<id>` (hash: meta, status), `:keys` (list, input order), `:items` (hash:
-    input key -> current task id), `:gen` (hash: input key -> retry generation)."""
+    """`sq:batch:<id>` (hash: meta, status, completion webhook), `:keys` (list, input
+    order), `:items` (hash: input key -> current task id), `:gen` (hash: input key -> retry
+    generation), `:open` (set: task ids not ended yet, for a batch with a callback_url;
+    `sandqueue/batchdone.py`)."""
     return f"{PREFIX}batch:{batch_id}{':' + suffix if suffix else ''}"
 
 
@@ -100,7 +102,7 @@ def submit_rate(tenant: str, window: int) -> str:
 def webhook(task_id: str) -> str:
     """Hash: a task's completion callback: URL, sealed secret, body, state, attempts
     (`worker/webhooks.py`); `<this key>:log` is the list of its attempts. Both expire with
-    the result."""
+    the result. A batch's completion is delivery `batch:<batch id>:<round>`."""
     return f"{PREFIX}webhook:{task_id}"
 
 

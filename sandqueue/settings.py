@@ -212,6 +212,10 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(
         2, ge=0, description="first callback retry delay, doubled per attempt (max 5 min)"
     )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC key that signs the completion webhooks of batches run from "
+        "the CLI or the Python API (`--callback-url`); HTTP batches use their API key's"
+    )
     signing_keys: SecretStr | None = Field(
         None, description="comma-separated secrets; producers sign task messages with the "
         "first, workers refuse messages not signed with one of them (sandqueue/signing.py)"
