@@ -94,6 +94,11 @@ def tenant_index(tenant: str) -> str:
     return f"{PREFIX}idx:tenant:{tenant}"
 
 
+TASK_INDEX = f"{PREFIX}idx:all"
+"""Sorted set: task id -> submit time of every tenant's tasks (trimmed and expiring as the
+per-tenant indexes): what an `admin` key's unfiltered `GET /v1/tasks` reads."""
+
+
 def submit_rate(tenant: str, window: int) -> str:
     """String: submits of a tenant in one rate-limit window (expires after it)."""
     return f"{PREFIX}rate:{tenant}:{window}"

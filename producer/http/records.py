@@ -1,7 +1,7 @@
 """Reading tasks for the HTTP API: records with their owner, stored results, the tenant index.
 
 All of it reads the records the CLI and Python client write (`sq:task:<id>`, Celery's result
-key, `sq:idx:tenant:<tenant>`); nothing here has state of its own.
+key, `sq:idx:tenant:<tenant>`, `sq:idx:all`); nothing here has state of its own.
 """
 
 from __future__ import annotations
@@ -68,9 +68,11 @@ def decode_cursor(cursor: str) -> tuple[float, int]:
 
 
 def page(r: redis.Redis, tenant: str, *, limit: int, cursor: str | None,
-         keep: Any, scan_max: int = 5000) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
-    """Newest first: up to `limit` (task id, record) pairs of the tenant's index that `keep`
-    accepts, and the cursor after the last one looked at. Entries at one submit time come
+         keep: Any, scan_max: int = 5000, index: str | None = None,
+         ) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+    """Newest first: up to `limit` (task id, record) pairs of the tenant's index (or of
+    `index`: the all-tenants one) that `keep` accepts, and the cursor after the last one
+    looked at. Entries at one submit time come
     in a fixed order (Redis orders ties by member), so the cursor is (score, how many at
     that score were passed). At most `scan_max` entries are examined per call: a filter
     that matches little returns a short page with a cursor rather than scanning forever."""
@@ -78,7 +80,8 @@ def page(r: redis.Redis, tenant: str, *, limit: int, cursor: str | None,
     found: list[tuple[str, dict[str, str]]] = []
     examined = 0
     while examined < scan_max:
-        chunk = r.zrevrangebyscore(keys.tenant_index(tenant), _bound(top), "-inf", start=skip,
+        chunk = r.zrevrangebyscore(index or keys.tenant_index(tenant), _bound(top), "-inf",
+                                   start=skip,
                                    num=min(500, scan_max - examined), withscores=True)
         if not chunk:
             return found, None

@@ -20,7 +20,7 @@ from producer.http.auth import Caller, require
 from producer.http.models import CancelOutcome, Pending, Submitted, TaskPage, TaskView, links, view
 from producer.http.problems import Problem, not_found
 from producer.outbox import TENANT_LABEL
-from sandqueue import callbacks, catalog, errors
+from sandqueue import callbacks, catalog, errors, keys
 from sandqueue.contract import AgentResult, AgentTask, TaskStatus
 
 PROBLEM = {"content": {"application/problem+json": {"schema": {
@@ -146,8 +146,12 @@ def list_tasks(request: Request, caller: Annotated[Caller, Depends(require("read
                label: Annotated[list[str] | None, Query(description="KEY=VALUE, repeatable")]
                = None,
                batch: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-               cursor: str | None = None) -> TaskPage:
-    """The caller's tasks, newest first, filtered; `next_cursor` pages on."""
+               cursor: str | None = None,
+               tenant: Annotated[str | None, Query(
+                   description="an admin key: only this tenant's tasks (default: every "
+                   "tenant's)")] = None) -> TaskPage:
+    """The caller's tasks (an `admin` key: every tenant's), newest first, filtered;
+    `next_cursor` pages on."""
     wanted: dict[str, str] = {}
     for item in label or []:
         name, sep, value = item.partition("=")
@@ -166,8 +170,18 @@ def list_tasks(request: Request, caller: Annotated[Caller, Depends(require("read
         return all(have.get(k) == v for k, v in wanted.items())
 
     found, next_cursor = records.page(_client(request).redis, caller.tenant, limit=limit,
-                                      cursor=cursor, keep=keep)
+                                      cursor=cursor, keep=keep, index=_index(caller, tenant))
     return TaskPage(items=[view(t, r, None) for t, r in found], next_cursor=next_cursor)
+
+
+def _index(caller: Caller, tenant: str | None) -> str:
+    """Which listing index the caller reads: its own tenant's; an admin's, the one asked
+    for or all of them. Another tenant's, asked by a non-admin key, does not exist (404)."""
+    if tenant is not None and not caller.owns(tenant):
+        raise not_found(f"tenant {tenant[:100]!r}")
+    if caller.admin:
+        return keys.tenant_index(tenant) if tenant else keys.TASK_INDEX
+    return keys.tenant_index(caller.tenant)
 
 
 @router.get("/{task_id}", response_model=TaskView)
