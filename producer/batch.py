@@ -34,6 +34,8 @@ from sandqueue.store import as_text
 _MERGED = ("mcp", "envs", "labels")
 _FAILURES = (TaskStatus.FAILED.value, TaskStatus.TIMED_OUT.value)
 """What `--max-failures` counts: tasks that failed, not those the batch itself cancelled."""
+_TASK_FIELDS = frozenset({*AgentTask.model_fields, "id"})
+"""What a JSONL line may set besides template variables (`id` keys the input)."""
 _WAITING = frozenset({TaskStatus.QUEUED.value, "submitting"})
 """Open statuses that mean "not started yet" (`submitting`: key claimed, not yet sent)."""
 
@@ -139,6 +141,10 @@ def _rows(text: str, fmt: str, template: str | None) -> Iterator[tuple[int, dict
             except KeyError as e:
                 yield number, {"__error__": f"--prompt-template uses field {e}, not on this line"}
                 continue
+        if template:
+            # With a template, fields that are not task fields are its variables (as a CSV's
+            # columns are): they fill the prompt and are not part of the task.
+            value = {k: v for k, v in value.items() if k in _TASK_FIELDS}
         yield number, value
 
 
