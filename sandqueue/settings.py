@@ -196,7 +196,7 @@ class Settings(BaseSettings):
     )
     api_max_streams: int = Field(
         1000, ge=1, description="HTTP API: event streams and long-polls one `serve` process "
-        "holds open at once (each holds a Redis connection); 503 above it"
+        "holds open at once (they share one Redis reader); 503 above it"
     )
     api_max_wait_s: float = Field(
         60, gt=0, description="HTTP API: longest `?wait=` a result long-poll may ask for"

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from producer.api import Client
 from producer.apikeys import ApiKeys
 from producer.http import batches, problems, tasks
+from producer.http.fanout import StreamHub
 from sandqueue.settings import Settings, load_settings
 
 
@@ -73,9 +74,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_timeout=settings.api_heartbeat_s + 30,
             max_connections=settings.api_max_streams + 50, timeout=10))
         app.state.open_streams = 0
+        # One Redis reader for every event stream and long-poll of this process.
+        app.state.hub = StreamHub(settings.redis_url)
+        app.state.hub.start()
         try:
             yield
         finally:
+            await app.state.hub.close()
             await app.state.aredis.aclose()
             if "celery" in client.__dict__:
                 client.celery.close()

@@ -206,7 +206,7 @@ async def get_result(request: Request, task_id: str,
     await run_in_threadpool(records.owned_record, client, caller, task_id)
     # As `TaskHandle.wait()`: a task whose producer died before publishing it goes out now.
     await run_in_threadpool(client.republish_stranded, [task_id], STRANDED_AFTER_S)
-    aredis = request.app.state.aredis
+    aredis = request.app.state.hub.redis  # short reads share the stream reader's pool
     rkey = records.result_key(client, task_id)
 
     async def stored() -> dict[str, Any] | None:
@@ -217,7 +217,7 @@ async def get_result(request: Request, task_id: str,
     slots.check()
     request.app.state.open_streams += 1
     try:
-        result = await sse.wait_result(aredis, task_id, wait, stored)
+        result = await sse.wait_result(request.app.state.hub, task_id, wait, stored)
     finally:
         request.app.state.open_streams -= 1
     if result is not None:
@@ -240,13 +240,13 @@ async def follow_task(request: Request, task_id: str,
     client = _client(request)
     await run_in_threadpool(records.owned_record, client, caller, task_id)
     after = sse.start_after(last_event_id)
-    aredis = request.app.state.aredis
+    aredis = request.app.state.hub.redis  # short reads share the stream reader's pool
     rkey = records.result_key(client, task_id)
 
     async def stored() -> dict[str, Any] | None:
         return records.decode_result(await aredis.get(rkey))
 
-    frames = sse.task_events(aredis, task_id, after,
+    frames = sse.task_events(request.app.state.hub, task_id, after,
                              request.app.state.settings.api_heartbeat_s, stored)
     slots = sse.StreamSlots(request.app.state)
     slots.check()
