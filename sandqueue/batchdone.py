@@ -2,15 +2,15 @@
 
 Only batches with a `callback_url` are tracked. Their open tasks are a Redis set
 (`sq:batch:<id>:open`): tasks are added as they are submitted (`track`, skipping any that
-already ended) and removed as they end. Tasks end in three places: a worker finishing one
-(`worker/webhooks.after_task`), a producer cancelling a queued one (`Client.cancel_outcomes`),
-and `seal`, which a producer calls once it has submitted everything it will (after a
-cancel too), which also sweeps out tasks whose end nobody reported (a worker died between
-finishing and telling). Every path runs the same Lua script, which removes the task and,
-when the batch is sealed and its set is empty, claims the webhook with HSETNX on `fired`
-and records the delivery for the worker's dispatcher in the same atomic step: several
-workers ending tasks at the same instant cannot send it twice, and a producer dying right
-after the claim cannot lose it.
+already ended) and removed as they end. Tasks end in these places: a worker finishing one
+(`worker/webhooks.after_task`; recovery, for a worker that died before it could tell), a
+producer cancelling a queued one (`Client.cancel_outcomes`), and `seal`, which a producer
+calls once it has submitted everything it will (after a cancel too), which also sweeps out
+tasks whose end nobody reported (a worker died between finishing and telling). Every path
+runs the same Lua script, which removes the task and, when the batch is sealed and its set
+is empty, claims the webhook with HSETNX on `fired` and records the delivery for the
+worker's dispatcher in the same atomic step: several workers ending tasks at the same
+instant cannot send it twice, and a producer dying right after the claim cannot lose it.
 
 A resumed batch that submits new tasks (`--retry-failed`) opens a new round: `fired` is
 cleared and its next completion is delivered again under a new delivery id

@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from sandqueue.events import decode_entry
@@ -64,7 +67,9 @@ class StreamHub:
             socket_connect_timeout=5, socket_timeout=block_ms / 1000 + 30)
         self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             url, max_connections=pool_size, timeout=30, client_name=CLIENT_NAME,
-            socket_connect_timeout=5, socket_timeout=30))  # from_pool: closed with it
+            socket_connect_timeout=5, socket_timeout=30,
+            # An idle connection Redis closed (a restart) is replaced, not an error.
+            retry=Retry(NoBackoff(), 1), retry_on_error=[RedisConnectionError]))
         """Short reads of the followers (backlogs, stored results)."""
         self.positions: dict[str, str] = {}
         self.subs: dict[str, set[Subscription]] = {}

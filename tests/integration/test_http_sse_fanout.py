@@ -23,6 +23,7 @@ from producer.http import sse
 from producer.http.fanout import CLIENT_NAME, StreamHub
 from sandqueue import keys
 from sandqueue.events import EventLog
+from tests.integration.conftest import RestartableRedis
 from tests.integration.http_server import ApiServer, make_key, serve_fixture
 
 STREAMS = 200
@@ -205,3 +206,32 @@ def test_the_hub_ends_its_followers_when_it_closes(redis_url: str) -> None:
 
     sub, item = asyncio.run(scenario())
     assert item is None and sub.dropped == "the server is shutting down"
+
+
+def test_when_redis_goes_away_followers_are_dropped_and_the_hub_recovers(
+        aof_redis: RestartableRedis) -> None:
+    key = keys.events("outage")
+
+    async def scenario() -> tuple[Any, Any, int]:
+        hub = StreamHub(aof_redis.url)
+        hub.start()
+        try:
+            before = await hub.subscribe(key)
+            await asyncio.sleep(0.2)  # the reader is blocked on it
+            # When Redis goes down, Then the follower is told to reconnect
+            await asyncio.to_thread(aof_redis.down)
+            dropped = await asyncio.wait_for(before.queue.get(), 60)
+            await asyncio.to_thread(aof_redis.up)
+            # And once it is back, a new follower gets live entries again
+            after = await hub.subscribe(key)
+            writer = aioredis.Redis.from_url(aof_redis.url)
+            await writer.xadd(key, EventLog.entry({"phase": "progress", "n": 1}))
+            await writer.aclose()
+            item = await asyncio.wait_for(after.queue.get(), 60)
+            return before, dropped, item[1]["n"] if item else -1
+        finally:
+            await hub.close()
+
+    before, dropped, n = asyncio.run(scenario())
+    assert dropped is None and before.dropped == "redis unavailable, reconnect"
+    assert n == 1
