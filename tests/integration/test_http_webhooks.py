@@ -17,7 +17,7 @@ import redis
 
 from sandqueue import callbacks, keys
 from sandqueue.sealing import generate_key
-from tests.integration.conftest import StartWorker, run_cli, wait_until
+from tests.integration.conftest import StartWorker, assert_secret_absent, run_cli, wait_until
 from tests.integration.http_server import ApiServer, serve_fixture
 
 SEALING_KEY = generate_key()
@@ -220,6 +220,7 @@ def test_a_cli_batch_posts_its_summary_with_the_results_file(
     summary = json.loads(body)
     assert summary["by_status"] == {"succeeded": 5} and summary["results"]["file"] == str(out)
     assert_delivered_once(rdb, ok_receiver, batch_id)
+    assert_secret_absent(rdb, secret)  # Redis holds it sealed only
     # Without a secret configured, the CLI says what to set (exit 2) and submits nothing
     refused = run_cli(redis_url, "batch", "run", str(source), "--batch-id", "other",
                       "--callback-url", ok_receiver.url, env=ALLOW, cwd=tmp_path)
