@@ -5,7 +5,8 @@ process, side by side with the Python client's submit rate on the same Redis.
 
 Starts its own redis-server and `serve` (one process) on free loopback ports; no worker runs,
 so only submitting and streaming are measured. Streams: every one must receive its task's
-`queued` event and then a heartbeat (held open, not just opened). Timings on a shared
+`queued` event and then a heartbeat, and all are held open at once while the Redis
+connections of the `serve` process (and Redis's blocked clients) are counted. Timings on a shared
 machine are noisy: compare the rates of one run with each other, not across machines.
 """
 
@@ -19,11 +20,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from producer.api import Client
 from sandqueue.localredis import free_port, start_redis
@@ -78,27 +81,68 @@ def http_rate(url: str, key: str, n: int, threads: int) -> tuple[float, list[str
     return n / (time.perf_counter() - t0), ids
 
 
-async def hold_streams(url: str, key: str, task_ids: list[str]) -> dict[str, Any]:
-    """Open one stream per task; each must get its `queued` event, then a heartbeat."""
+async def hold_streams(url: str, key: str, task_ids: list[str],
+                       measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Open one stream per task; each must get its `queued` event, then a heartbeat. With
+    all of them held open at once, `measure` what the process holds of Redis."""
     limits = httpx.Limits(max_connections=len(task_ids) + 10)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits,
+    held, failed = 0, 0
+    all_in, release = asyncio.Event(), asyncio.Event()
+
+    def settle() -> None:
+        if held + failed == len(task_ids):
+            all_in.set()
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits,
                                  headers={"Authorization": f"Bearer {key}"}) as c:
 
         async def one(task_id: str) -> bool:
+            nonlocal held, failed
             got_event = False
-            async with c.stream("GET", f"/v1/tasks/{task_id}/events") as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data:") and json.loads(line[5:])["phase"] == "queued":
-                        got_event = True
-                    elif line.startswith(": heartbeat") and got_event:
-                        return True
+            try:
+                async with c.stream("GET", f"/v1/tasks/{task_id}/events") as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data:") and json.loads(line[5:])["phase"] == "queued":
+                            got_event = True
+                        elif line.startswith(": heartbeat") and got_event:
+                            held += 1
+                            settle()
+                            await release.wait()  # held open until measured
+                            return True
+            except Exception:
+                failed += 1
+                settle()
+                raise
+            failed += 1
+            settle()
             return False
 
         t0 = time.perf_counter()
-        held = await asyncio.gather(*(one(t) for t in task_ids), return_exceptions=True)
-        return {"streams": len(task_ids), "held": sum(h is True for h in held),
-                "errors": sorted({type(h).__name__ for h in held if isinstance(h, Exception)}),
-                "all_held_after_s": round(time.perf_counter() - t0, 2)}
+        streams = asyncio.gather(*(one(t) for t in task_ids), return_exceptions=True)
+        await asyncio.wait_for(all_in.wait(), 300)
+        all_held_after_s = round(time.perf_counter() - t0, 2)
+        measured = measure()
+        release.set()
+        results = await streams
+        return {"streams": len(task_ids), "held": sum(h is True for h in results),
+                "errors": sorted({type(h).__name__ for h in results
+                                  if isinstance(h, Exception)}),
+                "all_held_after_s": all_held_after_s, **measured}
+
+
+def redis_use(serve_pid: int, redis_url: str, redis_port: int) -> dict[str, Any]:
+    """What the `serve` process holds of Redis: its TCP connections to it, and how many
+    clients Redis has blocked (each stream used to block one connection in XREAD)."""
+    from redis import Redis
+
+    conns = [c for c in psutil.Process(serve_pid).net_connections(kind="tcp")
+             if c.raddr and c.raddr.port == redis_port and c.status == "ESTABLISHED"]
+    client = Redis.from_url(redis_url)
+    try:
+        blocked = int(client.info("clients")["blocked_clients"])
+    finally:
+        client.close()
+    return {"serve_redis_connections": len(conns), "redis_blocked_clients": blocked}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         _, key, _ = ApiKeys(Redis.from_url(redis.url)).create("bench")
         py_rate = python_client_rate(redis.url, args.tasks)
         rate, ids = http_rate(url, key, args.tasks, args.threads)
-        streams = asyncio.run(hold_streams(url, key, ids[:args.streams]))
+        # The submit burst left idle connections in serve's pools: count them apart.
+        before = redis_use(proc.pid, redis.url, redis.port)["serve_redis_connections"]
+        streams = asyncio.run(hold_streams(url, key, ids[:args.streams],
+                                           lambda: redis_use(proc.pid, redis.url, redis.port)))
         report = {"python_client_submits_per_s": round(py_rate, 1),
                   "http_submits_per_s": round(rate, 1), "http_threads": args.threads,
-                  "tasks": args.tasks, **streams}
+                  "tasks": args.tasks, "serve_redis_connections_before_streams": before,
+                  **streams}
         print(json.dumps(report, indent=2))
         print(f"serve log: {workdir / 'serve.log'}", file=sys.stderr)
     finally:

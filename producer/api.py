@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from producer.outbox import IdempotencyConflict, Outbox
 from producer.taskinfo import TaskInfo
-from sandqueue import errors, keys, signing, tracing
+from sandqueue import batchdone, errors, keys, signing, tracing
 from sandqueue.artifacts import (
     ArtifactError,
     ArtifactNotFound,
@@ -598,9 +598,22 @@ class Client:
             ended_now = [t for t, (o, _) in outcomes.items() if o == "cancelled"]
             for task_id in ended_now:
                 self._store_cancelled(task_id)
+            self._batch_tasks_ended(ended_now)
         except (redis.RedisError, OperationalError) as e:
             raise _redis_error(e, self.settings) from e
         return outcomes
+
+    def _batch_tasks_ended(self, task_ids: list[str]) -> None:
+        """Tasks ended here, by no worker: a batch they complete gets its webhook."""
+        if not task_ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hget(keys.task(task_id), "batch")
+        for task_id, batch_id in zip(task_ids, pipe.execute(), strict=True):
+            if batch_id:
+                batchdone.task_ended(self.redis, as_text(batch_id), task_id,
+                                     self.settings.result_expires_s)
 
     def _store_cancelled(self, task_id: str) -> None:
         """The result of a task cancelled before any worker took it, so `wait()` returns.

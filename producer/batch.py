@@ -28,13 +28,15 @@ from typing import Any
 
 from producer.batch_csv import CsvResults, shared_schema
 from producer.outbox import fingerprint
-from sandqueue import errors, keys
+from sandqueue import batchdone, callbacks, errors, keys
 from sandqueue.contract import FINAL_STATUSES, AgentResult, AgentTask, TaskStatus
 from sandqueue.store import as_text
 
 _MERGED = ("mcp", "envs", "labels")
 _FAILURES = (TaskStatus.FAILED.value, TaskStatus.TIMED_OUT.value)
 """What `--max-failures` counts: tasks that failed, not those the batch itself cancelled."""
+_TASK_FIELDS = frozenset({*AgentTask.model_fields, "id"})
+"""What a JSONL line may set besides template variables (`id` keys the input)."""
 _WAITING = frozenset({TaskStatus.QUEUED.value, "submitting"})
 """Open statuses that mean "not started yet" (`submitting`: key claimed, not yet sent)."""
 
@@ -156,6 +158,10 @@ def _rows(text: str, fmt: str, template: str | None) -> Iterator[tuple[int, dict
             except KeyError as e:
                 yield number, {"__error__": f"--prompt-template uses field {e}, not on this line"}
                 continue
+        if template:
+            # With a template, fields that are not task fields are its variables (as a CSV's
+            # columns are): they fill the prompt and are not part of the task.
+            value = {k: v for k, v in value.items() if k in _TASK_FIELDS}
         yield number, value
 
 
@@ -200,6 +206,23 @@ def parse_inputs(text: str, fmt: str, *, prepare: Callable[[dict[str, Any]], Age
     if not inputs:
         raise errors.InvalidTask(f"{source} holds no tasks")
     return inputs
+
+
+def sealed_callback(client: Any, url: str, secret: str | None = None) -> tuple[str, str]:
+    """(URL, sealed secret) of a batch's completion webhook from the CLI or Python API, or
+    InvalidTask saying what to change. The secret defaults to SANDQUEUE_WEBHOOK_SECRET."""
+    why = callbacks.refusal(url, allow_private=client.settings.webhook_allow_private)
+    if why:
+        raise errors.InvalidTask(why)
+    if secret is None and client.settings.webhook_secret is not None:
+        secret = client.settings.webhook_secret.get_secret_value()
+    if not secret or len(secret) < 16:
+        raise errors.InvalidTask("a batch callback needs a signing secret of 16+ characters: "
+                                 "set SANDQUEUE_WEBHOOK_SECRET (e.g. `openssl rand -hex 32`)")
+    if not client.sealer.enabled:
+        raise errors.InvalidTask("the callback secret would travel through Redis in clear; "
+                                 "set SANDQUEUE_SECRET_KEYS (`sandqueue keygen` makes one)")
+    return url, client.sealer.seal(secret)
 
 
 def derive_batch_id(path: Path, defaults: dict[str, Any], template: str | None) -> str:
@@ -308,6 +331,23 @@ class Batch:
         pipe.execute()
         return new
 
+    def set_callback(self, url: str, sealed_secret: str, out: Path | None = None) -> None:
+        """POST the batch's summary to `url` once its last task has ended (`batchdone`):
+        from now on its submitted tasks are tracked. The URL must be checked already."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(batch_key(self.id), mapping={"callback_url": url,
+                                               "callback_secret": sealed_secret,
+                                               **({"out": str(out)} if out else {})})
+        pipe.expire(batch_key(self.id), self.ttl_s)
+        pipe.execute()
+        # Tasks of an earlier run that are still open count too.
+        batchdone.track(self.r, self.id, list(self.items().values()), self.ttl_s)
+
+    def seal(self) -> str | None:
+        """Nothing more will be submitted by this run: the completion webhook goes out when
+        the open tasks have ended (now, if they have). Returns its delivery id if now."""
+        return batchdone.seal(self.r, self.id, self.ttl_s)
+
     def set_status(self, status: str, reason: str | None = None) -> None:
         self.r.hset(batch_key(self.id), mapping={"status": status, "reason": reason or ""})
 
@@ -330,6 +370,7 @@ class Batch:
             pipe.hset(batch_key(self.id, "items"),
                       mapping={i.key: h.id for i, h in zip(part, handles, strict=True)})
             pipe.expire(batch_key(self.id, "items"), self.ttl_s)
+            batchdone.track(self.r, self.id, [h.id for h in handles], self.ttl_s, client=pipe)
             pipe.execute()
             submitted.update({h.id: i.key for i, h in zip(part, handles, strict=True)})
         return submitted
@@ -379,7 +420,9 @@ class Batch:
         states = self.states(ids)
         final = {s.value for s in FINAL_STATUSES}
         open_ids = [t for t in ids if states[t][0] not in final]
-        return self.client.cancel_many(open_ids)
+        cancelled = self.client.cancel_many(open_ids)
+        self.seal()  # a cancelled batch submits no more: it completes when its tasks end
+        return cancelled
 
     def counts(self) -> dict[str, Any]:
         ids = list(self.items().values())
@@ -458,9 +501,11 @@ class BatchRunner:
         if not new:
             self.on_resume(self.plan)
         pending.update(self.batch.submit(todo, queue=self.queue, stop=self._should_stop))
+        self.batch.seal()
         if self._over_budget():
             self._stop(pending)
         self._follow(pending)
+        self.batch.seal()  # a task whose end went unreported (its worker died) ends here
         if self.progress.stopped is None and self.batch.meta().get("status") == "running":
             self.batch.set_status("done")
         elif self._failures_at_stop is not None or self._cancelled_by_stop:
@@ -661,13 +706,17 @@ class BatchHandle:
 
 
 def submit_batch(tasks: list[AgentTask | dict[str, Any] | str], *, batch_id: str | None = None,
-                 client: Any = None, queue: str | None = None) -> BatchHandle:
+                 client: Any = None, queue: str | None = None, callback_url: str | None = None,
+                 callback_secret: str | None = None) -> BatchHandle:
     """Validate every task (raising BatchInvalid with all bad ones), then submit them all in
     pipelined chunks. Task keys are list positions ("0", "1", ...) unless a dict has "id".
-    Submitting the same batch id again submits nothing twice."""
+    Submitting the same batch id again submits nothing twice. With `callback_url`, the
+    batch's summary is POSTed there once its last task has ended, signed with
+    `callback_secret` (default: SANDQUEUE_WEBHOOK_SECRET)."""
     from producer.api import default_client
 
     client = client or default_client()
+    hook = sealed_callback(client, callback_url, callback_secret) if callback_url else None
     inputs: list[BatchInput] = []
     bad: list[BadLine] = []
     for n, task in enumerate(tasks):
@@ -685,8 +734,11 @@ def submit_batch(tasks: list[AgentTask | dict[str, Any] | str], *, batch_id: str
         json.dumps([[i.key, fingerprint(i.task)] for i in inputs]).encode()
     ).hexdigest()[:16])
     batch.register(inputs, "api")
+    if hook is not None:
+        batch.set_callback(*hook)
     known = batch.items()
     client.republish_stranded(list(known.values()))
     submitted = {task_id: key for key, task_id in known.items()}
     submitted.update(batch.submit([i for i in inputs if i.key not in known], queue=queue))
+    batch.seal()
     return BatchHandle(batch, submitted)

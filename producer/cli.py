@@ -655,6 +655,8 @@ def batch() -> None:
               help="Files every task brings back as artifacts (issue 12).")
 @click.option("--repo-token", metavar="${NAME}",
               help="Token reference for every line's repo (JSONL `repo`, CSV `repo`/`ref`).")
+@click.option("--callback-url", help="POST the batch's summary here when its last task ends "
+              "(signed with SANDQUEUE_WEBHOOK_SECRET).")
 @click.option("--queue", envvar="SANDQUEUE_QUEUE", show_envvar=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.option("--no-progress", is_flag=True, help="No live progress bar.")
@@ -663,10 +665,10 @@ def batch() -> None:
 def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template: str | None,
               batch_id: str | None, mcp_names: tuple[str, ...], mcp_settings: tuple[str, ...],
               envs: tuple[str, ...], labels: tuple[str, ...], batch_max_cost: float | None,
-              max_failures: int | None, retry_failed: bool, queue: str | None, as_json: bool,
-              no_progress: bool, **fields: Any) -> None:
+              max_failures: int | None, retry_failed: bool, callback_url: str | None,
+              queue: str | None, as_json: bool, no_progress: bool, **fields: Any) -> None:
     """Run a batch; run the same command again to resume it."""
-    from producer.batch import Batch, BatchRunner, derive_batch_id, load_inputs
+    from producer.batch import Batch, BatchRunner, derive_batch_id, load_inputs, sealed_callback
 
     client = _client(ctx)
     fields["output_schema"] = read_output_schema(fields.get("output_schema"))
@@ -681,7 +683,10 @@ def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template:
             defaults[name] = value
     inputs = load_inputs(file, prepare=client.prepare, defaults=defaults,
                          template=prompt_template)
+    hook = sealed_callback(client, callback_url) if callback_url else None
     batch_id = batch_id or derive_batch_id(file, defaults, prompt_template)
+    if hook is not None:
+        Batch(client, batch_id).set_callback(*hook, out=out)
     runner = BatchRunner(Batch(client, batch_id), inputs, out=out, queue=queue,
                          max_cost_usd=batch_max_cost, max_failures=max_failures,
                          retry_failed=retry_failed)

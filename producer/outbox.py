@@ -46,8 +46,10 @@ task under it, in the same atomic step, so no task is ever visible without its o
 # ARGV: now, ttl, task key prefix, tenant index prefix, tenant open-set prefix, then 7 per
 # task: id, idempotency key (or ''), fingerprint, message body (JSON), queue, tenant (or ''),
 # labels (JSON).
+# KEYS: the index of every tenant's tasks (admin listings).
 # Returns one {verdict, id[, body, queue]} per task. A task with a tenant is recorded with
-# it and its labels (what `GET /v1/tasks` filters on) and indexed under that tenant.
+# it and its labels (what `GET /v1/tasks` filters on) and indexed under that tenant and in
+# the all-tenants index.
 _CLAIM = """
 local now, ttl, prefix, idx, openp = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4],
   ARGV[5]
@@ -96,6 +98,9 @@ for i = 0, n - 1 do
       redis.call('EXPIRE', openp .. tenant, ttl)
       redis.call('ZREMRANGEBYSCORE', idx .. tenant, '-inf', tonumber(now) - ttl)
       redis.call('EXPIRE', idx .. tenant, ttl)
+      redis.call('ZADD', KEYS[1], now, id)
+      redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now) - ttl)
+      redis.call('EXPIRE', KEYS[1], ttl)
     end
     redis.call('EXPIRE', key, ttl)
   end
@@ -215,7 +220,7 @@ class Outbox:
                      json.dumps(body, separators=(",", ":")), queue,
                      task.labels.get(TENANT_LABEL, ""),
                      json.dumps(task.labels, separators=(",", ":"), sort_keys=True)]
-        out = self._claim(keys=[], args=args)
+        out = self._claim(keys=[keys.TASK_INDEX], args=args)
         claims = [_claim(v) for v in out]
         conflicts = {task.idempotency_key or "": c.task_id
                      for (_, task, _, _), c in zip(entries, claims, strict=True)

@@ -56,10 +56,11 @@ DEADLETTER = f"{PREFIX}deadletter"
 
 
 def batch(batch_id: str, suffix: str = "") -> str:
-    """`sq:batch:<id>` (hash: meta, status), `:keys` (list, input order), `:items` (hash:
-    input key -> current task id), `:gen` (hash: input key -> retry generation), `:tasks`
-    (hash: input key -> the prepared task's JSON, secrets sealed; HTTP batches only, so the
-    dashboard can run failed inputs again)."""
+    """`sq:batch:<id>` (hash: meta, status, completion webhook), `:keys` (list, input
+    order), `:items` (hash: input key -> current task id), `:gen` (hash: input key -> retry
+    generation), `:open` (set: task ids not ended yet, for a batch with a callback_url;
+    `sandqueue/batchdone.py`), `:tasks` (hash: input key -> the prepared task's JSON,
+    secrets sealed; HTTP batches only, so the dashboard can run failed inputs again)."""
     return f"{PREFIX}batch:{batch_id}{':' + suffix if suffix else ''}"
 
 
@@ -101,6 +102,11 @@ def tenant_index(tenant: str) -> str:
     return f"{PREFIX}idx:tenant:{tenant}"
 
 
+TASK_INDEX = f"{PREFIX}idx:all"
+"""Sorted set: task id -> submit time of every tenant's tasks (trimmed and expiring as the
+per-tenant indexes): what an `admin` key's unfiltered `GET /v1/tasks` reads."""
+
+
 def submit_rate(tenant: str, window: int) -> str:
     """String: submits of a tenant in one rate-limit window (expires after it)."""
     return f"{PREFIX}rate:{tenant}:{window}"
@@ -109,7 +115,7 @@ def submit_rate(tenant: str, window: int) -> str:
 def webhook(task_id: str) -> str:
     """Hash: a task's completion callback: URL, sealed secret, body, state, attempts
     (`worker/webhooks.py`); `<this key>:log` is the list of its attempts. Both expire with
-    the result."""
+    the result. A batch's completion is delivery `batch:<batch id>:<round>`."""
     return f"{PREFIX}webhook:{task_id}"
 
 

@@ -196,7 +196,7 @@ class Settings(BaseSettings):
     )
     api_max_streams: int = Field(
         1000, ge=1, description="HTTP API: event streams and long-polls one `serve` process "
-        "holds open at once (each holds a Redis connection); 503 above it"
+        "holds open at once (they share one Redis reader); 503 above it"
     )
     api_max_wait_s: float = Field(
         60, gt=0, description="HTTP API: longest `?wait=` a result long-poll may ask for"
@@ -211,6 +211,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(10, gt=0, description="timeout of one callback POST")
     webhook_backoff_s: float = Field(
         2, ge=0, description="first callback retry delay, doubled per attempt (max 5 min)"
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC key that signs the completion webhooks of batches run from "
+        "the CLI or the Python API (`--callback-url`); HTTP batches use their API key's"
     )
     signing_keys: SecretStr | None = Field(
         None, description="comma-separated secrets; producers sign task messages with the "

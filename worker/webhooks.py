@@ -1,7 +1,8 @@
 """Completion callbacks (webhooks), delivered without holding a task thread.
 
 `after_task` is called once where a task's result is final (`worker/tasks.py`). For a task
-with a `callback_url` it only records the delivery in Redis and returns:
+with a `callback_url` (or the last task of a batch with one, `sandqueue/batchdone.py`) it
+only records the delivery in Redis and returns:
 `sq:webhook:<id>` (hash: url, sealed secret, body, state, attempts, log) and
 `sq:webhooks:due` (sorted set: task id -> when the next attempt is due). One dispatcher
 thread per worker process takes due deliveries (the claim moves them a lease ahead, so a
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 import redis
 
-from sandqueue import callbacks, errors, keys, metrics
+from sandqueue import batchdone, callbacks, errors, keys, metrics
 from sandqueue.sealing import Sealer
 from sandqueue.settings import Settings
 from sandqueue.store import as_text
@@ -101,6 +102,12 @@ class Dispatcher:
         if not raw or raw.get("state") != "pending":
             self.r.zrem(keys.WEBHOOKS_DUE, task_id)
             return
+        if "body" not in raw and raw.get("batch"):
+            # A batch's completion: its summary is read now, off the task threads, and
+            # kept so that every retry sends the same body.
+            raw["body"] = json.dumps(batchdone.summary(self.r, raw["batch"]),
+                                     separators=(",", ":"))
+            self.r.hset(keys.webhook(task_id), "body", raw["body"])
         attempt = int(raw["attempts"]) + 1
         why = callbacks.refusal(raw["url"], allow_private=self.settings.webhook_allow_private)
         if why and "does not resolve" not in why:
@@ -169,13 +176,18 @@ def dispatcher(client: redis.Redis, settings: Settings) -> Dispatcher:
 
 def after_task(runtime: Any, task_id: str, args: tuple[Any, ...],
                result: dict[str, Any]) -> None:
-    """The one hook: a finished task's result goes to its `callback_url`, if it has one.
+    """The one hook: a finished task's result goes to its `callback_url`, if it has one,
+    and a batch whose last task this was gets its completion webhook (`batchdone`).
     Never raises: a callback problem must not change the task's outcome."""
     try:
         task = args[0]["task"] if args and isinstance(args[0], dict) else {}
         url, secret = task.get("callback_url"), task.get("callback_secret")
         if isinstance(url, str) and isinstance(secret, str):
             dispatcher(runtime.redis, runtime.settings).schedule(task_id, url, secret, result)
+        batch_id = (task.get("labels") or {}).get("batch")
+        if isinstance(batch_id, str) and batch_id:
+            batchdone.task_ended(runtime.redis, batch_id, task_id,
+                                 runtime.settings.result_expires_s)
     except Exception:
         log.exception("task %s: could not schedule its callback", task_id)
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from producer.api import Client
 from producer.apikeys import ApiKeys
 from producer.http import artifacts, batches, dashboard, problems, tasks
+from producer.http.fanout import StreamHub
 from producer.http.metrics import metrics_endpoint
 from sandqueue import metrics, tracing
 from sandqueue.settings import Settings, load_settings
@@ -78,9 +79,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.fleet = metrics.FleetCollector(lambda: client.redis)
         metrics.tenant_label.limit = settings.metrics_max_tenants
         tracing.setup(settings.tracing, "sandqueue-api", settings.tracing_endpoint)
+        # One Redis reader for every event stream and long-poll of this process.
+        app.state.hub = StreamHub(settings.redis_url)
+        app.state.hub.start()
         try:
             yield
         finally:
+            await app.state.hub.close()
             await app.state.aredis.aclose()
             if "celery" in client.__dict__:
                 client.celery.close()

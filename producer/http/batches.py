@@ -22,7 +22,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
@@ -32,6 +32,7 @@ from producer.batch import Batch, BatchInput, batch_key, parse_inputs
 from producer.http.auth import Caller, require
 from producer.http.problems import Problem, not_found
 from producer.http.tasks import ERRORS, PROBLEM, bind_to_caller, charge
+from sandqueue import callbacks
 from sandqueue.contract import FINAL_STATUSES, AgentTask
 from sandqueue.store import as_text
 
@@ -43,7 +44,8 @@ _BODY_DOC = {"requestBody": {"required": True, "content": {
         {"type": "array", "items": {"type": "object"}},
         {"type": "object", "properties": {
             "tasks": {"type": "array", "items": {"type": "object"}},
-            "defaults": {"type": "object"}, "prompt_template": {"type": "string"}},
+            "defaults": {"type": "object"}, "prompt_template": {"type": "string"},
+            "callback_url": {"type": "string"}},
          "required": ["tasks"]}]}},
     "application/x-ndjson": {"schema": {"type": "string"}}}}}
 
@@ -61,21 +63,23 @@ def _links(batch_id: str) -> dict[str, str]:
             "cancel": f"{base}/cancel"}
 
 
-def _body(raw: bytes, content_type: str) -> tuple[str, dict[str, Any], str | None]:
-    """(JSONL text, defaults, prompt template) of a batch body."""
+def _body(raw: bytes, content_type: str) -> tuple[str, dict[str, Any], str | None, Any]:
+    """(JSONL text, defaults, prompt template, callback URL) of a batch body."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise Problem(400, "bad_request", f"the body is not UTF-8 ({e.reason})") from e
     if content_type.split(";")[0].strip().lower() in JSONL_TYPES:
-        return text, {}, None
+        return text, {}, None, None
     try:
         value = json.loads(text)
     except ValueError as e:
         raise Problem(400, "bad_request", "the body is not JSON; send a JSON array of tasks, "
                       "or JSONL with Content-Type: application/x-ndjson") from e
+    callback_url = None
     if isinstance(value, dict) and isinstance(value.get("tasks"), list):
         defaults, template = value.get("defaults") or {}, value.get("prompt_template")
+        callback_url = value.get("callback_url")
         if not isinstance(defaults, dict) or not isinstance(template, str | None):
             raise Problem(422, "invalid_task", "defaults must be an object and "
                           "prompt_template a string")
@@ -85,7 +89,22 @@ def _body(raw: bytes, content_type: str) -> tuple[str, dict[str, Any], str | Non
     if not isinstance(value, list):
         raise Problem(422, "invalid_task", "send a JSON array of tasks, or an object with "
                       "a `tasks` array")
-    return "\n".join(json.dumps(v) for v in value), defaults, template
+    return "\n".join(json.dumps(v) for v in value), defaults, template, callback_url
+
+
+def _callback(request: Request, caller: Caller, url: Any) -> tuple[str, str] | None:
+    """The batch's completion webhook: (URL, the API key's sealed webhook secret)."""
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise Problem(422, "invalid_task", "callback_url must be a string (an http(s) URL)")
+    why = callbacks.refusal(url, allow_private=request.app.state.settings.webhook_allow_private)
+    if why:
+        raise Problem(422, "invalid_task", why)
+    if caller.key.webhook_secret is None:
+        raise Problem(422, "invalid_task", "callback_url: this API key has no webhook secret "
+                      "(it was made without SANDQUEUE_SECRET_KEYS); ask for a new key")
+    return url, caller.key.webhook_secret
 
 
 def _batch_id(tenant: str, idempotency_key: str | None, raw: bytes) -> str:
@@ -97,7 +116,8 @@ def _batch_id(tenant: str, idempotency_key: str | None, raw: bytes) -> str:
 def owned_batch(request: Request, caller: Caller, batch_id: str) -> Batch:
     client: Client = request.app.state.client
     batch = Batch(client, batch_id[:64])
-    if not caller.owns(batch.meta().get("tenant")):
+    meta = batch.meta()
+    if not meta or not caller.owns(meta.get("tenant")):  # an admin owns every existing one
         raise not_found(f"batch {batch_id[:64]}")
     return batch
 
@@ -108,10 +128,15 @@ def owned_batch(request: Request, caller: Caller, batch_id: str) -> Batch:
                         429: {"description": "submit rate limit", **PROBLEM}})
 async def submit_batch(request: Request, caller: Annotated[Caller, Depends(require("submit"))],
                        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")]
-                       = None) -> BatchSubmitted:
+                       = None,
+                       callback_url: Annotated[str | None, Query(
+                           description="POST the batch's summary here when its last task "
+                           "ends (a JSON body may carry it as `callback_url` instead)")] = None,
+                       ) -> BatchSubmitted:
     """Validate every line, then submit them all; posting it again resumes it."""
     raw = await request.body()
-    text, defaults, template = _body(raw, request.headers.get("content-type", ""))
+    text, defaults, template, in_body = _body(raw, request.headers.get("content-type", ""))
+    hook = _callback(request, caller, in_body if in_body is not None else callback_url)
     client: Client = request.app.state.client
 
     def prepare(fields: dict[str, Any]) -> AgentTask:
@@ -122,12 +147,13 @@ async def submit_batch(request: Request, caller: Annotated[Caller, Depends(requi
     inputs = await run_in_threadpool(parse_inputs, text, "jsonl", prepare=prepare,
                                      defaults=defaults, template=template, source="the body")
     batch = Batch(client, _batch_id(caller.tenant, idempotency_key, raw))
-    submitted = await run_in_threadpool(_submit, request, caller, batch, inputs)
+    submitted = await run_in_threadpool(_submit, request, caller, batch, inputs, hook)
     return BatchSubmitted(id=batch.id, total=len(inputs), submitted=submitted,
                           links=_links(batch.id))
 
 
-def _submit(request: Request, caller: Caller, batch: Batch, inputs: list[BatchInput]) -> int:
+def _submit(request: Request, caller: Caller, batch: Batch, inputs: list[BatchInput],
+            hook: tuple[str, str] | None) -> int:
     """What `submit_batch` in producer/batch.py does, plus the tenant and line numbers."""
     batch.register(inputs, "http")
     pipe = batch.r.pipeline(transaction=False)
@@ -139,6 +165,8 @@ def _submit(request: Request, caller: Caller, batch: Batch, inputs: list[BatchIn
               mapping={i.key: i.task.model_dump_json(exclude_defaults=True) for i in inputs})
     pipe.expire(batch_key(batch.id, "tasks"), batch.ttl_s)
     pipe.execute()
+    if hook is not None:
+        batch.set_callback(*hook)
     known = batch.items()
     batch.client.republish_stranded(list(known.values()))
     todo = [i for i in inputs if i.key not in known]
@@ -146,7 +174,9 @@ def _submit(request: Request, caller: Caller, batch: Batch, inputs: list[BatchIn
         # One request, one charge: the body limit bounds a batch's size, and a per-task
         # charge would refuse for ever any batch larger than the per-minute limit.
         charge(request, caller, 1)
-    return len(batch.submit(todo))
+    submitted = len(batch.submit(todo))
+    batch.seal()
+    return submitted
 
 
 @router.get("/{batch_id}")

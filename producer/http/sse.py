@@ -1,7 +1,8 @@
 """A task's progress as Server-Sent Events, read from its Redis Stream, and the result
 long-poll, which waits on the same stream.
 
-Each event's SSE `id:` is its stream entry id, so a client that reconnects with
+One reader per process follows every stream (`fanout.py`). Each event's SSE `id:` is its
+stream entry id, so a client that reconnects with
 `Last-Event-ID` (EventSource does it by itself) continues with the entry right after it:
 nothing lost, nothing repeated. A comment line goes out every `api_heartbeat_s` while the
 task is quiet, so proxies keep the connection open. The stream ends after the `result` event.
@@ -16,9 +17,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from producer.http.fanout import StreamHub, entry_order
 from producer.http.problems import Problem
 from sandqueue import keys
 from sandqueue.events import decode_entry
@@ -31,10 +32,11 @@ event, the result is looked for this long (it is normally there within milliseco
 
 
 class StreamSlots:
-    """Event streams and long-polls each hold a Redis connection while they wait: one
-    process holds about `api_max_streams` of them at most, and answers 503 (retry, or add
-    replicas) beyond that rather than failing those it already holds. A slot is counted
-    only while its stream runs, so a response that never starts leaks nothing."""
+    """Event streams and long-polls share one Redis reader (`fanout.py`), but each holds a
+    socket, a queue and a task: one process holds about `api_max_streams` of them at most,
+    and answers 503 (retry, or add replicas) beyond that rather than failing those it
+    already holds. A slot is counted only while its stream runs, so a response that never
+    starts leaks nothing."""
 
     def __init__(self, state: Any) -> None:
         self.state = state
@@ -72,58 +74,107 @@ def frame(entry_id: str | None, event: dict[str, Any]) -> bytes:
     return f"{head}data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
 
 
-async def task_events(r: aioredis.Redis, task_id: str, after: str, heartbeat_s: float,
+async def task_events(hub: StreamHub, task_id: str, after: str, heartbeat_s: float,
                       stored_result: Callable[[], Awaitable[dict[str, Any] | None]],
                       ) -> AsyncIterator[bytes]:
-    """SSE frames from entry `after` on, live, until the result event."""
+    """SSE frames from entry `after` on, live, until the result event: the backlog read
+    directly, then the live entries the process's one reader fans out (`fanout.py`)."""
     key = keys.events(task_id)
     yield b"retry: 2000\n\n"
-    while True:
-        answer = await r.xread({key: after}, count=100, block=int(heartbeat_s * 1000))
-        if not answer:
-            result = await stored_result()
-            if result is None:
-                yield b": heartbeat\n\n"
-                continue
-            # Ended, and its stream has nothing more (expired or trimmed): end with the
-            # result itself, so the client still gets a last event.
-            answer = await r.xread({key: after}, count=100)
-            if not answer:
-                yield frame(None, {"phase": "result", "status": result["status"],
-                                   "error": (result.get("error") or {}).get("category")})
+    sub = await hub.subscribe(key)  # before the backlog: no entry falls between the two
+    try:
+        last = [after]
+        async for chunk in _catch_up(hub, key, last):
+            yield chunk
+            if chunk is _END:
                 return
+        while True:
+            if sub.dropped and sub.queue.empty():
+                yield f": {sub.dropped}\n\n".encode()
+                return
+            try:
+                item = await asyncio.wait_for(sub.queue.get(), heartbeat_s)
+            except TimeoutError:
+                async for chunk in _quiet(hub, key, last, stored_result):
+                    yield chunk
+                    if chunk is _END:
+                        return
+                continue
+            if item is None or entry_order(item[0]) <= entry_order(last[0]):
+                continue  # a wake-up, or an entry the backlog already sent
+            last[0] = item[0]
+            yield frame(item[0], item[1])
+            if item[1].get("phase") == "result":
+                return
+    finally:
+        hub.unsubscribe(sub)
+
+
+_END = b""
+"""Yielded (never sent) after the result event: the stream is over."""
+
+
+async def _catch_up(hub: StreamHub, key: str, last: list[str]) -> AsyncIterator[bytes]:
+    """Frames of the entries after `last[0]` that are in the stream now (a non-blocking
+    read), advancing `last[0]`; `_END` after the result event."""
+    while True:
+        answer = await hub.redis.xread({key: last[0]}, count=200)
+        if not answer:
+            return
         for _, entries in answer:
             for entry_id, fields in entries:
-                after = as_text(entry_id)
+                last[0] = as_text(entry_id)
                 event = decode_entry(fields)
-                yield frame(after, event)
+                yield frame(last[0], event)
                 if event.get("phase") == "result":
+                    yield _END
                     return
 
 
-async def wait_result(r: aioredis.Redis, task_id: str, wait_s: float,
+async def _quiet(hub: StreamHub, key: str, last: list[str],
+                 stored_result: Callable[[], Awaitable[dict[str, Any] | None]],
+                 ) -> AsyncIterator[bytes]:
+    """Nothing new for a heartbeat: a heartbeat, unless the task has ended. Then whatever
+    its stream still holds, or (expired or trimmed) the result itself as the last event."""
+    result = await stored_result()
+    if result is None:
+        yield b": heartbeat\n\n"
+        return
+    sent = False
+    async for chunk in _catch_up(hub, key, last):
+        sent = True
+        yield chunk
+        if chunk is _END:
+            return
+    if not sent:
+        yield frame(None, {"phase": "result", "status": result["status"],
+                           "error": (result.get("error") or {}).get("category")})
+        yield _END
+
+
+async def wait_result(hub: StreamHub, task_id: str, wait_s: float,
                       stored_result: Callable[[], Awaitable[dict[str, Any] | None]],
                       ) -> dict[str, Any] | None:
-    """The result, waiting up to `wait_s` for it: woken by the task's next stream entry,
-    not by polling, so it answers as soon as the task ends."""
-    key = keys.events(task_id)
+    """The result, waiting up to `wait_s` for it: woken by the task's next stream entry
+    (from the process's one reader), not by polling, so it answers as soon as it ends."""
     deadline = time.monotonic() + wait_s
-    newest = await r.xrevrange(key, count=1)
-    after = as_text(newest[0][0]) if newest else "0-0"
-    result = await stored_result()
-    while result is None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        answer = await r.xread({key: after}, count=100, block=max(1, int(min(remaining, 5) * 1000)))
-        ended = False
-        for _, entries in answer or []:
-            for entry_id, fields in entries:
-                after = as_text(entry_id)
-                ended = ended or decode_entry(fields).get("phase") == "result"
+    sub = await hub.subscribe(keys.events(task_id))  # before looking: no wake-up is missed
+    try:
         result = await stored_result()
-        lag_end = time.monotonic() + _RESULT_LAG_S
-        while ended and result is None and time.monotonic() < min(lag_end, deadline):
-            await asyncio.sleep(0.02)
+        while result is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or sub.dropped:
+                return None
+            try:
+                item = await asyncio.wait_for(sub.queue.get(), min(remaining, 5))
+            except TimeoutError:
+                item = None
+            ended = item is not None and item[1].get("phase") == "result"
             result = await stored_result()
-    return result
+            lag_end = time.monotonic() + _RESULT_LAG_S
+            while ended and result is None and time.monotonic() < min(lag_end, deadline):
+                await asyncio.sleep(0.02)
+                result = await stored_result()
+        return result
+    finally:
+        hub.unsubscribe(sub)

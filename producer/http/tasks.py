@@ -8,7 +8,7 @@ the key's allow-list, and the tenant's submit rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response
@@ -21,7 +21,7 @@ from producer.http.auth import Caller, require
 from producer.http.models import CancelOutcome, Pending, Submitted, TaskPage, TaskView, links, view
 from producer.http.problems import Problem, not_found
 from producer.outbox import TENANT_LABEL
-from sandqueue import callbacks, catalog, errors
+from sandqueue import callbacks, catalog, errors, keys
 from sandqueue.contract import AgentResult, AgentTask, TaskStatus
 
 PROBLEM = {"content": {"application/problem+json": {"schema": {
@@ -174,11 +174,15 @@ def list_tasks(request: Request, caller: Annotated[Caller, Depends(require("read
                label: Annotated[list[str] | None, Query(description="KEY=VALUE, repeatable")]
                = None,
                batch: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-               cursor: str | None = None) -> TaskPage:
-    """The caller's tasks, newest first, filtered; `next_cursor` pages on."""
+               cursor: str | None = None,
+               tenant: Annotated[str | None, Query(
+                   description="an admin key: only this tenant's tasks (default: every "
+                   "tenant's)")] = None) -> TaskPage:
+    """The caller's tasks (an `admin` key: every tenant's), newest first, filtered;
+    `next_cursor` pages on."""
     keep = task_filter(status, label, batch)
     found, next_cursor = records.page(_client(request).redis, caller.tenant, limit=limit,
-                                      cursor=cursor, keep=keep)
+                                      cursor=cursor, keep=keep, index=_index(caller, tenant))
     return TaskPage(items=[view(t, r, None) for t, r in found], next_cursor=next_cursor)
 
 
@@ -206,6 +210,16 @@ def task_filter(status: TaskStatus | None, label: list[str] | None,
     return keep
 
 
+def _index(caller: Caller, tenant: str | None) -> str:
+    """Which listing index the caller reads: its own tenant's; an admin's, the one asked
+    for or all of them. Another tenant's, asked by a non-admin key, does not exist (404)."""
+    if tenant is not None and not caller.owns(tenant):
+        raise not_found(f"tenant {tenant[:100]!r}")
+    if caller.admin:
+        return keys.tenant_index(tenant) if tenant else keys.TASK_INDEX
+    return keys.tenant_index(caller.tenant)
+
+
 @router.get("/{task_id}", response_model=TaskView)
 def get_task(request: Request, task_id: str,
              caller: Annotated[Caller, Depends(require("read"))]) -> TaskView:
@@ -228,7 +242,7 @@ async def get_result(request: Request, task_id: str,
     await run_in_threadpool(records.owned_record, client, caller, task_id)
     # As `TaskHandle.wait()`: a task whose producer died before publishing it goes out now.
     await run_in_threadpool(client.republish_stranded, [task_id], STRANDED_AFTER_S)
-    aredis = request.app.state.aredis
+    aredis = request.app.state.hub.redis  # short reads share the stream reader's pool
     rkey = records.result_key(client, task_id)
 
     async def stored() -> dict[str, Any] | None:
@@ -239,7 +253,7 @@ async def get_result(request: Request, task_id: str,
     slots.check()
     request.app.state.open_streams += 1
     try:
-        result = await sse.wait_result(aredis, task_id, wait, stored)
+        result = await sse.wait_result(request.app.state.hub, task_id, wait, stored)
     finally:
         request.app.state.open_streams -= 1
     if result is not None:
@@ -261,19 +275,24 @@ async def follow_task(request: Request, task_id: str,
     """Progress events live, as Server-Sent Events, ending with the `result` event."""
     client = _client(request)
     await run_in_threadpool(records.owned_record, client, caller, task_id)
-    after = sse.start_after(last_event_id)
-    aredis = request.app.state.aredis
-    rkey = records.result_key(client, task_id)
-
-    async def stored() -> dict[str, Any] | None:
-        return records.decode_result(await aredis.get(rkey))
-
-    frames = sse.task_events(aredis, task_id, after,
-                             request.app.state.settings.api_heartbeat_s, stored)
+    frames = event_frames(request, task_id, sse.start_after(last_event_id))
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def event_frames(request: Request, task_id: str, after: str) -> AsyncIterator[bytes]:
+    """The task's SSE frames after `after`, through this process's shared stream reader
+    (the API's route and the dashboard's)."""
+    hub = request.app.state.hub
+    rkey = records.result_key(_client(request), task_id)
+
+    async def stored() -> dict[str, Any] | None:
+        return records.decode_result(await hub.redis.get(rkey))  # the reader's pool
+
+    return sse.task_events(hub, task_id, after, request.app.state.settings.api_heartbeat_s,
+                           stored)
 
 
 @router.post("/{task_id}/cancel", status_code=202, response_model=CancelOutcome)

@@ -53,7 +53,8 @@ def test_submit_follow_events_to_the_result_and_read_it(
     assert [f.id for f in frames] == stream_ids(rdb, task["id"])
     assert frames[0].data["phase"] == "queued"
     assert frames[-1].data == {**frames[-1].data, "phase": "result", "status": "succeeded"}
-    result = acme.get(task["links"]["result"]).json()
+    # (the result event is published just before the result is stored: wait for it)
+    result = acme.get(task["links"]["result"], params={"wait": 30}).json()
     assert result["status"] == "succeeded" and "say hello" in result["result"]
     assert result["labels"] == {"team": "web", "tenant": "acme"}
     view = acme.get(task["links"]["self"]).json()

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.integration.conftest import dump_redis, run_cli, wait_until
-from tests.integration.http_server import ApiServer, make_key, serve_fixture
+from tests.integration.http_server import ApiServer, make_key, serve_fixture, sse_frames
 
 GITHUB = {"githubOfficial": {"githubPersonalAccessToken": "${GITHUB_TOKEN}"}}
 
@@ -149,3 +149,62 @@ def test_max_queued_per_key_refuses_beyond_the_tenants_unfinished_tasks(
         # When one ends (cancelled while queued: it ends at once), there is room again
         assert c.post(f"/v1/tasks/{first.json()['id']}/cancel").status_code < 300
         assert c.post("/v1/tasks", json=body).status_code == 202
+
+
+def test_an_admin_key_lists_reads_follows_and_cancels_every_tenants_tasks(
+        server: ApiServer, redis_url: str) -> None:
+    # Given tasks of two tenants (no worker: they stay queued) and one from the CLI
+    with server.client(make_key(redis_url, "acme")["key"]) as acme:
+        a1 = acme.post("/v1/tasks", json={"prompt": "acme 1"}).json()["id"]
+        a2 = acme.post("/v1/tasks", json={"prompt": "acme 2", "labels": {"k": "v"}}).json()["id"]
+    with server.client(make_key(redis_url, "globex")["key"]) as globex:
+        g1 = globex.post("/v1/tasks", json={"prompt": "globex 1"}).json()["id"]
+        assert globex.get("/v1/tasks", params={"tenant": "acme"}).status_code == 404
+        assert [t["id"] for t in globex.get("/v1/tasks", params={"tenant": "globex"})
+                .json()["items"]] == [g1]
+    assert run_cli(redis_url, "submit", "from the CLI", "--json").code == 0
+    with server.client(make_key(redis_url, "ops", "--scopes", "admin")["key"]) as admin:
+        # When an admin key lists: every tenant's tasks, newest first, paged
+        listed = admin.get("/v1/tasks").json()
+        assert [(t["id"], t["tenant"]) for t in listed["items"]] == [
+            (g1, "globex"), (a2, "acme"), (a1, "acme")]
+        first = admin.get("/v1/tasks", params={"limit": 2}).json()
+        rest = admin.get("/v1/tasks", params={"limit": 2, "cursor": first["next_cursor"]})
+        assert [t["id"] for t in first["items"] + rest.json()["items"]] == [g1, a2, a1]
+        # or one tenant's, with the usual filters
+        assert [t["id"] for t in admin.get("/v1/tasks", params={"tenant": "acme"})
+                .json()["items"]] == [a2, a1]
+        assert [t["id"] for t in admin.get("/v1/tasks", params={
+            "tenant": "acme", "label": "k=v"}).json()["items"]] == [a2]
+        assert admin.get("/v1/tasks", params={"tenant": "nobody"}).json()["items"] == []
+        # and reads, cancels and follows them
+        assert admin.get(f"/v1/tasks/{g1}").json()["tenant"] == "globex"
+        assert admin.post(f"/v1/tasks/{g1}/cancel").json()["outcome"] == "cancelled"
+        with admin.stream("GET", f"/v1/tasks/{g1}/events") as response:
+            assert response.status_code == 200
+            frames = [f.data for f in sse_frames(response)]
+        assert frames[-1]["phase"] == "result" and frames[-1]["status"] == "cancelled"
+        assert admin.get(f"/v1/tasks/{g1}/result").json()["status"] == "cancelled"
+
+
+def test_an_admin_key_reads_follows_and_cancels_every_tenants_batches(
+        server: ApiServer, redis_url: str) -> None:
+    with server.client(make_key(redis_url, "globex")["key"]) as globex:
+        posted = globex.post("/v1/batches", json=[{"prompt": "one"}, {"prompt": "two"}])
+        assert posted.status_code == 202, posted.text
+        batch_id = posted.json()["id"]
+    with server.client(make_key(redis_url, "acme")["key"]) as acme:
+        for method, path in (("GET", ""), ("GET", "/results"), ("GET", "/events"),
+                             ("POST", "/cancel")):
+            answer = acme.request(method, f"/v1/batches/{batch_id}{path}")
+            assert answer.status_code == 404, (method, path, answer.text)
+    with server.client(make_key(redis_url, "ops", "--scopes", "admin")["key"]) as admin:
+        assert admin.get(f"/v1/batches/{batch_id}").json()["by_status"]["queued"] == 2
+        assert admin.post(f"/v1/batches/{batch_id}/cancel").json()["cancelled"] == 2
+        with admin.stream("GET", f"/v1/batches/{batch_id}/events") as response:
+            frames = [f.data for f in sse_frames(response)]
+        assert frames[-1]["phase"] == "done"
+        assert frames[-1]["by_status"]["cancelled"] == 2
+        assert len(admin.get(f"/v1/batches/{batch_id}/results").text.splitlines()) == 2
+        # A batch that does not exist is 404 for an admin too
+        assert admin.get("/v1/batches/0000000000000000").status_code == 404

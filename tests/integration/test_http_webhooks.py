@@ -9,6 +9,7 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ import redis
 
 from sandqueue import callbacks, keys
 from sandqueue.sealing import generate_key
-from tests.integration.conftest import StartWorker, run_cli, wait_until
+from tests.integration.conftest import StartWorker, assert_secret_absent, run_cli, wait_until
 from tests.integration.http_server import ApiServer, serve_fixture
 
 SEALING_KEY = generate_key()
@@ -115,3 +116,113 @@ def test_a_private_callback_url_is_refused_at_submit_unless_allowed(
         sneaky = c.post("/v1/tasks", json={"prompt": "hi", "callback_url": "https://1.1.1.1/",
                                            "callback_secret": "my-own-secret-value"})
         assert sneaky.status_code == 422 and "callback_secret" in sneaky.json()["detail"]
+
+
+# -- a batch's completion webhook -------------------------------------------------------------
+
+def batch_deliveries(rdb: redis.Redis, batch_id: str) -> list[str]:
+    return sorted(k.decode() for k in rdb.scan_iter(keys.webhook(f"batch:{batch_id}:*"))
+                  if not k.endswith(b":log"))
+
+
+def assert_delivered_once(rdb: redis.Redis, receiver: Receiver, batch_id: str) -> None:
+    """One delivery record, delivered, and nothing left due: a second POST cannot come."""
+    delivery = f"batch:{batch_id}:1"
+    assert wait_until(lambda: rdb.hget(keys.webhook(delivery), "state") == b"delivered",
+                      timeout_s=30)
+    assert batch_deliveries(rdb, batch_id) == [keys.webhook(delivery)]
+    assert rdb.zscore(keys.WEBHOOKS_DUE, delivery) is None
+    assert rdb.hget(keys.batch(batch_id), "rounds") == b"1"
+    assert [h["Sandqueue-Delivery"] for h, _, _ in receiver.requests] == [delivery]
+
+
+@pytest.fixture
+def ok_receiver() -> Iterator[Receiver]:
+    r = Receiver(failures=0)
+    yield r
+    r.close()
+
+
+def test_an_http_batch_posts_its_summary_once_when_its_last_task_ends(
+        server: ApiServer, ok_receiver: Receiver, worker_factory: StartWorker, redis_url: str,
+        rdb: redis.Redis) -> None:
+    created = key_with_secret(redis_url)
+    # Given two workers ending tasks side by side
+    worker_factory(concurrency=4, env=ALLOW)
+    worker_factory(concurrency=4, env=ALLOW)
+    tasks = [{"id": f"in-{i}", "prompt": f"input {i}"} for i in range(12)]
+    with server.client(created["key"]) as c:
+        answer = c.post("/v1/batches", json={"tasks": tasks, "callback_url": ok_receiver.url})
+        assert answer.status_code == 202, answer.text
+        batch_id = answer.json()["id"]
+        # When the receiver has the summary
+        assert wait_until(lambda: ok_receiver.requests, timeout_s=120)
+        headers, body, _ = ok_receiver.requests[0]
+        # Then it is signed with the key's webhook secret and counts every task
+        assert callbacks.verify(created["webhook_secret"], headers["Sandqueue-Signature"], body)
+        summary = json.loads(body)
+        assert summary["event"] == "batch.completed" and summary["batch_id"] == batch_id
+        assert summary["by_status"] == {"succeeded": 12} and summary["total"] == 12
+        assert summary["status"] == "done" and summary["ended_at"] >= summary["created_at"]
+        assert summary["results"]["http"] == f"/v1/batches/{batch_id}/results"
+        # every task had ended when it was sent
+        assert c.get(f"/v1/batches/{batch_id}").json()["by_status"]["succeeded"] == 12
+        assert_delivered_once(rdb, ok_receiver, batch_id)
+        # Posting the same batch again submits nothing and sends nothing
+        again = c.post("/v1/batches", json={"tasks": tasks, "callback_url": ok_receiver.url})
+        assert again.json()["submitted"] == 0
+        assert_delivered_once(rdb, ok_receiver, batch_id)
+
+
+def test_a_cancelled_batch_posts_its_summary_with_the_cancelled_tasks(
+        ok_receiver: Receiver, worker_factory: StartWorker, redis_url: str,
+        rdb: redis.Redis) -> None:
+    from producer.batch import submit_batch
+    from tests.integration.conftest import close_client, make_client
+
+    worker_factory(concurrency=1, env=ALLOW)  # its dispatcher delivers; it serves no "idle"
+    client = make_client(redis_url, secret_keys=SEALING_KEY, webhook_allow_private=True)
+    try:
+        # Given a batch from the Python API, queued where no worker takes it
+        handle = submit_batch([f"input {i}" for i in range(5)], client=client, queue="idle",
+                              callback_url=ok_receiver.url,
+                              callback_secret="whsec_python-api-secret-0123")
+        assert ok_receiver.requests == []
+        # When it is cancelled
+        assert handle.cancel() == 5
+    finally:
+        close_client(client)
+    # Then its summary arrives once, every task cancelled
+    assert wait_until(lambda: ok_receiver.requests, timeout_s=60)
+    headers, body, _ = ok_receiver.requests[0]
+    assert callbacks.verify("whsec_python-api-secret-0123", headers["Sandqueue-Signature"], body)
+    summary = json.loads(body)
+    assert summary["by_status"] == {"cancelled": 5} and summary["status"] == "cancelled"
+    assert_delivered_once(rdb, ok_receiver, handle.id)
+
+
+def test_a_cli_batch_posts_its_summary_with_the_results_file(
+        ok_receiver: Receiver, worker_factory: StartWorker, redis_url: str, rdb: redis.Redis,
+        tmp_path: Path) -> None:
+    worker_factory(concurrency=4, env=ALLOW)
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"line {i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "out.jsonl"
+    secret = "whsec_cli-configured-secret-99"
+    env: dict[str, str | None] = {**ALLOW, "SANDQUEUE_WEBHOOK_SECRET": secret}
+    done = run_cli(redis_url, "batch", "run", str(source), "--out", str(out), "--json",
+                   "--no-progress", "--callback-url", ok_receiver.url, env=env, cwd=tmp_path)
+    assert done.code == 0, done.err
+    batch_id = json.loads(done.out)["batch_id"]
+    assert wait_until(lambda: ok_receiver.requests, timeout_s=60)
+    headers, body, _ = ok_receiver.requests[0]
+    assert callbacks.verify(secret, headers["Sandqueue-Signature"], body)
+    summary = json.loads(body)
+    assert summary["by_status"] == {"succeeded": 5} and summary["results"]["file"] == str(out)
+    assert_delivered_once(rdb, ok_receiver, batch_id)
+    assert_secret_absent(rdb, secret)  # Redis holds it sealed only
+    # Without a secret configured, the CLI says what to set (exit 2) and submits nothing
+    refused = run_cli(redis_url, "batch", "run", str(source), "--batch-id", "other",
+                      "--callback-url", ok_receiver.url, env=ALLOW, cwd=tmp_path)
+    assert refused.code == 2 and "SANDQUEUE_WEBHOOK_SECRET" in refused.err
+    assert not rdb.exists(keys.batch("other"))

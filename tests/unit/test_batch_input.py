@@ -170,3 +170,23 @@ def test_a_short_csv_row_never_reaches_a_prompt_as_none(tmp_path: Path) -> None:
     path = _write(tmp_path, "issues.csv", "number,title\n1\n")
     with pytest.raises(BatchInvalid, match="line 2: 1 field"):
         load_inputs(path, prepare=_prepare, defaults={}, template="#{number}")
+
+
+def test_jsonl_fields_that_are_not_task_fields_are_template_variables(tmp_path: Path) -> None:
+    # Given JSONL lines whose data fields only the template uses
+    path = _write(tmp_path, "in.jsonl", "\n".join([
+        json.dumps({"number": 7, "title": "crash on start"}),
+        json.dumps({"id": "x", "number": 8, "title": "typo", "max_turns": 2, "unused": 1}),
+        json.dumps({"prompt": "its own prompt", "number": 9}),
+    ]))
+    # When it is loaded with a template
+    inputs = load_inputs(path, prepare=_prepare, defaults={},
+                         template="Triage #{number}: {title}")
+    # Then they fill the prompt and stay out of the task; task fields still apply
+    assert [(i.key, i.task.prompt) for i in inputs] == [
+        ("line-1", "Triage #7: crash on start"), ("x", "Triage #8: typo"),
+        ("line-3", "its own prompt")]
+    assert inputs[1].task.max_turns == 2
+    # and without a template an unknown field is still an error
+    with pytest.raises(BatchInvalid, match="line 3: Extra inputs are not permitted"):
+        load_inputs(path, prepare=_prepare, defaults={})

@@ -1,5 +1,6 @@
-"""The dashboard's listing helpers: an admin's all-tenant pages (`records.page_across`),
-the phase timeline built from a task's events, and the login form's redirect target."""
+"""The dashboard's listing helpers: an admin's all-tenant pages (`records.page` over the
+all-tenants index), the phase timeline built from a task's events, and the login form's
+redirect target."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from sandqueue import keys
 
 
 def _fill(r: fakeredis.FakeRedis, seed: int = 7) -> dict[str, tuple[float, str]]:
-    """Tasks of three tenants, many sharing a submit time (as a batch's do)."""
+    """Tasks of three tenants, many sharing a submit time (as a batch's do), indexed as the
+    submit claim indexes them: under their tenant and in the all-tenants index."""
     rng = random.Random(seed)
     made: dict[str, tuple[float, str]] = {}
     for i in range(90):
@@ -24,6 +26,7 @@ def _fill(r: fakeredis.FakeRedis, seed: int = 7) -> dict[str, tuple[float, str]]
         at = 1000.0 + rng.randrange(20)  # ties within and across tenants
         task_id = f"t{i:03d}"
         r.zadd(keys.tenant_index(tenant), {task_id: at})
+        r.zadd(keys.TASK_INDEX, {task_id: at})
         r.hset(keys.task(task_id), mapping={"status": rng.choice(["queued", "succeeded"]),
                                             "tenant": tenant, "submitted_at": at})
         made[task_id] = (at, tenant)
@@ -41,8 +44,8 @@ def test_paging_across_tenants_lists_every_kept_task_once_newest_first(limit: in
     seen: list[str] = []
     cursor = None
     for _ in range(200):
-        found, cursor = records.page_across(r, ["acme", "globex", "initech"], limit=limit,
-                                            cursor=cursor, keep=keep, chunk_size=3)
+        found, cursor = records.page(r, "", limit=limit, cursor=cursor, keep=keep,
+                                     chunk_size=3, index=keys.TASK_INDEX)
         assert len(found) <= limit
         seen += [task_id for task_id, _ in found]
         if cursor is None:
@@ -50,54 +53,15 @@ def test_paging_across_tenants_lists_every_kept_task_once_newest_first(limit: in
     assert cursor is None, "paging never ended"
     wanted = {t for t in made if r.hget(keys.task(t), "status") == b"queued"}
     assert sorted(seen) == sorted(wanted)  # each once
+    assert {made[t][1] for t in seen} == {"acme", "globex", "initech"}
     times = [made[t][0] for t in seen]
     assert times == sorted(times, reverse=True)  # newest first across tenants
 
 
-def test_tenants_with_only_older_tasks_are_not_read_for_the_newest_page() -> None:
-    # Given one busy tenant with the newest tasks and many quiet ones with older tasks
-    r = fakeredis.FakeRedis()
-    quiet = [f"quiet{i}" for i in range(40)]
-    for i in range(60):
-        r.zadd(keys.tenant_index("busy"), {f"b{i}": 2000.0 + i})
-        r.hset(keys.task(f"b{i}"), mapping={"tenant": "busy", "submitted_at": 2000.0 + i})
-    for tenant in quiet:
-        r.zadd(keys.tenant_index(tenant), {f"{tenant}-old": 1000.0})
-        r.hset(keys.task(f"{tenant}-old"), mapping={"tenant": tenant, "submitted_at": 1000.0})
-    reads: list[str] = []
-    real_pipeline = r.pipeline
-
-    def counting_pipeline(*args: object, **kwargs: object) -> object:
-        pipe = real_pipeline(*args, **kwargs)  # type: ignore[arg-type]
-        real_hgetall = pipe.hgetall
-
-        def hgetall(name: str) -> object:
-            reads.append(name)
-            return real_hgetall(name)
-
-        pipe.hgetall = hgetall  # type: ignore[method-assign]
-        return pipe
-
-    r.pipeline = counting_pipeline  # type: ignore[method-assign]
-    # When the newest page of 50 is asked for
-    found, cursor = records.page_across(r, ["busy", *quiet], limit=50, cursor=None,
-                                        keep=lambda _: True, chunk_size=100)
-    # Then it is the busy tenant's 50 newest, and no quiet tenant's record was read
-    assert [t for t, _ in found] == [f"b{i}" for i in range(59, 9, -1)]
-    assert reads and not [name for name in reads if "quiet" in str(name)]
-    # And paging on still reaches every quiet tenant's task
-    rest: list[str] = []
-    while cursor is not None:
-        more, cursor = records.page_across(r, ["busy", *quiet], limit=50, cursor=cursor,
-                                           keep=lambda _: True)
-        rest += [t for t, _ in more]
-    assert sorted(rest) == sorted([f"b{i}" for i in range(10)] + [f"{q}-old" for q in quiet])
-
-
 def test_a_cursor_that_was_not_given_out_is_a_clear_400() -> None:
     with pytest.raises(Problem) as caught:
-        records.page_across(fakeredis.FakeRedis(), ["acme"], limit=5, cursor="mnot-json",
-                            keep=lambda _: True)
+        records.page(fakeredis.FakeRedis(), "", limit=5, cursor="not-a-cursor",
+                     keep=lambda _: True, index=keys.TASK_INDEX)
     assert caught.value.status == 400 and "cursor" in caught.value.detail
 
 

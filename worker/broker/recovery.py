@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
+from sandqueue import batchdone
 from sandqueue.contract import FINAL_STATUSES, TaskStatus
 from sandqueue.store import TaskStore
 from worker.broker import internals
@@ -52,12 +53,15 @@ def recover_orphans(app: Celery, store: TaskStore, lease_ttl_s: float,
                 continue
             if store.has_live_lease(task_id):
                 continue  # alive: a long task on a healthy worker
-            status = store.get(task_id).get("status")
+            record = store.get(task_id)
+            status = record.get("status")
             if status in FINAL or client.exists(app.backend.get_key_for_task(task_id)):
                 # It finished, but its worker could not acknowledge the message (Redis was
                 # down): drop the message, never run the task again.
                 internals.drop(channel, tag)
                 store.claim_expired(task_id)
+                if record.get("batch"):  # its worker may have died before telling its batch
+                    batchdone.task_ended(store.r, record["batch"], task_id, store.ttl_s)
                 log.info("task %s: finished, but its message was never acknowledged; dropped",
                          task_id)
                 continue

@@ -32,7 +32,7 @@ from producer.http.dashboard.session import (
 )
 from producer.http.models import view
 from producer.http.problems import Problem
-from producer.http.tasks import task_filter
+from producer.http.tasks import event_frames, task_filter
 from sandqueue import keys
 from sandqueue.contract import TaskStatus
 from sandqueue.events import decode_entry
@@ -103,16 +103,14 @@ def tasks_page(request: Request, who: Who, status: str = "", tenant: str = "",
     except Problem as e:
         return _tasks(request, who, error=e.detail)
     visible = tenants_of(request, who)
-    scope = [tenant] if tenant in visible else visible
     r = _client(request).redis
+    # An admin with no tenant chosen reads the all-tenants index the submit claim keeps
+    # (the same one `GET /v1/tasks` reads for an admin key); anyone else one tenant's.
+    one = tenant if tenant in visible else (None if who.admin else who.tenant)
     try:
-        if len(scope) == 1:
-            rows, after = records.page(r, scope[0], limit=PAGE_ROWS, cursor=cursor or None,
-                                       keep=keep, chunk_size=2 * PAGE_ROWS)
-        else:
-            rows, after = records.page_across(r, scope, limit=PAGE_ROWS,
-                                              cursor=cursor or None, keep=keep,
-                                              chunk_size=2 * PAGE_ROWS)
+        rows, after = records.page(r, one or "", limit=PAGE_ROWS, cursor=cursor or None,
+                                   keep=keep, chunk_size=2 * PAGE_ROWS,
+                                   index=None if one else keys.TASK_INDEX)
     except Problem as e:
         return _tasks(request, who, error=e.detail)
     filters = {"status": status, "tenant": tenant, "label": label, "batch": batch}
@@ -168,17 +166,9 @@ async def task_events(request: Request, task_id: str, who: Who,
                       ) -> StreamingResponse:
     """The /v1 event stream, for the page's EventSource (which sends the cookie, not a
     Bearer header): from `?after=` (the last event the page was rendered with) on."""
-    client = _client(request)
     await run_in_threadpool(owned, request, who, task_id)
     after = sse.start_after(request.headers.get("last-event-id") or last_event_id)
-    aredis = request.app.state.aredis
-    rkey = records.result_key(client, task_id)
-
-    async def stored() -> dict[str, Any] | None:
-        return records.decode_result(await aredis.get(rkey))
-
-    frames = sse.task_events(aredis, task_id, after,
-                             request.app.state.settings.api_heartbeat_s, stored)
+    frames = event_frames(request, task_id, after)
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
