@@ -44,7 +44,7 @@ def save(store: ArtifactStore, agent: Agent, sandbox: Sandbox, task_id: str,
     if replaces is not None and replaces.name != transcript_name(run.session_id or ""):
         try:
             store.delete(key, replaces.name)
-        except ArtifactError as e:
+        except (ArtifactError, OSError) as e:
             log.warning("task %s: could not delete %s: %s", task_id, replaces.name, e)
     if run.session_id is None:
         return None, None
@@ -63,6 +63,10 @@ def save(store: ArtifactStore, agent: Agent, sandbox: Sandbox, task_id: str,
         log.warning("task %s: saving the session transcript failed: %s", task_id, e.message)
         return None, f"the agent's session transcript could not be saved ({e.message}); " \
                      "this task cannot be continued"
+    except Exception as e:  # e.g. a full disk under the local store: the result must stand
+        log.exception("task %s: saving the session transcript failed", task_id)
+        return None, f"the agent's session transcript could not be saved " \
+                     f"({type(e).__name__}: {e}); this task cannot be continued"
     if ref.truncated:
         return ref, (f"the session transcript ({len(data)}+ bytes) is over "
                      f"SANDQUEUE_ARTIFACT_MAX_FILE_BYTES and was truncated; this task "

@@ -200,7 +200,7 @@ class Workspace:
         for ref in refs:
             try:
                 self.store.delete(task_id, ref.name)
-            except ArtifactError as e:
+            except (ArtifactError, OSError) as e:  # OSError: the local store's disk
                 log.warning("task %s: could not delete %s: %s", task_id, ref.name, e)
 
     @staticmethod

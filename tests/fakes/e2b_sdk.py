@@ -74,6 +74,9 @@ UNREACHABLE_API_URL = "http://127.0.0.1:9"
 
 GATEWAY_PORT = 50005
 
+DIES = object()
+"""A `FakeEnvd.read_failures` entry: the sandbox dies as that download is asked."""
+
 
 # -- process scripts ---------------------------------------------------------------------
 
@@ -278,6 +281,8 @@ class FakeFilesystemRpc:
         if not self._envd.running:  # the proxy's 502, as connectrpc reports it
             raise ConnectError(Code.UNAVAILABLE, f"The sandbox {self._envd.sandbox_id} was "
                                "not found")
+        if self._envd.list_failures:
+            raise self._envd.list_failures.popleft()
         base = request.path.rstrip("/")
         depth = request.depth or 1
         found: dict[str, filesystem_pb.EntryInfo] = {}
@@ -324,6 +329,12 @@ class FakeEnvd:
         self.signals: list[tuple[int, Any]] = []
         self.programs: dict[str, Script] = dict(cloud.programs)
         self.write_failures: deque[httpx.Response | Exception] = deque()
+        self.read_failures: deque[httpx.Response | Exception | object] = deque()
+        """Answers to the next `/files` downloads: a response (e.g. the edge's 429), an
+        exception raised by the transport (e.g. `httpx.ReadError`, a dropped connection), or
+        `DIES`: the sandbox dies (killed, or at its timeout) as the download is asked."""
+        self.list_failures: deque[Exception] = deque()
+        """Errors raised by the next `ListDir` calls (e.g. `ConnectError(RESOURCE_EXHAUSTED)`)."""
         self.start_failures: deque[Exception] = deque()
         self.signal_failures: deque[Exception] = deque()
         self.gateway_token: str | None = None
@@ -389,6 +400,14 @@ class FakeEnvd:
         if path == "/files" and request.method == "POST":
             return self._upload(request)
         if path == "/files" and request.method == "GET":
+            if self.read_failures:
+                failure = self.read_failures.popleft()
+                if failure is DIES:
+                    self.shutdown()
+                    return self._gone()
+                if isinstance(failure, Exception):
+                    raise failure
+                return failure
             name = request.url.params.get("path", "")
             if name not in self.files:
                 return httpx.Response(404, json={"code": 404,
