@@ -80,6 +80,12 @@ class SandboxUnavailable(RetryableError):
     category = ErrorCategory.SANDBOX_UNAVAILABLE
 
 
+class CommandTimedOut(SandboxUnavailable):
+    """A command in the sandbox outlived the timeout it was run with (E2B ends its stream
+    with DEADLINE_EXCEEDED, raised by the SDK, not an exit code). A sandbox problem unless
+    the caller knows better (a clone whose git server never answers: RepoUnavailable)."""
+
+
 class GatewayTimeout(RetryableError):
     category = ErrorCategory.GATEWAY_TIMEOUT
 

@@ -141,8 +141,14 @@ class Workspace:
         self._git(sandbox, f"git remote add origin {shlex.quote(repo.url)}", REPO_DIR, doing)
         depth = f"--depth {repo.depth} " if repo.depth else ""
         fetch = f"git fetch -q --no-tags {depth}origin {shlex.quote(repo.ref or 'HEAD')}"
-        out = sandbox.run(fetch, timeout_s=timeout, cwd=REPO_DIR,
-                          envs=self._fetch_envs(repo, redactor))
+        try:
+            out = sandbox.run(fetch, timeout_s=timeout, cwd=REPO_DIR,
+                              envs=self._fetch_envs(repo, redactor))
+        except errors.CommandTimedOut as e:  # the simulated sandbox says so with exit 124
+            raise errors.RepoUnavailable(
+                f"{doing}: git fetch did not finish within {timeout:.0f}s (the git server "
+                "did not answer, or the repository is too big for SANDQUEUE_CLONE_TIMEOUT_S "
+                "or the task's timeout)") from e
         if out.exit_code != 0:
             raise classify_clone_failure(redactor.text(out.stderr), doing)
         self._git(sandbox, "git checkout -q --detach FETCH_HEAD", REPO_DIR, doing)

@@ -13,7 +13,7 @@ import pytest
 
 from sandqueue.artifacts import ArtifactLimits, LocalStore
 from sandqueue.contract import AgentTask, ErrorCategory, RetryPolicy, TaskStatus
-from tests.fakes.e2b_sdk import Err, Exit, FakeE2BCloud, FakeProcess, Out, Step
+from tests.fakes.e2b_sdk import HANG, Err, Exit, FakeE2BCloud, FakeProcess, Out, Step
 from tests.unit.test_e2b_pipeline import E2B_KEY, FakeClaude, Harness, make_settings
 
 TOKEN = "ghp_e2bWorkspaceToken0123456789"
@@ -125,3 +125,30 @@ def test_an_oversized_file_comes_back_truncated_and_says_so(cloud: FakeE2BCloud,
     (ref,) = result.artifacts
     assert ref.truncated and ref.size == 4 and ref.original_size == 10
     assert any("big.txt was truncated" in w for w in result.warnings)
+
+
+def test_a_fetch_that_outlives_the_clone_timeout_is_repo_unavailable(
+        cloud: FakeE2BCloud, tmp_path: Path) -> None:
+    """E2B ends a command's stream at its `timeout` with DEADLINE_EXCEEDED, which the SDK
+    raises as `TimeoutException` (e2b/envd/rpc.py `_DEFAULT_RPC_ERROR_MAP`), not as an exit
+    code: a git server that never answers must still be a retryable repo_unavailable that
+    names the clone and its timeout (as the simulated sandbox's exit 124 is), not a
+    sandbox_unavailable about the SDK's 'request_timeout'."""
+    git = FakeGit()
+
+    def hanging(proc: FakeProcess) -> Iterator[Step]:
+        if proc.argv[1] == "fetch":
+            git.calls.append(proc)
+            yield HANG
+            return
+        yield from git(proc)
+
+    h = harness(cloud, git, tmp_path, clone_timeout_s=0.5)
+    cloud.programs["git"] = hanging
+    result = h.run(task(repo="https://git.example/acme/api.git", timeout_s=3), timeout_s=3)
+    assert result.error is not None
+    assert result.error.category is ErrorCategory.REPO_UNAVAILABLE, result.error
+    assert "git fetch" in result.error.message and "SANDQUEUE_CLONE_TIMEOUT_S" in \
+        result.error.message
+    assert result.agent_runs == 0
+    h.assert_all_killed()

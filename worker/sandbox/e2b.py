@@ -168,6 +168,14 @@ class E2BSandbox(Sandbox):
                 return CommandResult(out.exit_code, out.stdout, out.stderr)
             except e2b.CommandExitException as e:
                 return CommandResult(e.exit_code, e.stdout or "", e.stderr or "")
+            except e2b.TimeoutException as e:
+                # The stream's `timeout` passed (DEADLINE_EXCEEDED, e2b/envd/rpc.py); a
+                # sandbox that died or cannot be reached is one of the subclasses instead.
+                if isinstance(e, e2b.SandboxNotRunningException
+                              | e2b.SandboxUnreachableException):
+                    raise
+                raise errors.CommandTimedOut(
+                    f"running a command: it did not finish within {timeout_s:.0f}s") from e
 
     # -- workspace in and out (issue 12) -------------------------------------------------
     def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
