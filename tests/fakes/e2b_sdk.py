@@ -297,6 +297,14 @@ class FakeFilesystemRpc:
                     name=parts[level - 1], path=sub, size=len(data) if is_file else 4096,
                     type=filesystem_pb.FileType.FILE if is_file
                     else filesystem_pb.FileType.DIRECTORY))
+        for path, target in self._envd.symlinks.items():
+            parts = path[len(base) + 1:].split("/")
+            if path.startswith(base + "/") and len(parts) <= depth:
+                found[path] = filesystem_pb.EntryInfo(
+                    name=parts[-1], path=path, is_symlink=True, symlink_target=target,
+                    size=len(self._envd.files.get(target, b"")),
+                    type=filesystem_pb.FileType.FILE if target in self._envd.files
+                    else filesystem_pb.FileType.DIRECTORY)
         if not found and base not in self._envd.dirs:
             raise ConnectError(Code.NOT_FOUND, f"path '{request.path}' does not exist")
         return filesystem_pb.ListDirResponse(entries=list(found.values()))
@@ -324,6 +332,10 @@ class FakeEnvd:
         self.files: dict[str, bytes] = {}
         self.dirs: set[str] = {"/home/user"}
         """Directories that exist even when empty (others are implied by files)."""
+        self.symlinks: dict[str, str] = {}
+        """Symbolic links (path -> absolute target): listed as links and not walked into,
+        as envd's `ListDir` (filepath.WalkDir; `is_symlink` set, `type` the target's);
+        followed by `/files` downloads, as envd opens the path."""
         self.file_owners: dict[str, str] = {}
         self.processes: list[FakeProcess] = []
         self.signals: list[tuple[int, Any]] = []
@@ -409,6 +421,7 @@ class FakeEnvd:
                     raise failure
                 return failure
             name = request.url.params.get("path", "")
+            name = self.symlinks.get(name, name)
             if name not in self.files:
                 return httpx.Response(404, json={"code": 404,
                                                  "message": f"path '{name}' does not exist"})

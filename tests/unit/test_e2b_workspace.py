@@ -13,8 +13,9 @@ import pytest
 
 from sandqueue.artifacts import ArtifactLimits, LocalStore
 from sandqueue.contract import AgentTask, ErrorCategory, RetryPolicy, TaskStatus
-from tests.fakes.e2b_sdk import HANG, Err, Exit, FakeE2BCloud, FakeProcess, Out, Step
-from tests.unit.test_e2b_pipeline import E2B_KEY, FakeClaude, Harness, make_settings
+from tests.fakes.e2b_sdk import HANG, Err, Exit, FakeE2BCloud, FakeEnvd, FakeProcess, Out, Step
+from tests.unit.test_e2b_pipeline import E2B_KEY, MCP, FakeClaude, Harness, make_settings
+from worker.agent.claude_code import MCP_CONFIG_PATH
 
 TOKEN = "ghp_e2bWorkspaceToken0123456789"
 COMMIT = "c0ffee" * 6 + "beef"
@@ -152,3 +153,29 @@ def test_a_fetch_that_outlives_the_clone_timeout_is_repo_unavailable(
         result.error.message
     assert result.agent_runs == 0
     h.assert_all_killed()
+
+
+def test_a_symlink_to_the_workers_files_is_not_followed_by_collect(
+        cloud: FakeE2BCloud, tmp_path: Path) -> None:
+    """The agent can make `out/token.json -> ~/.sandqueue/mcp.json` (the gateway's token):
+    E2B lists it as a link (e2b/sandbox/filesystem/filesystem.py `map_entry_info`: SYMLINK
+    whatever the target's type) and a download would follow it, so only regular files are
+    collected. `**` still brings back the agent's real files."""
+    link = "/home/user/out/token.json"
+
+    def agent_made_links(envd: FakeEnvd) -> None:
+        envd.symlinks[link] = MCP_CONFIG_PATH
+        envd.symlinks["/home/user/out/worker"] = "/home/user/.sandqueue"
+        envd.files["/home/user/out/real.md"] = b"mine\n"
+
+    cloud.on_create.append(agent_made_links)
+    h = harness(cloud, FakeGit(), tmp_path)
+    result = h.run(task(mcp=MCP, collect=["**"]))
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    (envd,) = cloud.created
+    assert envd.gateway_token and MCP_CONFIG_PATH in envd.files  # the link had a target
+    assert [a.name for a in result.artifacts] == ["files/out/real.md"]
+    store = h.pipeline._artifacts
+    assert store is not None
+    for ref in result.artifacts:
+        assert envd.gateway_token.encode() not in store.get(result.task_id, ref.name)
