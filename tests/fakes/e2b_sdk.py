@@ -394,6 +394,12 @@ class FakeEnvd:
     def gateway_url(self) -> str:
         return f"https://{GATEWAY_PORT}-{self.sandbox_id}.{self.cloud.domain}/mcp"
 
+    def is_dir(self, path: str) -> bool:
+        """Whether `path` is a directory: made empty, or implied by a file under it."""
+        path = path.rstrip("/") or "/"
+        return path in self.dirs or path == "/" or any(
+            f.startswith(path + "/") for f in list(self.files))
+
     def processes_of(self, program: str) -> list[FakeProcess]:
         return [p for p in self.processes if p.program == program]
 
@@ -463,6 +469,9 @@ class FakeEnvd:
         args = list(config.args)
         assert args[:2] == ["-l", "-c"] and len(args) == 3, args
         argv, stdin_path, cwd = parse_command(args[2])
+        if config.has_field("cwd") and config.cwd and not self.is_dir(config.cwd):
+            # envd (process/handler/handler.go) refuses to start the process
+            raise ConnectError(Code.INVALID_ARGUMENT, f"cwd '{config.cwd}' does not exist")
         with self._lock:
             proc = FakeProcess(
                 pid=next(self._pids), cmd=args[2], argv=argv, stdin_path=stdin_path,

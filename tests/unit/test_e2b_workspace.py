@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from sandqueue import errors
 from sandqueue.artifacts import ArtifactLimits, LocalStore
 from sandqueue.contract import AgentTask, ErrorCategory, RetryPolicy, TaskStatus
 from tests.fakes.e2b_sdk import HANG, Err, Exit, FakeE2BCloud, FakeEnvd, FakeProcess, Out, Step
@@ -37,6 +38,8 @@ class FakeGit:
             yield Err(self.fetch_stderr.encode())
             yield Exit(128)
             return
+        if sub == "init":  # `git init -q repo` in the home directory
+            proc.sandbox.dirs.add(f"{proc.cwd}/{proc.argv[-1]}")
         if sub == "checkout":
             proc.sandbox.files["/home/user/repo/README.md"] = b"a\n"
             proc.sandbox.files["/home/user/repo/out/report.md"] = b"# report\n"
@@ -179,3 +182,21 @@ def test_a_symlink_to_the_workers_files_is_not_followed_by_collect(
     assert store is not None
     for ref in result.artifacts:
         assert envd.gateway_token.encode() not in store.get(result.task_id, ref.name)
+
+
+def test_a_command_in_a_missing_directory_is_refused_as_envd_does(cloud: FakeE2BCloud) -> None:
+    """envd refuses to start a process whose cwd does not exist (INVALID_ARGUMENT "cwd '...'
+    does not exist", e2b-dev/infra packages/envd/internal/services/process/handler/
+    handler.go), which the SDK raises as InvalidArgumentException: the workspace only ever
+    runs git where `git init` made the directory (Sandbox.run: "`cwd` must exist")."""
+    from tests.unit.test_e2b_provider import make_provider, make_spec
+
+    cloud.programs["git"] = FakeGit()
+    box = make_provider(cloud).create(make_spec())
+    try:
+        with pytest.raises(errors.InvalidTask, match="does not exist"):
+            box.run("git status", timeout_s=10, cwd="/home/user/nowhere")
+        assert box.run("git init -q repo", timeout_s=10, cwd="/home/user").exit_code == 0
+        assert box.run("git status", timeout_s=10, cwd="/home/user/repo").exit_code == 0
+    finally:
+        box.kill()
