@@ -29,6 +29,11 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 RESERVED_ENVS = frozenset({"ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "E2B_API_KEY", "HOME",
                            "PATH", "USER"})
 """Sandbox variables the worker sets itself; a task may not override them."""
+SESSION_ENVS = frozenset({"CLAUDE_CONFIG_DIR", "CLAUDE_CODE_PROJECT_DIR_NAME"})
+"""Variables that move where Claude Code keeps its session transcripts (`$CLAUDE_CONFIG_DIR/
+projects/...`, or a fixed project folder name: research/claude-code-facts.md §7, D
+sessions.md): the worker saves the transcript from its documented place for follow-up
+turns, so a task that moved it would silently lose them."""
 
 Label = Annotated[str, Field(max_length=256)]
 TraceHeader = Annotated[str, Field(max_length=64)]
@@ -348,6 +353,10 @@ class AgentTask(BaseModel):
                 raise ValueError(f"envs: {name!r} is not a valid environment variable name")
             if name in RESERVED_ENVS:
                 raise ValueError(f"envs: {name} is set by the worker and cannot be overridden")
+            if name in SESSION_ENVS:
+                raise ValueError(f"envs: {name} would move the agent's session transcripts, "
+                                 "which the worker saves from ~/.claude/projects for "
+                                 "follow-up turns; leave it out")
         return value
 
     @field_validator("callback_url")

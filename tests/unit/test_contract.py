@@ -225,6 +225,13 @@ def test_reserved_envs_are_refused(name: str) -> None:
     assert "set by the worker" in _refused(prompt="x", envs={name: "v"})
 
 
+@pytest.mark.parametrize("name", ["CLAUDE_CONFIG_DIR", "CLAUDE_CODE_PROJECT_DIR_NAME"])
+def test_envs_that_move_the_session_transcripts_are_refused(name: str) -> None:
+    """The worker saves the transcript at ~/.claude/projects/<cwd>/<id>.jsonl; these move it
+    (the simulated CLI follows CLAUDE_CONFIG_DIR too), which would lose follow-ups silently."""
+    assert "session transcripts" in _refused(prompt="x", envs={name: "/tmp/elsewhere"})
+
+
 @pytest.mark.parametrize("name", ["1ABC", "A-B", "", "A B", "Ä"])
 def test_invalid_env_names_are_refused(name: str) -> None:
     assert "not a valid environment variable name" in _refused(prompt="x", envs={name: "v"})
