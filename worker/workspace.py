@@ -29,7 +29,7 @@ from sandqueue.artifacts import ArtifactError, ArtifactStore, guess_type
 from sandqueue.contract import AgentTask, ArtifactRef, RepoSpec
 from sandqueue.settings import Settings
 from worker.redact import Redactor
-from worker.sandbox.base import Sandbox
+from worker.sandbox.base import FileEntry, Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ PRIVATE_PREFIXES = (".sandqueue/", ".sandqueue-repo.diff", ".claude/", ".claude.
 gateway's token): never collected, whatever the pattern. Nor the agent's own state there
 (merge of h/typed: Claude Code keeps its config, session transcripts and any login under
 ~/.claude/ and ~/.claude.json; transcripts are saved apart, by worker/sessions.py)."""
+_GLOB_CHARS = re.compile(r"[*?\[]")
 _DIFF_TMP = "../.sandqueue-repo.diff"
 """Relative to REPO_DIR: outside the repository, so the diff does not diff itself."""
 
@@ -76,6 +77,37 @@ def classify_clone_failure(stderr: str, doing: str) -> errors.SandqueueError:
     if _NETWORK.search(tail):
         return errors.RepoUnavailable(f"{doing}: the git server could not be reached ({tail})")
     return errors.InvalidTask(f"{doing}: git failed ({tail})")
+
+
+def list_root(pattern: str) -> tuple[str, int]:
+    """(the pattern's literal leading directories, how many levels below them it reaches;
+    LIST_DEPTH with `**`): `out/*.md` -> ("out", 1), `*.md` -> ("", 1), `docs/**` ->
+    ("docs", LIST_DEPTH)."""
+    parts = pattern.split("/")
+    fixed: list[str] = []
+    for part in parts[:-1]:
+        if _GLOB_CHARS.search(part):
+            break
+        fixed.append(part)
+    rest = parts[len(fixed):]
+    return "/".join(fixed), LIST_DEPTH if "**" in rest else len(rest)
+
+
+def _real_dir(sandbox: Sandbox, base: str, rel: str, dirs: dict[str, set[str]]) -> bool:
+    """Whether `base/rel` is a directory reached through directories only, never through a
+    symlink: envd resolves a symlink given as ListDir's own path (dir.go EvalSymlinks), so
+    a link the agent made to ~/.sandqueue must not become a listing's root. `dirs` caches
+    the one-level listings (the sub-directories of each directory asked)."""
+    parent = rel.rpartition("/")[0]
+    if parent and not _real_dir(sandbox, base, parent, dirs):
+        return False
+    if parent not in dirs:
+        where = f"{base}/{parent}" if parent else base
+        try:  # list_files leaves symlinks out
+            dirs[parent] = {e.path for e in sandbox.list_files(where, 1) if e.is_dir}
+        except errors.SandboxFileNotFound:
+            dirs[parent] = set()
+    return f"{base}/{rel}" in dirs[parent]
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -231,11 +263,29 @@ class Workspace:
         data = sandbox.read_file(path, self.store.limits.max_file_bytes + 1)
         self._put(task_id, DIFF_NAME, data, None, done)
 
+    @staticmethod
+    def _listed(sandbox: Sandbox, base: str, patterns: list[str]) -> dict[str, FileEntry]:
+        """The files the patterns can match, by path relative to `base`: each pattern's
+        literal leading directories listed as deep as it reaches (E2B's ListDir walks and
+        returns the whole tree below its path: `*.md` must not list a node_modules)."""
+        roots: dict[str, int] = {}
+        for pattern in patterns:
+            root, depth = list_root(pattern)
+            roots[root] = max(roots.get(root, 0), depth)
+        entries: dict[str, FileEntry] = {}
+        dirs: dict[str, set[str]] = {}
+        for root, depth in sorted(roots.items()):
+            if root and not _real_dir(sandbox, base, root, dirs):
+                continue  # its patterns match nothing, and say so
+            listed = sandbox.list_files(f"{base}/{root}" if root else base, depth)
+            entries.update((e.path[len(base) + 1:], e) for e in listed
+                           if not e.is_dir and e.path.startswith(base + "/"))
+        return entries
+
     def _globs(self, sandbox: Sandbox, task: AgentTask, task_id: str, until: float,
                done: Collected) -> None:
         base = workdir(task)
-        entries = {e.path[len(base) + 1:]: e for e in sandbox.list_files(base, LIST_DEPTH)
-                   if not e.is_dir and e.path.startswith(base + "/")}
+        entries = self._listed(sandbox, base, task.collect)
         chosen: list[str] = []
         for pattern in task.collect:
             regex = glob_regex(pattern)

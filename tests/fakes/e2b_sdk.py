@@ -281,10 +281,13 @@ class FakeFilesystemRpc:
         if not self._envd.running:  # the proxy's 502, as connectrpc reports it
             raise ConnectError(Code.UNAVAILABLE, f"The sandbox {self._envd.sandbox_id} was "
                                "not found")
+        self._envd.list_calls.append((request.path, request.depth))
         if self._envd.list_failures:
             raise self._envd.list_failures.popleft()
         base = request.path.rstrip("/")
         depth = request.depth or 1
+        if base in self._envd.symlinks:  # envd resolves a link given as the path (dir.go)
+            return self._through_link(base, self._envd.symlinks[base].rstrip("/"), depth)
         found: dict[str, filesystem_pb.EntryInfo] = {}
         for path, data in list(self._envd.files.items()):
             if not path.startswith(base + "/"):
@@ -308,6 +311,16 @@ class FakeFilesystemRpc:
         if not found and base not in self._envd.dirs:
             raise ConnectError(Code.NOT_FOUND, f"path '{request.path}' does not exist")
         return filesystem_pb.ListDirResponse(entries=list(found.values()))
+
+    def _through_link(self, link: str, target: str, depth: int
+                      ) -> filesystem_pb.ListDirResponse:
+        """The target's entries, named under the link's path (the worst case for a caller
+        that trusts the names: they look like files below the link)."""
+        inner = self.list_dir(filesystem_pb.ListDirRequest(path=target, depth=depth))
+        return filesystem_pb.ListDirResponse(entries=[
+            filesystem_pb.EntryInfo(name=e.name, type=e.type, size=e.size,
+                                    path=link + e.path[len(target):])
+            for e in inner.entries])
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"the fake envd does not implement Filesystem.{name}")
@@ -345,6 +358,8 @@ class FakeEnvd:
         """Answers to the next `/files` downloads: a response (e.g. the edge's 429), an
         exception raised by the transport (e.g. `httpx.ReadError`, a dropped connection), or
         `DIES`: the sandbox dies (killed, or at its timeout) as the download is asked."""
+        self.list_calls: list[tuple[str, int]] = []
+        """(path, depth) of every `ListDir` asked."""
         self.list_failures: deque[Exception] = deque()
         """Errors raised by the next `ListDir` calls (e.g. `ConnectError(RESOURCE_EXHAUSTED)`)."""
         self.start_failures: deque[Exception] = deque()
@@ -394,6 +409,17 @@ class FakeEnvd:
     def gateway_url(self) -> str:
         return f"https://{GATEWAY_PORT}-{self.sandbox_id}.{self.cloud.domain}/mcp"
 
+    def resolve(self, path: str) -> str:
+        """The path with its symlinks followed, in any component, as the kernel does."""
+        for _ in range(40):  # Linux's MAXSYMLINKS
+            for link, target in self.symlinks.items():
+                if path == link or path.startswith(link + "/"):
+                    path = target.rstrip("/") + path[len(link):]
+                    break
+            else:
+                return path
+        return path
+
     def is_dir(self, path: str) -> bool:
         """Whether `path` is a directory: made empty, or implied by a file under it."""
         path = path.rstrip("/") or "/"
@@ -427,7 +453,7 @@ class FakeEnvd:
                     raise failure
                 return failure
             name = request.url.params.get("path", "")
-            name = self.symlinks.get(name, name)
+            name = self.resolve(name)
             if name not in self.files:
                 return httpx.Response(404, json={"code": 404,
                                                  "message": f"path '{name}' does not exist"})

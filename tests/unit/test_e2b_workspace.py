@@ -173,7 +173,8 @@ def test_a_symlink_to_the_workers_files_is_not_followed_by_collect(
 
     cloud.on_create.append(agent_made_links)
     h = harness(cloud, FakeGit(), tmp_path)
-    result = h.run(task(mcp=MCP, collect=["**"]))
+    # `out/worker/*`: the link would be the listing's own path, which envd resolves
+    result = h.run(task(mcp=MCP, collect=["**", "out/worker/*"]))
     assert result.status is TaskStatus.SUCCEEDED, result.error
     (envd,) = cloud.created
     assert envd.gateway_token and MCP_CONFIG_PATH in envd.files  # the link had a target
@@ -200,3 +201,29 @@ def test_a_command_in_a_missing_directory_is_refused_as_envd_does(cloud: FakeE2B
         assert box.run("git status", timeout_s=10, cwd="/home/user/repo").exit_code == 0
     finally:
         box.kill()
+
+
+def test_collect_lists_only_the_directories_its_patterns_can_match(
+        cloud: FakeE2BCloud, tmp_path: Path) -> None:
+    """envd's ListDir walks and answers the whole tree below the path in one response
+    (filepath.WalkDir to `depth`, e2b-dev/infra packages/envd/internal/services/filesystem/
+    dir.go): `out/*.md` must not make it walk `.git/objects` or a `node_modules` of 100k
+    files. Each pattern lists from its literal leading directories, as deep as it reaches."""
+    h = harness(cloud, FakeGit(), tmp_path)
+
+    def agent_wrote(envd: FakeEnvd) -> None:
+        envd.files.update({"/home/user/repo/out/deep/x.md": b"x",
+                           "/home/user/repo/node_modules/m/index.js": b"m",
+                           "/home/user/repo/docs/a/b/c.txt": b"c"})
+
+    cloud.on_create.append(agent_wrote)
+    result = h.run(task(repo="https://git.example/acme/api.git",
+                        collect=["out/*.md", "out/deep/x.md", "docs/**/*.txt", "*.md"]))
+    assert result.status is TaskStatus.SUCCEEDED, result.error
+    assert {a.name for a in result.artifacts} == {
+        "repo.diff", "files/out/report.md", "files/out/deep/x.md", "files/docs/a/b/c.txt",
+        "files/README.md"}
+    (envd,) = cloud.created
+    assert sorted(set(envd.list_calls)) == [
+        ("/home/user/repo", 1), ("/home/user/repo/docs", 32), ("/home/user/repo/out", 1),
+        ("/home/user/repo/out/deep", 1)]
