@@ -771,3 +771,18 @@ def test_an_answer_that_is_not_an_mcp_session_is_not_ready(cloud: FakeE2BCloud,
     with pytest.raises(errors.GatewayTimeout):
         gateway_sandbox(cloud, lambda r: httpx.Response(status)).wait_gateway_ready(
             0.3, ["notion"])
+
+
+def test_a_sandbox_made_close_to_the_deadline_is_still_killed_with_the_full_timeout(
+        cloud: FakeE2BCloud) -> None:
+    """The create request is bounded by the time left (spec.request_timeout_s), but the SDK
+    keeps that request_timeout for every later control-plane call of the sandbox object
+    (e2b/connection_config.py `get_api_params`): the kill, which stops the billing, must
+    not inherit a 1-second budget."""
+    provider = make_provider(cloud, make_settings(e2b_request_timeout_s=20))
+    sandbox = provider.create(make_spec(mcp={}, request_timeout_s=1.0))
+    assert cloud.create_calls[-1]["request_timeout"] == 1.0
+    sandbox.kill()
+    ((_, opts),) = cloud.kill_calls
+    assert opts["request_timeout"] == 20
+    assert cloud.live == []

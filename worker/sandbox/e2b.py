@@ -225,7 +225,10 @@ class E2BSandbox(Sandbox):
         if self._killed:
             return
         try:
-            self._sdk.kill()  # False when already gone: gone either way
+            # False when already gone: gone either way. With the full API timeout: the
+            # sandbox object keeps the create's request_timeout (cut to the time left before
+            # the deadline) for all its control-plane calls.
+            self._sdk.kill(request_timeout=self._settings.e2b_request_timeout_s)
             self._killed = True
             self.killed = True
         except Exception as e:
