@@ -69,7 +69,6 @@ class ResumingClaude(FakeClaude):
             json.dumps({"type": "user", "sessionId": session, "text": prompt}) + "\n" +
             json.dumps({"type": "assistant", "sessionId": session, "turn": turn}) + "\n"
         ).encode()
-        proc.sandbox.file_owners[path] = proc.user
         answer = f"turn {turn}"
         yield from self._emit(self._init(proc, session), self._text(session, answer),
                               self._result(session, answer))
@@ -120,7 +119,7 @@ def test_a_follow_up_resumes_the_session_in_another_sandbox_byte_exact(
     box2 = next(b for b in cloud.created if b is not box1)
     assert second_claude.found == [saved]  # restored byte for byte before the CLI ran
     path = f"/home/user/.claude/projects/-home-user/{first.session_id}.jsonl"
-    assert box2.file_owners[path] == "user"  # the CLI, as `user`, appends to it
+    assert box2.file_owners[path] == "user"  # written as the CLI's user, who appends to it
     (agent,) = [p for p in box2.processes_of("claude") if "--resume" in p.argv]
     assert agent.arg("--resume") == first.session_id and agent.cwd == "/home/user"
     assert second.session_id == first.session_id and second.result == "turn 2"
