@@ -74,6 +74,10 @@ UNREACHABLE_API_URL = "http://127.0.0.1:9"
 
 GATEWAY_PORT = 50005
 
+MAX_ARG_STRLEN = 32 * 4096
+"""Linux's limit on one argument of exec, its terminating NUL included: the command envd runs
+as `/bin/bash -l -c <cmd>` is one argument."""
+
 DIES = object()
 """A `FakeEnvd.read_failures` entry: the sandbox dies as that download is asked."""
 
@@ -494,6 +498,11 @@ class FakeEnvd:
         assert config is not None and config.cmd == "/bin/bash"
         args = list(config.args)
         assert args[:2] == ["-l", "-c"] and len(args) == 3, args
+        if len(args[2].encode("utf-8", "surrogatepass")) >= MAX_ARG_STRLEN:
+            # exec fails with E2BIG; envd's StartErrorCode maps it to INVALID_ARGUMENT, its
+            # message quoting the whole command (handler.go "error starting process '%s'")
+            raise ConnectError(Code.INVALID_ARGUMENT, f"error starting process '/bin/bash -l -c "
+                               f"{args[2]}': fork/exec /bin/bash: argument list too long")
         argv, stdin_path, cwd = parse_command(args[2])
         if config.has_field("cwd") and config.cwd and not self.is_dir(config.cwd):
             # envd (process/handler/handler.go) refuses to start the process

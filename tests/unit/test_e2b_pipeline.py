@@ -542,3 +542,19 @@ def test_a_gateway_refusing_its_token_is_a_permanent_auth_error(cloud: FakeE2BCl
     assert len(cloud.create_calls) == 1
     assert h.claude.runs == []
     h.assert_all_killed()
+
+
+def test_a_command_line_over_the_exec_limit_is_refused_clearly(cloud: FakeE2BCloud) -> None:
+    """The agent's flags (append_system_prompt, the output schema) travel in the one `bash -c`
+    argument, which Linux caps at 128 KiB (MAX_ARG_STRLEN); envd answers E2BIG with an
+    INVALID_ARGUMENT quoting the whole command. A task within each field's own limit can
+    still cross it (quoting a `'` takes 5 bytes): it must fail permanently, say which fields
+    to shorten, and not carry the 128 KiB command in its error."""
+    h = Harness(cloud, FakeClaude("ok"))
+    task = make_task().model_copy(update={"append_system_prompt": "'x" * 25000})
+    result = h.run(task)
+    assert result.error is not None and result.error.category.value == "invalid_task"
+    assert "append_system_prompt" in result.error.message
+    assert len(result.error.message) < 1000
+    assert claude_runs(cloud.created[0]) == []
+    h.assert_all_killed()

@@ -39,6 +39,11 @@ FILES_DIR = "/home/user/.sandqueue"
 PROMPT_PATH = f"{FILES_DIR}/prompt.txt"
 MCP_CONFIG_PATH = f"{FILES_DIR}/mcp.json"
 
+MAX_COMMAND_BYTES = 32 * 4096
+"""Linux's MAX_ARG_STRLEN (its NUL included): envd runs a command as `/bin/bash -l -c <cmd>`
+(e2b/sandbox_sync/commands/command.py), so the whole command is one exec argument, and a
+longer one fails with E2BIG (envd: INVALID_ARGUMENT quoting the whole command)."""
+
 SIM_PLACEHOLDER_KEY = "sk-ant-simulated-placeholder"
 """Given to the simulated agent when no credential is configured (sim mode only)."""
 
@@ -144,7 +149,15 @@ def build_command(task: AgentTask, claude: str = "claude", with_mcp: bool = True
     # where a continued session ran (Turn.cwd), else where the workspace puts the agent
     # (in the task's repo, if any)
     cwd = (turn.cwd if turn is not None else None) or workdir(task)
-    return f"cd {shlex.quote(cwd)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
+    command = f"cd {shlex.quote(cwd)} && exec {quoted} < {shlex.quote(PROMPT_PATH)}"
+    size = len(command.encode("utf-8", "surrogatepass"))
+    if size >= MAX_COMMAND_BYTES:
+        raise errors.InvalidTask(
+            f"the agent's command line would be {size} bytes, over the {MAX_COMMAND_BYTES}-"
+            "byte limit of one exec argument (the sandbox runs it as `bash -c`); shorten "
+            "append_system_prompt, output_schema or the tool lists (quoting a ' takes 5 "
+            "bytes)")
+    return command
 
 
 def turn_args(turn: Turn) -> list[str]:
