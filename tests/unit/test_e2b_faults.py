@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,24 @@ def test_forgetting_an_earlier_attempts_artifacts_never_fails_the_collect(
 
     monkeypatch.setattr(store, "delete", delete)
     workspace.forget("t1", [ref])  # logged, not raised
+
+
+def test_an_outage_during_collect_and_transcript_save_keeps_the_result(
+        cloud: FakeE2BCloud, tmp_path: Path) -> None:
+    """Downloads fail at the connection level (an outage between worker and sandbox): the
+    SDK probes the sandbox's health and, the sandbox answering, raises the transport error
+    as is (e2b/envd/api.py `handle_envd_api_transport_exception_with_health`; with no
+    answer, SandboxUnreachableException). One failed download ends the collecting (not one
+    retry per file against a dead link); the result stands."""
+    def outage(envd: FakeEnvd) -> None:
+        envd.read_failures.extend([httpx.ConnectError("connection refused")] * 2)
+    on_create(cloud, outage)
+    h, _ = harness(cloud, tmp_path)
+    result = h.run(task(mcp={}))
+    assert result.status is TaskStatus.SUCCEEDED and result.result == ANSWER
+    assert result.artifacts == [] and result.transcript is None
+    assert any("collected files" in w for w in result.warnings), result.warnings
+    assert any("cannot be continued" in w for w in result.warnings)
+    (envd,) = cloud.created
+    assert envd.read_failures == deque()  # two downloads were tried, not one per file more
+    h.assert_all_killed()
