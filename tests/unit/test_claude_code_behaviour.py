@@ -77,7 +77,7 @@ def test_a_gateway_failed_or_needing_auth_at_init_fails_fast(status: str,
 
 def test_a_gateway_whose_tools_list_stays_empty_ends_gateway_timeout() -> None:
     h = make_harness(anthropic_api_key=MODEL_KEY)
-    result = h.run(envs={**FAST, "SIM_FAIL": "gateway:no_tools"}, mcp=NOTION, timeout_s=1)
+    result = h.run(envs={**FAST, "SIM_FAIL": "gateway:no_tools"}, mcp=NOTION, timeout_s=3)
     assert result.error is not None
     assert result.error.category is ErrorCategory.GATEWAY_TIMEOUT
     assert "notion" in result.error.message

@@ -202,7 +202,7 @@ def test_infrastructure_failures_are_retried_until_the_deadline(
         harness: Harness, fail: str, category: ErrorCategory, mcp: dict[str, Any]) -> None:
     # Before the agent runs nothing has side effects: retried past max_attempts (3), with
     # backoff, for as long as the deadline allows
-    result = harness.run(envs={**FAST, "SIM_FAIL": fail}, mcp=mcp, timeout_s=1.5)
+    result = harness.run(envs={**FAST, "SIM_FAIL": fail}, mcp=mcp, timeout_s=3.0)
     assert result.status is TaskStatus.FAILED
     assert result.error is not None and result.error.category is category
     assert result.agent_runs == 0
