@@ -51,6 +51,7 @@ _AUTH = re.compile(r"authentication failed|could not read (username|password)|te
                    r"prompts disabled|\b40[13]\b|permission denied|invalid username|"
                    r"repository not found|access denied|invalid credentials", re.I)
 _MISSING = re.compile(r"couldn't find remote ref|not our ref|no such remote ref|"
+                      r"repository '[^']*' not found|"
                       r"unadvertised object|does not appear to be a git repository|"
                       r"not a valid object name|invalid refspec", re.I)
 _NETWORK = re.compile(r"could not resolve|failed to connect|connection (refused|reset|timed "

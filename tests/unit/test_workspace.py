@@ -219,6 +219,15 @@ def test_clone_failures_are_classified(stderr: str, category: ErrorCategory) -> 
     assert classify_clone_failure(stderr, "cloning").category is category
 
 
+def test_a_missing_repository_over_plain_http_says_so_and_how_to_fix_it() -> None:
+    """git's smart-HTTP answer to a repository the server does not have (git http-backend,
+    Gitea, ...) is a missing repository, not an unexplained "git failed"."""
+    err = classify_clone_failure("fatal: repository 'http://127.0.0.1:9/nope.git/' not found",
+                                 "cloning http://127.0.0.1:9/nope.git")
+    assert err.category is ErrorCategory.INVALID_TASK
+    assert "no such repository" in err.message and "check repo.url" in err.message
+
+
 # -- out: collect -------------------------------------------------------------------------------
 
 
