@@ -306,7 +306,12 @@ class AgentTask(BaseModel):
     @classmethod
     def _collect_relative(cls, value: list[str]) -> list[str]:
         for pattern in value:
-            workspace_path(pattern.replace("**", "x").replace("*", "x"), "collect pattern")
+            try:  # checked as a path with its wildcards made plain; refused as written
+                workspace_path(pattern.replace("**", "x").replace("*", "x"), "collect pattern")
+            except ValueError:
+                raise ValueError(f"collect pattern {pattern!r} must be a relative glob inside "
+                                 "the working directory (no leading /, no . or .. parts, "
+                                 "no empty parts)") from None
         return value
     # -- end of workspace in and out
 

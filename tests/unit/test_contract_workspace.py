@@ -47,3 +47,9 @@ def test_accepted_forms() -> None:
 ])
 def test_refusals_say_what_is_wrong(fields: dict[str, object], message: str) -> None:
     assert message in refusal(**fields)
+
+
+@pytest.mark.parametrize("pattern", ["../*", "/etc/**", "a/../../*.txt"])
+def test_a_refused_collect_pattern_is_quoted_as_given(pattern: str) -> None:
+    """The refusal names the pattern the user wrote, not a rewritten one ('../x')."""
+    assert repr(pattern) in refusal(collect=[pattern])
