@@ -228,6 +228,31 @@ def test_a_missing_repository_over_plain_http_says_so_and_how_to_fix_it() -> Non
     assert "no such repository" in err.message and "check repo.url" in err.message
 
 
+@pytest.mark.parametrize("how", ["files", "agent", "global"])
+def test_a_task_cannot_make_the_simulated_sandboxs_git_run_commands_on_the_worker(
+        harness: Harness, tmp_path: Path, how: str) -> None:
+    """The sim's git is a real program on the worker's host: a git config written by the
+    task (its `files`, the agent's edits, or a ~/.gitconfig reached through a symlink the
+    repository carries) must not make the worker's own clone/diff run a command there."""
+    work, marker = tmp_path / "work", tmp_path / "PWNED"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    (work / "up").symlink_to("..")  # a symlink inside the sandbox, to the home directory
+    git(work, "add", ".")
+    git(work, "commit", "-qm", "first")
+    bare = tmp_path / "evil.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    config = f'[core]\n\tfsmonitor = "touch {marker}; false"\n'
+    fields: dict[str, Any] = {
+        "files": [{"path": ".git/config", "content": config}]} if how == "files" else {
+        "envs": {"SIM_EDITS": json.dumps({".git/config" if how == "agent"
+                                          else "up/.gitconfig": config, "a.txt": "x"})}}
+    result = run(harness, repo={"url": f"file://{bare}"}, **fields)
+    assert not marker.exists()
+    if how != "global":  # refused, and the task says why
+        assert result.error is not None and ".git" in result.error.message
+
+
 # -- out: collect -------------------------------------------------------------------------------
 
 
