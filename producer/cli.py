@@ -37,7 +37,7 @@ import redis
 from producer import render
 from producer.api import Client, RedisUnavailable, WaitTimeout
 from sandqueue import catalog, errors
-from sandqueue.artifacts import ArtifactError, ArtifactNotFound
+from sandqueue.artifacts import ArtifactDamaged, ArtifactError, ArtifactNotFound
 from sandqueue.contract import AgentResult, TaskStatus
 from sandqueue.settings import load_settings
 
@@ -88,6 +88,8 @@ def _as_cli_error(e: errors.SandqueueError) -> CliError | None:
         return CliError(e.message, code="config_error")
     if isinstance(e, ArtifactNotFound):
         return CliError(e.message, code="unknown_artifact")
+    if isinstance(e, ArtifactDamaged):  # not mended by a retry, unlike an unreachable store
+        return CliError(e.message, code="artifact_damaged")
     if isinstance(e, ArtifactError):
         return CliError(e.message, code="artifact_store_error", exit_code=EXIT_UNREACHABLE)
     if isinstance(e, errors.InvalidTask):

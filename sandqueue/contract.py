@@ -309,7 +309,7 @@ class AgentTask(BaseModel):
             try:  # checked as a path with its wildcards made plain; refused as written
                 workspace_path(pattern.replace("**", "x").replace("*", "x"), "collect pattern")
             except ValueError:
-                raise ValueError(f"collect pattern {pattern!r} must be a relative glob inside "
+                raise ValueError(f"collect pattern {pattern!r} must be a relative path inside "
                                  "the working directory (no leading /, no . or .. parts, "
                                  "no empty parts)") from None
         return value
