@@ -887,7 +887,7 @@ def _run_celery(app: Any, argv: list[str]) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def check(ctx: click.Context, as_json: bool) -> None:
-    """Validate configuration; reach Redis and, when keys are set, E2B."""
+    """Validate configuration; reach Redis, the artifact store and, with keys, E2B."""
     from producer.check import run_checks
 
     overrides = {k: v for k, v in ctx.obj["overrides"].items() if v is not None}
