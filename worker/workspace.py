@@ -106,7 +106,7 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
                 text += re.escape(c)
             j += 1
         out.append(text if last else text + "/")
-    return re.compile("".join(out) + r"\Z")
+    return re.compile("".join(out) + r"\Z", re.S)  # `**` spans names with a newline too
 
 
 @dataclass

@@ -312,6 +312,15 @@ def test_glob_semantics(pattern: str, yes: list[str], no: list[str]) -> None:
     assert not any(regex.match(p) for p in no)
 
 
+def test_a_file_name_with_a_newline_is_not_dropped_silently(harness: Harness) -> None:
+    """`**` matches every name, a newline in it too: the store refuses such a name, and the
+    result's warnings say so instead of the file vanishing unmentioned."""
+    result = run(harness, collect=["**"], envs={
+        "SIM_EDITS": json.dumps({"ok.txt": "z", "out/nl\nname.txt": "y"})})
+    assert [a.name for a in result.artifacts] == ["files/ok.txt"]
+    assert any("nl\\nname.txt" in w for w in result.warnings), result.warnings
+
+
 def test_the_workers_own_files_are_never_collected(harness: Harness) -> None:
     result = run(harness, collect=["**", ".sandqueue/*"],
                  envs={"SIM_EDITS": json.dumps({"mine.txt": "m"})})
