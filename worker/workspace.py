@@ -224,7 +224,11 @@ class Workspace:
                                             f"{out.stderr.strip()[-300:]}")
         path = f"{HOME_DIR}/{_DIFF_TMP.removeprefix('../')}"
         data = sandbox.read_file(path, self.store.limits.max_file_bytes + 1)
-        self._put(task_id, DIFF_NAME, data, None, done)
+        size = None
+        if len(data) > self.store.limits.max_file_bytes:  # to be cut: record by how much
+            size = next((e.size for e in sandbox.list_files(HOME_DIR, 1) if e.path == path),
+                        None)
+        self._put(task_id, DIFF_NAME, data, size, done)
 
     def _globs(self, sandbox: Sandbox, task: AgentTask, task_id: str, until: float,
                done: Collected) -> None:

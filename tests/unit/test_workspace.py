@@ -282,6 +282,23 @@ def test_an_oversized_artifact_is_truncated_and_says_so(tmp_path: Path) -> None:
     assert any("big.txt was truncated to 100 bytes (of 250)" in w for w in result.warnings)
 
 
+def test_an_oversized_repo_diff_records_its_original_size(tmp_path: Path,
+                                                         origin: dict[str, Any]) -> None:
+    """As a collected file's: the diff's size is known in the sandbox, so `original_size`
+    says how much was cut, not "of more"."""
+    h = make_harness({}, anthropic_api_key=MODEL_KEY, artifact_max_file_bytes=100)
+    h.pipeline._artifacts = None
+    h.settings.artifact_dir = str(tmp_path / "store")
+    edits = {"big.txt": "x" * 250}
+    result = run(h, repo={"url": origin["url"]}, envs={"SIM_EDITS": json.dumps(edits)})
+    (ref,) = result.artifacts
+    full = local_diff(origin, tmp_path / "local", origin["second"], edits)
+    assert ref.name == "repo.diff" and ref.truncated and ref.size == 100
+    assert ref.original_size == len(full)
+    assert any(f"repo.diff was truncated to 100 bytes (of {len(full)})" in w
+               for w in result.warnings)
+
+
 def test_artifacts_are_collected_on_timeout(harness: Harness, origin: dict[str, Any]) -> None:
     harness.pipeline.runner = AgentRunner(WATCHDOG, stall_timeout_s=60)  # the deadline first
     result = run(harness, repo={"url": origin["url"]}, collect=["partial.txt"], timeout_s=3,
