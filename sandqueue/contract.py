@@ -290,6 +290,15 @@ class AgentTask(BaseModel):
     def _repo_shorthand(cls, value: Any) -> Any:
         return {"url": value} if isinstance(value, str) else value
 
+    @field_validator("files", mode="before")
+    @classmethod
+    def _files_counted(cls, value: Any) -> Any:
+        """Before pydantic's own count check, to say what to do instead."""
+        if isinstance(value, list) and len(value) > MAX_INPUT_FILES:
+            raise ValueError(f"{len(value)} input files, at most {MAX_INPUT_FILES} allowed; "
+                             "put more in a repository (repo), or an archive in one file")
+        return value
+
     @field_validator("files")
     @classmethod
     def _files_bounded(cls, value: list[InputFile]) -> list[InputFile]:
