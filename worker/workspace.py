@@ -261,7 +261,9 @@ class Workspace:
         """Store what was read (at most the file limit + 1 byte, so the store sees that it
         must truncate); the listed size, when known, is the original size it records."""
         over = len(data) > self.store.limits.max_file_bytes
-        original = max(listed_size, len(data)) if over and listed_size is not None else None
+        # Read whole, its length is its size (the task's byte budget may still cut it).
+        original = len(data) if not over else (
+            max(listed_size, len(data)) if listed_size is not None else None)
         try:
             ref = self.store.put(task_id, name, data, guess_type(name), original_size=original)
         except ArtifactError as e:

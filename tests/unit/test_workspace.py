@@ -299,6 +299,17 @@ def test_an_oversized_repo_diff_records_its_original_size(tmp_path: Path,
                for w in result.warnings)
 
 
+def test_a_file_cut_by_the_task_byte_limit_records_its_original_size(tmp_path: Path) -> None:
+    h = make_harness({}, anthropic_api_key=MODEL_KEY, artifact_max_task_bytes=100)
+    h.pipeline._artifacts = None
+    h.settings.artifact_dir = str(tmp_path)
+    result = run(h, collect=["*.txt"], envs={"SIM_EDITS": json.dumps(
+        {"a.txt": "a" * 60, "b.txt": "b" * 60})})
+    a, b = result.artifacts
+    assert not a.truncated and (b.truncated, b.size, b.original_size) == (True, 40, 60)
+    assert any("b.txt was truncated to 40 bytes (of 60)" in w for w in result.warnings)
+
+
 def test_artifacts_are_collected_on_timeout(harness: Harness, origin: dict[str, Any]) -> None:
     harness.pipeline.runner = AgentRunner(WATCHDOG, stall_timeout_s=60)  # the deadline first
     result = run(harness, repo={"url": origin["url"]}, collect=["partial.txt"], timeout_s=3,
