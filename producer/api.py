@@ -30,6 +30,7 @@ from producer.outbox import IdempotencyConflict, Outbox
 from producer.taskinfo import TaskInfo
 from sandqueue import batchdone, errors, keys, signing, tracing
 from sandqueue.artifacts import (
+    ArtifactDamaged,
     ArtifactError,
     ArtifactNotFound,
     ArtifactStore,
@@ -233,7 +234,7 @@ def download(store: ArtifactStore, task_id: str, refs: list[ArtifactRef], out_di
                 dst.write(chunk)
         if digest.hexdigest() != ref.sha256:
             target.unlink()
-            raise ArtifactError(f"{ref.name}: the stored bytes do not match the sha256 the "
+            raise ArtifactDamaged(f"{ref.name}: the stored bytes do not match the sha256 the "
                                 "result lists (changed or damaged in the store)")
         written.append(target)
     return written

@@ -30,6 +30,28 @@ def _check_e2b(settings: Settings) -> dict[str, str]:
     return _item("e2b", "ok", "API key accepted")
 
 
+_STORE_REFUSED = ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
+                  "SignatureDoesNotMatch", "InvalidBucketName")
+
+
+def _check_artifacts(settings: Settings) -> dict[str, str]:
+    """The store workers write collected files and transcripts to: a wrong bucket would
+    otherwise show only as warnings in every result, the files lost."""
+    from sandqueue.artifacts import ArtifactError, make_store
+
+    if settings.artifact_store == "local":
+        return _item("artifacts", "ok", f"local directory {settings.artifact_dir} (workers and "
+                     "readers must share it)")
+    where = f"s3://{settings.s3_bucket}/{settings.s3_prefix}"
+    try:
+        make_store(settings).list("sandqueue-check")
+    except ArtifactError as e:
+        state = "fail" if any(c in e.message for c in _STORE_REFUSED) else "unreachable"
+        return _item("artifacts", state, f"{where}: {e.message}; check SANDQUEUE_S3_BUCKET, "
+                     "SANDQUEUE_S3_ENDPOINT_URL and the S3 credentials")
+    return _item("artifacts", "ok", f"{where} readable")
+
+
 def run_checks(overrides: dict[str, Any]) -> dict[str, Any]:
     checks: list[dict[str, str]] = []
     try:
@@ -53,6 +75,7 @@ def run_checks(overrides: dict[str, Any]) -> dict[str, Any]:
     except redis.RedisError as e:
         checks.append(_item("redis", "unreachable", f"{mask_url(settings.redis_url)}: {e}"))
     checks.append(_check_e2b(settings))
+    checks.append(_check_artifacts(settings))
     if settings.anthropic_api_key is None:
         state = "fail" if settings.provider == "e2b" else "warn"
         checks.append(_item("anthropic", state, "ANTHROPIC_API_KEY not set (workers need it)"))

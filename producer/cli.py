@@ -37,7 +37,7 @@ import redis
 from producer import render
 from producer.api import Client, RedisUnavailable, WaitTimeout
 from sandqueue import catalog, errors
-from sandqueue.artifacts import ArtifactError, ArtifactNotFound
+from sandqueue.artifacts import ArtifactDamaged, ArtifactError, ArtifactNotFound
 from sandqueue.contract import AgentResult, TaskStatus
 from sandqueue.settings import load_settings
 
@@ -88,6 +88,8 @@ def _as_cli_error(e: errors.SandqueueError) -> CliError | None:
         return CliError(e.message, code="config_error")
     if isinstance(e, ArtifactNotFound):
         return CliError(e.message, code="unknown_artifact")
+    if isinstance(e, ArtifactDamaged):  # not mended by a retry, unlike an unreachable store
+        return CliError(e.message, code="artifact_damaged")
     if isinstance(e, ArtifactError):
         return CliError(e.message, code="artifact_store_error", exit_code=EXIT_UNREACHABLE)
     if isinstance(e, errors.InvalidTask):
@@ -885,7 +887,7 @@ def _run_celery(app: Any, argv: list[str]) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def check(ctx: click.Context, as_json: bool) -> None:
-    """Validate configuration; reach Redis and, when keys are set, E2B."""
+    """Validate configuration; reach Redis, the artifact store and, with keys, E2B."""
     from producer.check import run_checks
 
     overrides = {k: v for k, v in ctx.obj["overrides"].items() if v is not None}

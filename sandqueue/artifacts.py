@@ -50,6 +50,11 @@ class ArtifactNotFound(ArtifactError):
     pass
 
 
+class ArtifactDamaged(ArtifactError):
+    """The stored bytes are not those the result lists (their sha256 differs): retrying the
+    read cannot mend that."""
+
+
 class ArtifactLimitExceeded(ArtifactError):
     """The task already has as many artifacts, or bytes, as the limits allow."""
 

@@ -295,6 +295,15 @@ class AgentTask(BaseModel):
     def _repo_shorthand(cls, value: Any) -> Any:
         return {"url": value} if isinstance(value, str) else value
 
+    @field_validator("files", mode="before")
+    @classmethod
+    def _files_counted(cls, value: Any) -> Any:
+        """Before pydantic's own count check, to say what to do instead."""
+        if isinstance(value, list) and len(value) > MAX_INPUT_FILES:
+            raise ValueError(f"{len(value)} input files, at most {MAX_INPUT_FILES} allowed; "
+                             "put more in a repository (repo), or an archive in one file")
+        return value
+
     @field_validator("files")
     @classmethod
     def _files_bounded(cls, value: list[InputFile]) -> list[InputFile]:
@@ -311,7 +320,12 @@ class AgentTask(BaseModel):
     @classmethod
     def _collect_relative(cls, value: list[str]) -> list[str]:
         for pattern in value:
-            workspace_path(pattern.replace("**", "x").replace("*", "x"), "collect pattern")
+            try:  # checked as a path with its wildcards made plain; refused as written
+                workspace_path(pattern.replace("**", "x").replace("*", "x"), "collect pattern")
+            except ValueError:
+                raise ValueError(f"collect pattern {pattern!r} must be a relative path inside "
+                                 "the working directory (no leading /, no . or .. parts, "
+                                 "no empty parts)") from None
         return value
     # -- end of workspace in and out
 

@@ -55,7 +55,7 @@ def save(store: ArtifactStore, agent: Agent, sandbox: Sandbox, task_id: str,
         limit = store.limits.max_file_bytes
         data = sandbox.read_file(path, max_bytes=limit + 1)
         ref = store.put(key, transcript_name(run.session_id), data[:limit], CONTENT_TYPE,
-                        original_size=len(data) if len(data) > limit else None)
+                        original_size=len(data))  # limit+1 when over: "more than"
     except errors.SandboxFileNotFound:
         return None, "the agent's session transcript was not found in the sandbox; this " \
                      "task cannot be continued"
@@ -68,8 +68,10 @@ def save(store: ArtifactStore, agent: Agent, sandbox: Sandbox, task_id: str,
         return None, f"the agent's session transcript could not be saved " \
                      f"({type(e).__name__}: {e}); this task cannot be continued"
     if ref.truncated:
-        return ref, (f"the session transcript ({len(data)}+ bytes) is over "
-                     f"SANDQUEUE_ARTIFACT_MAX_FILE_BYTES and was truncated; this task "
+        over_file = len(data) > limit  # else the byte budget of its store key cut it
+        size, setting = (f"{len(data)}+", "FILE") if over_file else (str(len(data)), "TASK")
+        return ref, (f"the session transcript ({size} bytes) is over "
+                     f"SANDQUEUE_ARTIFACT_MAX_{setting}_BYTES and was truncated; this task "
                      "cannot be continued")
     return ref, None
 

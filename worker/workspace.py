@@ -52,6 +52,7 @@ _AUTH = re.compile(r"authentication failed|could not read (username|password)|te
                    r"prompts disabled|\b40[13]\b|permission denied|invalid username|"
                    r"repository not found|access denied|invalid credentials", re.I)
 _MISSING = re.compile(r"couldn't find remote ref|not our ref|no such remote ref|"
+                      r"repository '[^']*' not found|"
                       r"unadvertised object|does not appear to be a git repository|"
                       r"not a valid object name|invalid refspec", re.I)
 _NETWORK = re.compile(r"could not resolve|failed to connect|connection (refused|reset|timed "
@@ -137,7 +138,7 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
                 text += re.escape(c)
             j += 1
         out.append(text if last else text + "/")
-    return re.compile("".join(out) + r"\Z")
+    return re.compile("".join(out) + r"\Z", re.S)  # `**` spans names with a newline too
 
 
 @dataclass
@@ -261,7 +262,11 @@ class Workspace:
                                             f"{out.stderr.strip()[-300:]}")
         path = f"{HOME_DIR}/{_DIFF_TMP.removeprefix('../')}"
         data = sandbox.read_file(path, self.store.limits.max_file_bytes + 1)
-        self._put(task_id, DIFF_NAME, data, None, done)
+        size = None
+        if len(data) > self.store.limits.max_file_bytes:  # to be cut: record by how much
+            size = next((e.size for e in sandbox.list_files(HOME_DIR, 1) if e.path == path),
+                        None)
+        self._put(task_id, DIFF_NAME, data, size, done)
 
     @staticmethod
     def _listed(sandbox: Sandbox, base: str, patterns: list[str]) -> dict[str, FileEntry]:
@@ -312,7 +317,9 @@ class Workspace:
         """Store what was read (at most the file limit + 1 byte, so the store sees that it
         must truncate); the listed size, when known, is the original size it records."""
         over = len(data) > self.store.limits.max_file_bytes
-        original = max(listed_size, len(data)) if over and listed_size is not None else None
+        # Read whole, its length is its size (the task's byte budget may still cut it).
+        original = len(data) if not over else (
+            max(listed_size, len(data)) if listed_size is not None else None)
         try:
             ref = self.store.put(task_id, name, data, guess_type(name), original_size=original)
         except ArtifactError as e:

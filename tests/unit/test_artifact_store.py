@@ -198,3 +198,21 @@ def test_download_checks_the_sha256_the_result_lists(tmp_path: Path) -> None:
     assert not (out / "b.txt").exists()
     with pytest.raises(ArtifactNotFound, match=r"no artifact c\.txt"):
         download(store, "t", [good, bad], out, ["c.txt"])
+
+
+def test_check_reports_an_s3_bucket_workers_could_not_write_to(s3_endpoint: str) -> None:
+    """`sandqueue check` names a missing bucket (exit 2) instead of saying all is well while
+    every task's artifacts end up as warnings."""
+    from producer.check import run_checks
+
+    store = _s3_store(s3_endpoint, LIMITS)
+    options = {"redis_url": "redis://127.0.0.1:1/0", "artifact_store": "s3",
+               "s3_endpoint_url": s3_endpoint, "s3_region": "us-east-1",
+               "s3_access_key_id": "AKIDMOTO", "s3_secret_access_key": SECRET_KEY}
+    report = run_checks({**options, "s3_bucket": "no-such-bucket-here"})
+    (item,) = [c for c in report["checks"] if c["name"] == "artifacts"]
+    assert item["state"] == "fail" and "no-such-bucket-here" in item["detail"]
+    assert report["exit_code"] == 2 and SECRET_KEY not in str(report)
+    report = run_checks({**options, "s3_bucket": store.bucket})
+    (item,) = [c for c in report["checks"] if c["name"] == "artifacts"]
+    assert item["state"] == "ok", item

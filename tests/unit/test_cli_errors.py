@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
@@ -22,6 +23,7 @@ from producer.batch import batch_key
 from producer.cli import EXIT_ALREADY_ENDED, cli
 from producer.taskinfo import TaskInfo
 from sandqueue import keys
+from sandqueue.artifacts import LocalStore
 from sandqueue.contract import TaskStatus
 
 
@@ -274,3 +276,21 @@ def test_cancel_takes_a_status_it_does_not_know_as_open(fake_redis: fakeredis.Fa
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["tasks"] == [
         {"id": "t-new", "outcome": "cancel_requested", "status": "teleporting"}]
+
+
+def test_a_damaged_artifact_is_not_reported_as_an_unreachable_store(
+        fake_redis: fakeredis.FakeRedis, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes that do not match the result's sha256 will not mend on a retry: exit 2 with a
+    code of its own, not 3 (unreachable), which a script would retry forever."""
+    monkeypatch.setenv("SANDQUEUE_ARTIFACT_DIR", str(tmp_path / "store"))
+    ref = LocalStore(tmp_path / "store").put("t-1", "files/a.txt", b"what the agent wrote")
+    LocalStore(tmp_path / "store").put("t-1", "files/a.txt", b"changed in the store")
+    monkeypatch.setattr(TaskHandle, "result", lambda self, **_: SimpleNamespace(
+        artifacts=[ref]))
+    result = run("artifacts", "t-1", "--out", str(tmp_path / "got"), "--json")
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout.splitlines()[-1])
+    assert error["error"] == "artifact_damaged" and "sha256" in error["message"]
+    assert not (tmp_path / "got/files/a.txt").exists()

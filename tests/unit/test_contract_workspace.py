@@ -47,3 +47,14 @@ def test_accepted_forms() -> None:
 ])
 def test_refusals_say_what_is_wrong(fields: dict[str, object], message: str) -> None:
     assert message in refusal(**fields)
+
+
+@pytest.mark.parametrize("pattern", ["../*", "/etc/**", "a/../../*.txt"])
+def test_a_refused_collect_pattern_is_quoted_as_given(pattern: str) -> None:
+    """The refusal names the pattern the user wrote, not a rewritten one ('../x')."""
+    assert repr(pattern) in refusal(collect=[pattern])
+
+
+def test_too_many_input_files_says_the_limit_and_what_to_do() -> None:
+    said = refusal(files=[{"path": f"f{i}.txt", "content": "x"} for i in range(51)])
+    assert "51 input files, at most 50 allowed" in said and "repo" in said

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sandqueue.artifacts import LocalStore
+from sandqueue.artifacts import ArtifactLimits, LocalStore
 from sandqueue.contract import (
     AgentResult,
     AgentTask,
@@ -76,3 +76,15 @@ def _continue(harness: Harness, parent: ParentSession) -> AgentResult:
     ctx = TaskContext(task_id=f"follow-{now}", started_at=now, deadline_at=now + 60,
                       message=TaskMessage(task=task, submitted_at=now, parent=parent))
     return harness.pipeline.run(ctx)
+
+
+def test_a_transcript_cut_by_the_task_byte_limit_names_that_limit(tmp_path: Path) -> None:
+    """The warning names the setting that cut it, and its size when known exactly."""
+    h = make_harness(anthropic_api_key=MODEL_KEY)
+    h.pipeline._artifacts = LocalStore(tmp_path / "artifacts",
+                                       ArtifactLimits(max_file_bytes=10_000, max_task_bytes=50))
+    result = h.run(envs=FAST)
+    assert result.transcript is not None and result.transcript.truncated
+    (warning,) = [w for w in result.warnings if "transcript" in w]
+    assert "SANDQUEUE_ARTIFACT_MAX_TASK_BYTES" in warning
+    assert f"({result.transcript.original_size} bytes)" in warning

@@ -205,6 +205,17 @@ def test_an_answer_still_invalid_after_the_repair_turn_fails_output_invalid() ->
     assert result.result is not None and "simulated" in result.result  # the raw text
 
 
+def test_the_refused_structured_answer_is_quoted_not_the_text_beside_it() -> None:
+    """Under --json-schema the answer judged is `structured_output`; the result's text beside
+    it is not the answer, so the error quotes the refused value the user needs to see."""
+    h = Harness()
+    refused = {"title": "Q4", "due": "soon"}
+    result = h.run([{"title": "Q4", "due": "next week"}, refused], output_schema=DUE)
+    assert result.error is not None
+    assert result.error.category is ErrorCategory.OUTPUT_INVALID
+    assert json.dumps(refused) in result.error.message
+
+
 def test_an_old_cli_is_asked_in_the_system_prompt_and_its_text_parsed() -> None:
     class OldClaude(ClaudeCodeAgent):
         def native_output_schema(self, version: str | None) -> bool:

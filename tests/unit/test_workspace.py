@@ -219,6 +219,40 @@ def test_clone_failures_are_classified(stderr: str, category: ErrorCategory) -> 
     assert classify_clone_failure(stderr, "cloning").category is category
 
 
+def test_a_missing_repository_over_plain_http_says_so_and_how_to_fix_it() -> None:
+    """git's smart-HTTP answer to a repository the server does not have (git http-backend,
+    Gitea, ...) is a missing repository, not an unexplained "git failed"."""
+    err = classify_clone_failure("fatal: repository 'http://127.0.0.1:9/nope.git/' not found",
+                                 "cloning http://127.0.0.1:9/nope.git")
+    assert err.category is ErrorCategory.INVALID_TASK
+    assert "no such repository" in err.message and "check repo.url" in err.message
+
+
+@pytest.mark.parametrize("how", ["files", "agent", "global"])
+def test_a_task_cannot_make_the_simulated_sandboxs_git_run_commands_on_the_worker(
+        harness: Harness, tmp_path: Path, how: str) -> None:
+    """The sim's git is a real program on the worker's host: a git config written by the
+    task (its `files`, the agent's edits, or a ~/.gitconfig reached through a symlink the
+    repository carries) must not make the worker's own clone/diff run a command there."""
+    work, marker = tmp_path / "work", tmp_path / "PWNED"
+    work.mkdir()
+    git(work, "init", "-q", "-b", "main")
+    (work / "up").symlink_to("..")  # a symlink inside the sandbox, to the home directory
+    git(work, "add", ".")
+    git(work, "commit", "-qm", "first")
+    bare = tmp_path / "evil.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+    config = f'[core]\n\tfsmonitor = "touch {marker}; false"\n'
+    fields: dict[str, Any] = {
+        "files": [{"path": ".git/config", "content": config}]} if how == "files" else {
+        "envs": {"SIM_EDITS": json.dumps({".git/config" if how == "agent"
+                                          else "up/.gitconfig": config, "a.txt": "x"})}}
+    result = run(harness, repo={"url": f"file://{bare}"}, **fields)
+    assert not marker.exists()
+    if how != "global":  # refused, and the task says why
+        assert result.error is not None and ".git" in result.error.message
+
+
 # -- out: collect -------------------------------------------------------------------------------
 
 
@@ -246,6 +280,34 @@ def test_an_oversized_artifact_is_truncated_and_says_so(tmp_path: Path) -> None:
     assert ref.truncated and ref.size == 100 and ref.original_size == 250
     assert ref.sha256 == hashlib.sha256(big[:100].encode()).hexdigest()
     assert any("big.txt was truncated to 100 bytes (of 250)" in w for w in result.warnings)
+
+
+def test_an_oversized_repo_diff_records_its_original_size(tmp_path: Path,
+                                                         origin: dict[str, Any]) -> None:
+    """As a collected file's: the diff's size is known in the sandbox, so `original_size`
+    says how much was cut, not "of more"."""
+    h = make_harness({}, anthropic_api_key=MODEL_KEY, artifact_max_file_bytes=100)
+    h.pipeline._artifacts = None
+    h.settings.artifact_dir = str(tmp_path / "store")
+    edits = {"big.txt": "x" * 250}
+    result = run(h, repo={"url": origin["url"]}, envs={"SIM_EDITS": json.dumps(edits)})
+    (ref,) = result.artifacts
+    full = local_diff(origin, tmp_path / "local", origin["second"], edits)
+    assert ref.name == "repo.diff" and ref.truncated and ref.size == 100
+    assert ref.original_size == len(full)
+    assert any(f"repo.diff was truncated to 100 bytes (of {len(full)})" in w
+               for w in result.warnings)
+
+
+def test_a_file_cut_by_the_task_byte_limit_records_its_original_size(tmp_path: Path) -> None:
+    h = make_harness({}, anthropic_api_key=MODEL_KEY, artifact_max_task_bytes=100)
+    h.pipeline._artifacts = None
+    h.settings.artifact_dir = str(tmp_path)
+    result = run(h, collect=["*.txt"], envs={"SIM_EDITS": json.dumps(
+        {"a.txt": "a" * 60, "b.txt": "b" * 60})})
+    a, b = result.artifacts
+    assert not a.truncated and (b.truncated, b.size, b.original_size) == (True, 40, 60)
+    assert any("b.txt was truncated to 40 bytes (of 60)" in w for w in result.warnings)
 
 
 def test_artifacts_are_collected_on_timeout(harness: Harness, origin: dict[str, Any]) -> None:
@@ -276,6 +338,15 @@ def test_glob_semantics(pattern: str, yes: list[str], no: list[str]) -> None:
     regex = glob_regex(pattern)
     assert all(regex.match(p) for p in yes)
     assert not any(regex.match(p) for p in no)
+
+
+def test_a_file_name_with_a_newline_is_not_dropped_silently(harness: Harness) -> None:
+    """`**` matches every name, a newline in it too: the store refuses such a name, and the
+    result's warnings say so instead of the file vanishing unmentioned."""
+    result = run(harness, collect=["**"], envs={
+        "SIM_EDITS": json.dumps({"ok.txt": "z", "out/nl\nname.txt": "y"})})
+    assert [a.name for a in result.artifacts] == ["files/ok.txt"]
+    assert any("nl\\nname.txt" in w for w in result.warnings), result.warnings
 
 
 def test_the_workers_own_files_are_never_collected(harness: Harness) -> None:

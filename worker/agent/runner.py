@@ -68,7 +68,7 @@ class AgentRunner:
         if not problems:
             return run
         if not agent.resumable or run.session_id is None:
-            raise errors.OutputInvalid(errors.describe_output(problems, run.final_text))
+            raise errors.OutputInvalid(errors.describe_output(problems, typed.refused(run)))
         log.info("the answer does not satisfy output_schema (%d problem(s)); one repair "
                  "turn in session %s", len(problems), run.session_id)
         if on_event is not None:
@@ -82,7 +82,7 @@ class AgentRunner:
             run.unbank_tool_calls()
         problems = typed.judge(run, schema)
         if problems:
-            raise errors.OutputInvalid(errors.describe_output(problems, run.final_text))
+            raise errors.OutputInvalid(errors.describe_output(problems, typed.refused(run)))
         return run
 
     def _turn(self, go: _Go, task: AgentTask, turn: Turn, run: AgentRun,

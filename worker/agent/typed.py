@@ -67,6 +67,14 @@ def judge(run: AgentRun, schema: dict[str, Any]) -> list[str]:
     return found
 
 
+def refused(run: AgentRun) -> str | None:
+    """The answer as it was judged, for the error that refuses it: the agent's structured
+    value when it gave one (the text beside it is not the answer), else its final text."""
+    if run.has_structured_output:
+        return json.dumps(run.structured_output, ensure_ascii=False)
+    return run.final_text
+
+
 def repair_prompt(problems: list[str]) -> str:
     """The one follow-up message that tells the agent what was wrong with its answer."""
     listed = "\n".join(f"- {p}" for p in problems)

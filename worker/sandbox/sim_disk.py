@@ -39,6 +39,12 @@ class SimDisk:
 
     def write(self, path: str, data: bytes) -> None:
         target = self.host(path)
+        if ".git" in target.relative_to(self.root).parts:
+            # Unlike a sandbox's, this git runs on the worker's host: a repository config
+            # written by the task (core.fsmonitor, hooks, filters) would run commands there.
+            raise errors.InvalidTask(f"[simulated] writing {path}: the simulated sandbox "
+                                     "refuses files inside a .git directory (its git runs on "
+                                     "the worker's host); a real sandbox allows them")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
 
@@ -77,7 +83,8 @@ class SimDisk:
         if not workdir.is_dir():
             return CommandResult(1, "", f"[simulated] cd: {cwd}: No such file or directory\n")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.host(
-            self.home)), "LANG": "C.UTF-8", "GIT_CONFIG_NOSYSTEM": "1", **envs}
+            self.home)), "LANG": "C.UTF-8", "GIT_CONFIG_NOSYSTEM": "1",
+               "GIT_CONFIG_GLOBAL": os.devnull, **envs}  # no ~/.gitconfig the task wrote
         try:
             done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True,
                                   timeout=timeout_s, check=False)
