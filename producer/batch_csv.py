@@ -4,7 +4,11 @@ column per top-level property of the tasks' `output_schema`.
 Columns: `id` (the input's key), the schema's top-level properties in the order the schema
 declares them (each cell the answer's value: text as it is, numbers and booleans as JSON,
 objects and lists as JSON text, empty when absent), then `status` and `error` (`category:
-message` for a task that did not succeed). Rows are appended as tasks complete, as the JSONL
+message` for a task that did not succeed). Text that a spreadsheet would run as a formula
+(it starts with `=`, `+`, `-`, `@`, a tab or a carriage return: OWASP's "CSV injection") is
+written with a leading `'`, which spreadsheets show as text and do not display: an agent's
+answer is untrusted text, and a cell like `=HYPERLINK(...)` must not run on a reviewer's
+machine. Rows are appended as tasks complete, as the JSONL
 file's lines are, and a resumed run reads the file back to skip what is done.
 """
 
@@ -41,10 +45,23 @@ def shared_schema(tasks: list[AgentTask], out: Path) -> dict[str, Any]:
     return schema
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return _text(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _text(value: str) -> str:
+    """Text as a spreadsheet shows it, never as a formula it runs."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def _untext(cell: str) -> str:
+    """`_text` undone (an input's id read back on a resume)."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
 
 
 class CsvResults:
@@ -60,8 +77,8 @@ class CsvResults:
         output = line.get("output") if isinstance(line.get("output"), dict) else {}
         error = line.get("error") or {}
         said = f"{error.get('category')}: {error.get('message', '')}"[:1000] if error else ""
-        return [str(line.get("id")), *(_cell(output.get(f)) for f in self.fields),
-                str(line.get("status", "")), said]
+        return [_text(str(line.get("id"))), *(_cell(output.get(f)) for f in self.fields),
+                str(line.get("status", "")), _text(said)]
 
     def read(self) -> list[dict[str, Any]]:
         """The rows already written, as result lines enough to resume (id, status, error)."""
@@ -80,7 +97,7 @@ class CsvResults:
                     continue  # a row cut short by a crash: the task is followed again
                 cells = dict(zip(self.header, values, strict=True))
                 category = cells["error"].partition(":")[0]
-                lines.append({"id": cells["id"], "status": cells["status"], "_row": values,
+                lines.append({"id": _untext(cells["id"]), "status": cells["status"], "_row": values,
                               "error": {"category": category} if category else None})
             return lines
 
