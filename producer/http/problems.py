@@ -50,11 +50,24 @@ def not_found(what: str) -> Problem:
                                      "another tenant)")
 
 
-def describe_validation(errs: list[Any]) -> str:
-    """The same wording as `Client.build` (producer/api.py `_describe`), body prefix dropped."""
+def describe_validation(errs: list[Any], content_type: str | None = None) -> str:
+    """The same wording as `Client.build` (producer/api.py `_describe`), body prefix dropped;
+    a body that is not JSON at all says so (and how to send it) instead of pydantic's words."""
     parts = []
     for err in errs[:10]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        whole_body = list(err.get("loc", ())) == ["body"]
+        if err.get("type") == "json_invalid":
+            why = (err.get("ctx") or {}).get("error", "")
+            return (f"the body is not valid JSON ({why} at character {loc[-1] if loc else 0}); "
+                    'send a JSON object such as {"prompt": "..."}')
+        if whole_body and err.get("type") == "missing":
+            return 'the body is empty; send a JSON object such as {"prompt": "..."}'
+        media = (content_type or "").split(";")[0].strip().lower()
+        if whole_body and media != "application/json" and not media.endswith("+json"):
+            return (f"the body must be JSON sent with `Content-Type: application/json` (this "
+                    f"request's is {media or 'missing'}; with curl add "
+                    "-H 'Content-Type: application/json')")
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc) or 'task'}: {msg}")
     return "invalid task: " + "; ".join(parts)
@@ -76,7 +89,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return problem_response(422, errors.InvalidTask.category.value,
-                                describe_validation(list(e.errors())),
+                                describe_validation(list(e.errors()),
+                                                    request.headers.get("content-type")),
                                 instance=request.url.path)
 
     @app.exception_handler(errors.InvalidTask)
