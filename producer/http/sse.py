@@ -69,6 +69,20 @@ def start_after(last_event_id: str | None) -> str:
     return last_event_id.strip()
 
 
+async def had_the_result(aredis: Any, task_id: str, after: str) -> bool:
+    """Whether a client resuming after `after` already has the task's `result` event (the
+    stream's last entry, at or before `after`): its stream is over. EventSource reconnects
+    whenever the server closes, so without this it would be sent the result again."""
+    if after == "0-0":
+        return False
+    last = await aredis.xrevrange(keys.events(task_id), count=1)
+    if not last:
+        return False
+    entry_id, fields = last[0]
+    return (decode_entry(fields).get("phase") == "result"
+            and entry_order(as_text(entry_id)) <= entry_order(after))
+
+
 def frame(entry_id: str | None, event: dict[str, Any]) -> bytes:
     head = f"id: {entry_id}\n" if entry_id else ""
     return f"{head}data: {json.dumps(event, separators=(',', ':'))}\n\n".encode()

@@ -269,15 +269,20 @@ async def get_result(request: Request, task_id: str,
 
 @router.get("/{task_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
-                             "description": "SSE; `id:` is the stream entry id"}})
+                             "description": "SSE; `id:` is the stream entry id"},
+                       204: {"description": "Last-Event-ID is the result event or later: "
+                             "the stream is over (EventSource stops reconnecting)"}})
 async def follow_task(request: Request, task_id: str,
                       caller: Annotated[Caller, Depends(require("read"))],
                       last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-                      ) -> StreamingResponse:
+                      ) -> Response:
     """Progress events live, as Server-Sent Events, ending with the `result` event."""
     client = _client(request)
     await run_in_threadpool(records.owned_record, client, caller, task_id)
-    frames = event_frames(request, task_id, sse.start_after(last_event_id))
+    after = sse.start_after(last_event_id)
+    if await sse.had_the_result(request.app.state.hub.redis, task_id, after):
+        return Response(status_code=204)
+    frames = event_frames(request, task_id, after)
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
