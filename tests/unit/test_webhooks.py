@@ -5,6 +5,7 @@ is an httpx MockTransport (the dispatcher's own HTTP client, minus the network).
 from __future__ import annotations
 
 import json
+import time
 
 import fakeredis
 import httpx
@@ -38,6 +39,19 @@ def run_until_done(d: Dispatcher, r: fakeredis.FakeRedis, rounds: int = 10) -> N
 
 def attempts(r: fakeredis.FakeRedis) -> list[dict[str, object]]:
     return [json.loads(x) for x in r.lrange(keys.webhook("t1") + ":log", 0, -1)]
+
+
+def test_verify_rejects_a_replayed_old_signature() -> None:
+    # The README: a receiver "rejects old timestamps (`sandqueue.callbacks.verify` does it)".
+    body = b'{"task_id": "t1"}'
+    header = callbacks.sign(SECRET, 1_000_000, body)
+    assert callbacks.verify(SECRET, header, body, now=1_000_000 + 60)
+    assert not callbacks.verify(SECRET, header, body, now=1_000_000 + 3600)
+    assert not callbacks.verify(SECRET, header, body, now=1_000_000 - 3600)  # from the future
+    assert callbacks.verify(SECRET, header, body, max_age_s=None, now=1_000_000 + 3600)
+    fresh = callbacks.sign(SECRET, int(time.time()), body)
+    assert callbacks.verify(SECRET, fresh, body)
+    assert not callbacks.verify(SECRET, fresh, body + b" ")
 
 
 def test_delivered_once_with_a_signature_the_receiver_can_verify() -> None:
