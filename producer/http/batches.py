@@ -188,8 +188,14 @@ def get_batch(request: Request, batch_id: str,
 
 def _counts(batch: Batch) -> dict[str, Any]:
     counts = batch.counts()
-    return {k: counts.get(k) for k in ("batch_id", "status", "total", "created_at",
+    view = {k: counts.get(k) for k in ("batch_id", "status", "total", "created_at",
                                        "by_status", "cost_usd", "reason") if k in counts}
+    # The batch's Redis hash holds text: numbers go out as JSON numbers.
+    if view.get("total") is not None:
+        view["total"] = int(view["total"])
+    if view.get("created_at") is not None:
+        view["created_at"] = float(view["created_at"])
+    return view
 
 
 @router.get("/{batch_id}/results", response_class=StreamingResponse,
