@@ -65,7 +65,7 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def end_streams_at_exit_signal(hub: StreamHub) -> None:
+def end_streams_at_exit_signal(hub: StreamHub, stopping: asyncio.Event) -> None:
     """On SIGINT/SIGTERM, end every open event stream and long-poll at once (then pass the
     signal on to uvicorn). uvicorn waits for open responses BEFORE the lifespan's shutdown
     (where the hub closes), so without this each stream held the shutdown up for the whole
@@ -79,6 +79,7 @@ def end_streams_at_exit_signal(hub: StreamHub) -> None:
             continue
 
         def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(stopping.set)
             loop.call_soon_threadsafe(hub.drop_all, "the server is shutting down; reconnect")
             previous(signum, frame)
 
@@ -106,7 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One Redis reader for every event stream and long-poll of this process.
         app.state.hub = StreamHub(settings.redis_url)
         app.state.hub.start()
-        end_streams_at_exit_signal(app.state.hub)
+        app.state.stopping = asyncio.Event()  # ends every open stream (sse.StreamSlots)
+        end_streams_at_exit_signal(app.state.hub, app.state.stopping)
         try:
             yield
         finally:

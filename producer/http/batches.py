@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from producer.api import Client
 from producer.batch import Batch, BatchInput, batch_key, parse_inputs
+from producer.http import sse
 from producer.http.auth import Caller, require
 from producer.http.problems import Problem, not_found
 from producer.http.tasks import ERRORS, PROBLEM, bind_to_caller, charge
@@ -239,7 +240,10 @@ async def follow_batch(request: Request, batch_id: str,
     """Progress as Server-Sent Events: the counts whenever they change, then `done`."""
     batch = await run_in_threadpool(owned_batch, request, caller, batch_id)
     heartbeat_s = request.app.state.settings.api_heartbeat_s
-    return StreamingResponse(_progress(batch, heartbeat_s), media_type="text/event-stream",
+    slots = sse.StreamSlots(request.app.state)  # counted like every other stream
+    slots.check()
+    return StreamingResponse(slots.hold(_progress(batch, heartbeat_s)),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
