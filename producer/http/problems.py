@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.api import RedisUnavailable
@@ -22,6 +22,7 @@ from sandqueue import errors
 
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://sandqueue.dev/problems/"
+SSE_RETRY = b"retry: 5000\n\n: the queue is unreachable; reconnect\n\n"
 
 
 class Problem(Exception):
@@ -100,7 +101,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RedisUnavailable)
     @app.exception_handler(redis.RedisError)
-    async def _redis(request: Request, e: Exception) -> JSONResponse:
+    async def _redis(request: Request, e: Exception) -> Response:
+        if "text/event-stream" in request.headers.get("accept", ""):
+            # EventSource (a dashboard page, a browser or `eventsource` client) gives up for
+            # good on any other answer; this one makes it reconnect, with its Last-Event-ID.
+            return Response(SSE_RETRY, media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
         # The message names the Redis URL, which may carry a password: callers get less.
         return problem_response(503, "unavailable", "the queue is unreachable; try again",
                                 instance=request.url.path, headers={"Retry-After": "5"})
