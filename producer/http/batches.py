@@ -196,6 +196,10 @@ def _counts(batch: Batch) -> dict[str, Any]:
         view["total"] = int(view["total"])
     if view.get("created_at") is not None:
         view["created_at"] = float(view["created_at"])
+    final = {s.value for s in FINAL_STATUSES}
+    ended = sum(n for s, n in counts["by_status"].items() if s in final)
+    if view.get("status") == "running" and ended >= int(view.get("total") or 0):
+        view["status"] = "done"  # no follower process marks an HTTP batch done (dashboard too)
     return view
 
 
