@@ -71,7 +71,9 @@ def describe_validation(errs: list[Any], content_type: str | None = None) -> str
                     "-H 'Content-Type: application/json')")
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc) or 'task'}: {msg}")
-    return "invalid task: " + "; ".join(parts)
+    # A bad ?query=, header or path part is not a bad task: say which it is.
+    in_body = any(list(e.get("loc", ()))[:1] == ["body"] for e in errs[:10])
+    return ("invalid task: " if in_body else "invalid request: ") + "; ".join(parts)
 
 
 _HTTP_CATEGORY = {400: "bad_request", 401: "auth", 403: "forbidden", 404: "not_found",

@@ -41,3 +41,11 @@ def test_a_body_that_is_not_json_says_so_and_how_to_send_it() -> None:
                "msg": "Input should be a valid string"}]
     said = describe_validation(fields, None)
     assert said == "invalid task: prompt: Input should be a valid string"
+
+
+def test_a_bad_query_parameter_is_not_called_an_invalid_task() -> None:
+    from producer.http.problems import describe_validation
+    limit = [{"type": "greater_than_equal", "loc": ("query", "limit"),
+              "msg": "Input should be greater than or equal to 1"}]
+    said = describe_validation(limit, None)
+    assert said == "invalid request: query.limit: Input should be greater than or equal to 1"
