@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import socket
+import time
 from urllib.parse import urlsplit
 
 SIGNATURE_HEADER = "Sandqueue-Signature"
@@ -26,12 +27,24 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-def verify(secret: str, header: str, body: bytes) -> bool:
-    """What a receiver does (Python): recompute and compare in constant time."""
+MAX_AGE_S = 300.0
+"""How old (or how far ahead, for clock skew) a signature's timestamp may be by default.
+The dispatcher signs each attempt afresh, so retries are never older than this."""
+
+
+def verify(secret: str, header: str, body: bytes, *, max_age_s: float | None = MAX_AGE_S,
+           now: float | None = None) -> bool:
+    """What a receiver does (Python): recompute and compare in constant time, and refuse a
+    timestamp more than `max_age_s` from now (a replayed delivery); None skips that."""
     parts = dict(p.split("=", 1) for p in header.split(",") if "=" in p)
     if "t" not in parts or "v1" not in parts or not parts["t"].isdigit():
         return False
-    return hmac.compare_digest(sign(secret, int(parts["t"]), body), header)
+    signed_at = int(parts["t"])
+    if max_age_s is not None:
+        current = time.time() if now is None else now
+        if abs(current - signed_at) > max_age_s:
+            return False
+    return hmac.compare_digest(sign(secret, signed_at, body), header)
 
 
 def _private(address: str) -> bool:

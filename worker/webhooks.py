@@ -17,6 +17,7 @@ redirect is followed. A refused address is not retried.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -51,9 +52,7 @@ class Dispatcher:
         self.r = client
         self.settings = settings
         self.sealer = Sealer(settings.secret_keys)
-        self.http = httpx.Client(transport=transport, follow_redirects=False,
-                                 timeout=settings.webhook_timeout_s,
-                                 headers={"User-Agent": "sandqueue-webhooks"})
+        self.transport = transport  # tests: an httpx.MockTransport (sync and async)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sandqueue-webhook")
         self._claim = client.register_script(_CLAIM)
         self._stop = threading.Event()
@@ -131,10 +130,23 @@ class Dispatcher:
                    "Sandqueue-Attempt": str(attempt),
                    callbacks.SIGNATURE_HEADER: callbacks.sign(secret, int(time.time()), body)}
         try:
-            response = self.http.post(raw["url"], content=body, headers=headers)
+            response = asyncio.run(self._send(raw["url"], body, headers))
+        except TimeoutError:
+            return f"timed out: no complete answer within {self.settings.webhook_timeout_s:g}s"
         except httpx.HTTPError as e:
             return f"{type(e).__name__}: {e}"
         return "ok" if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+
+    async def _send(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """One POST, `webhook_timeout_s` in all. httpx's timeouts bound each read only: a
+        receiver trickling a byte every few seconds would hold a delivery thread for ever
+        (and one more at every lease expiry), stalling every tenant's webhooks."""
+        timeout = self.settings.webhook_timeout_s
+        async with httpx.AsyncClient(transport=self.transport, follow_redirects=False,  # type: ignore[arg-type]
+                                     timeout=timeout,
+                                     headers={"User-Agent": "sandqueue-webhooks"}) as http:
+            return await asyncio.wait_for(http.post(url, content=body, headers=headers),
+                                          timeout)
 
     def _backoff(self, attempt: int) -> float:
         base = self.settings.webhook_backoff_s * self.settings.backoff_scale

@@ -7,8 +7,12 @@ a load balancer need nothing shared but Redis. Settings come from the environmen
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -61,6 +65,27 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def end_streams_at_exit_signal(hub: StreamHub, stopping: asyncio.Event) -> None:
+    """On SIGINT/SIGTERM, end every open event stream and long-poll at once (then pass the
+    signal on to uvicorn). uvicorn waits for open responses BEFORE the lifespan's shutdown
+    (where the hub closes), so without this each stream held the shutdown up for the whole
+    grace and was then cancelled, with a traceback per stream in the log."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals belong to the main thread (an in-process test server has none)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(stopping.set)
+            loop.call_soon_threadsafe(hub.drop_all, "the server is shutting down; reconnect")
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
 
@@ -82,6 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # One Redis reader for every event stream and long-poll of this process.
         app.state.hub = StreamHub(settings.redis_url)
         app.state.hub.start()
+        app.state.stopping = asyncio.Event()  # ends every open stream (sse.StreamSlots)
+        end_streams_at_exit_signal(app.state.hub, app.state.stopping)
         try:
             yield
         finally:

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from producer.api import Client
 from producer.batch import Batch, BatchInput, batch_key, parse_inputs
+from producer.http import sse
 from producer.http.auth import Caller, require
 from producer.http.problems import Problem, not_found
 from producer.http.tasks import ERRORS, PROBLEM, bind_to_caller, charge
@@ -188,8 +189,18 @@ def get_batch(request: Request, batch_id: str,
 
 def _counts(batch: Batch) -> dict[str, Any]:
     counts = batch.counts()
-    return {k: counts.get(k) for k in ("batch_id", "status", "total", "created_at",
+    view = {k: counts.get(k) for k in ("batch_id", "status", "total", "created_at",
                                        "by_status", "cost_usd", "reason") if k in counts}
+    # The batch's Redis hash holds text: numbers go out as JSON numbers.
+    if view.get("total") is not None:
+        view["total"] = int(view["total"])
+    if view.get("created_at") is not None:
+        view["created_at"] = float(view["created_at"])
+    final = {s.value for s in FINAL_STATUSES}
+    ended = sum(n for s, n in counts["by_status"].items() if s in final)
+    if view.get("status") == "running" and ended >= int(view.get("total") or 0):
+        view["status"] = "done"  # no follower process marks an HTTP batch done (dashboard too)
+    return view
 
 
 @router.get("/{batch_id}/results", response_class=StreamingResponse,
@@ -233,7 +244,10 @@ async def follow_batch(request: Request, batch_id: str,
     """Progress as Server-Sent Events: the counts whenever they change, then `done`."""
     batch = await run_in_threadpool(owned_batch, request, caller, batch_id)
     heartbeat_s = request.app.state.settings.api_heartbeat_s
-    return StreamingResponse(_progress(batch, heartbeat_s), media_type="text/event-stream",
+    slots = sse.StreamSlots(request.app.state)  # counted like every other stream
+    slots.check()
+    return StreamingResponse(slots.hold(_progress(batch, heartbeat_s)),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

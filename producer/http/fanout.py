@@ -133,6 +133,11 @@ class StreamHub:
         with contextlib.suppress(asyncio.QueueFull):
             sub.queue.put_nowait(None)  # wakes a follower waiting on an empty queue
 
+    def drop_all(self, why: str) -> None:
+        """End every follower now (each sends `why` as a comment and closes); the reader
+        goes on, for streams opened later."""
+        self._drop_all(why)
+
     def _drop_all(self, why: str) -> None:
         for followers in list(self.subs.values()):
             for sub in list(followers):

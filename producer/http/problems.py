@@ -13,7 +13,7 @@ from typing import Any
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from producer.api import RedisUnavailable
@@ -22,6 +22,7 @@ from sandqueue import errors
 
 MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "https://sandqueue.dev/problems/"
+SSE_RETRY = b"retry: 5000\n\n: the queue is unreachable; reconnect\n\n"
 
 
 class Problem(Exception):
@@ -50,14 +51,29 @@ def not_found(what: str) -> Problem:
                                      "another tenant)")
 
 
-def describe_validation(errs: list[Any]) -> str:
-    """The same wording as `Client.build` (producer/api.py `_describe`), body prefix dropped."""
+def describe_validation(errs: list[Any], content_type: str | None = None) -> str:
+    """The same wording as `Client.build` (producer/api.py `_describe`), body prefix dropped;
+    a body that is not JSON at all says so (and how to send it) instead of pydantic's words."""
     parts = []
     for err in errs[:10]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        whole_body = list(err.get("loc", ())) == ["body"]
+        if err.get("type") == "json_invalid":
+            why = (err.get("ctx") or {}).get("error", "")
+            return (f"the body is not valid JSON ({why} at character {loc[-1] if loc else 0}); "
+                    'send a JSON object such as {"prompt": "..."}')
+        if whole_body and err.get("type") == "missing":
+            return 'the body is empty; send a JSON object such as {"prompt": "..."}'
+        media = (content_type or "").split(";")[0].strip().lower()
+        if whole_body and media != "application/json" and not media.endswith("+json"):
+            return (f"the body must be JSON sent with `Content-Type: application/json` (this "
+                    f"request's is {media or 'missing'}; with curl add "
+                    "-H 'Content-Type: application/json')")
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc) or 'task'}: {msg}")
-    return "invalid task: " + "; ".join(parts)
+    # A bad ?query=, header or path part is not a bad task: say which it is.
+    in_body = any(list(e.get("loc", ()))[:1] == ["body"] for e in errs[:10])
+    return ("invalid task: " if in_body else "invalid request: ") + "; ".join(parts)
 
 
 _HTTP_CATEGORY = {400: "bad_request", 401: "auth", 403: "forbidden", 404: "not_found",
@@ -76,7 +92,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         return problem_response(422, errors.InvalidTask.category.value,
-                                describe_validation(list(e.errors())),
+                                describe_validation(list(e.errors()),
+                                                    request.headers.get("content-type")),
                                 instance=request.url.path)
 
     @app.exception_handler(errors.InvalidTask)
@@ -86,7 +103,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RedisUnavailable)
     @app.exception_handler(redis.RedisError)
-    async def _redis(request: Request, e: Exception) -> JSONResponse:
+    async def _redis(request: Request, e: Exception) -> Response:
+        if "text/event-stream" in request.headers.get("accept", ""):
+            # EventSource (a dashboard page, a browser or `eventsource` client) gives up for
+            # good on any other answer; this one makes it reconnect, with its Last-Event-ID.
+            return Response(SSE_RETRY, media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache"})
         # The message names the Redis URL, which may carry a password: callers get less.
         return problem_response(503, "unavailable", "the queue is unreachable; try again",
                                 instance=request.url.path, headers={"Retry-After": "5"})

@@ -50,13 +50,41 @@ class StreamSlots:
     async def hold(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         self.state.open_streams += 1
         try:
-            async for frame in frames:
+            async for frame in _until(frames, getattr(self.state, "stopping", None)):
                 yield frame
         except RedisError:
             # The client reconnects with Last-Event-ID and loses nothing.
             yield b": redis unavailable, reconnect\n\n"
         finally:
             self.state.open_streams -= 1
+
+
+async def _until(frames: AsyncIterator[bytes], stopping: asyncio.Event | None
+                 ) -> AsyncIterator[bytes]:
+    """`frames` until the server begins to shut down (`stopping`, set at SIGINT/SIGTERM by
+    `app.py`): then a comment and the end, so the client reconnects to another replica at
+    once rather than being cut off after uvicorn's grace."""
+    if stopping is None:
+        async for frame in frames:
+            yield frame
+        return
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(frames))
+            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+                yield b": the server is shutting down; reconnect\n\n"
+                return
+            try:
+                frame = step.result()
+            except StopAsyncIteration:
+                return
+            yield frame
+    finally:
+        stop.cancel()
 
 
 def start_after(last_event_id: str | None) -> str:
@@ -67,6 +95,20 @@ def start_after(last_event_id: str | None) -> str:
         raise Problem(400, "bad_request", f"Last-Event-ID {last_event_id[:64]!r} is not an "
                       "event id this API sent (they look like 1733100000000-0)")
     return last_event_id.strip()
+
+
+async def had_the_result(aredis: Any, task_id: str, after: str) -> bool:
+    """Whether a client resuming after `after` already has the task's `result` event (the
+    stream's last entry, at or before `after`): its stream is over. EventSource reconnects
+    whenever the server closes, so without this it would be sent the result again."""
+    if after == "0-0":
+        return False
+    last = await aredis.xrevrange(keys.events(task_id), count=1)
+    if not last:
+        return False
+    entry_id, fields = last[0]
+    return (decode_entry(fields).get("phase") == "result"
+            and entry_order(as_text(entry_id)) <= entry_order(after))
 
 
 def frame(entry_id: str | None, event: dict[str, Any]) -> bytes:

@@ -47,7 +47,7 @@ def _client(request: Request) -> Client:
 
 
 def env_references(value: Any) -> set[str]:
-    """Every `${NAME}` a task's MCP config would make a worker resolve."""
+    """Every `${NAME}` in a task's MCP config or envs: a worker resolves both."""
     if isinstance(value, str):
         match = catalog.ENV_REF.match(value)
         return {match.group(1)} if match else set()
@@ -90,11 +90,13 @@ def bind_to_caller(task: AgentTask, caller: Caller, idempotency_key: str | None,
                                  f"{caller.tenant!r}); leave it out")
     # A repo token is a worker variable sent to the repo's host: the same allow-list.
     repo_token = {task.repo.token[2:-1]} if task.repo and task.repo.token else set()
-    refused = sorted((env_references(task.mcp) | repo_token) - caller.key.allow_env)
+    # `envs` too: a worker resolves `${NAME}` there and hands the value to the sandbox.
+    referenced = env_references(task.mcp) | env_references(task.envs) | repo_token
+    refused = sorted(referenced - caller.key.allow_env)
     if refused:
         allowed = ", ".join(sorted(caller.key.allow_env)) or "none"
         raise errors.InvalidTask(
-            f"mcp/repo.token: this API key may not reference "
+            f"mcp/envs/repo.token: this API key may not reference "
             f"{', '.join('${' + n + '}' for n in refused)}"
             f" (allowed: {allowed}); ask for a key created with --allow-env")
     key = idempotency_key or task.idempotency_key
@@ -267,15 +269,20 @@ async def get_result(request: Request, task_id: str,
 
 @router.get("/{task_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
-                             "description": "SSE; `id:` is the stream entry id"}})
+                             "description": "SSE; `id:` is the stream entry id"},
+                       204: {"description": "Last-Event-ID is the result event or later: "
+                             "the stream is over (EventSource stops reconnecting)"}})
 async def follow_task(request: Request, task_id: str,
                       caller: Annotated[Caller, Depends(require("read"))],
                       last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-                      ) -> StreamingResponse:
+                      ) -> Response:
     """Progress events live, as Server-Sent Events, ending with the `result` event."""
     client = _client(request)
     await run_in_threadpool(records.owned_record, client, caller, task_id)
-    frames = event_frames(request, task_id, sse.start_after(last_event_id))
+    after = sse.start_after(last_event_id)
+    if await sse.had_the_result(request.app.state.hub.redis, task_id, after):
+        return Response(status_code=204)
+    frames = event_frames(request, task_id, after)
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     return StreamingResponse(slots.hold(frames), media_type="text/event-stream",

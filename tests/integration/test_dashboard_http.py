@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +17,8 @@ from producer.api import Client
 from producer.http.dashboard.pages import PAGE_ROWS
 from producer.http.dashboard.session import COOKIE
 from sandqueue.contract import AgentTask
-from tests.integration.http_server import ApiServer, make_key, serve_fixture
+from sandqueue.localredis import start_redis
+from tests.integration.http_server import ApiServer, make_key, serve_fixture, start_server
 
 HOSTILE = '<img src=x onerror="alert(1)">'
 
@@ -172,3 +174,30 @@ def test_ten_thousand_tasks_render_one_page_with_bounded_redis_work(
     with browser(server, key) as client:
         second = client.get(older.group(1).replace("&amp;", "&")).text
     assert re.findall(r'<tr data-id="([^"]+)"', second) == newest[PAGE_ROWS:2 * PAGE_ROWS]
+
+
+def test_a_pages_live_streams_ask_eventsource_to_retry_while_redis_is_down(
+        tmp_path: Path) -> None:
+    """EventSource gives up for good on any answer but 200 text/event-stream: a 503 during a
+    Redis restart left every open page frozen. A stream request (Accept: text/event-stream)
+    gets a 200 that says retry; a plain API client still gets the 503 problem."""
+    local = start_redis()
+    server = start_server(local.url, tmp_path)
+    try:
+        key = make_key(local.url, "acme")["key"]
+        task_id = submit(server, key, {"prompt": "watched"})
+        with browser(server, key) as page:
+            local.stop()
+            sse = {"Accept": "text/event-stream"}
+            for path in (f"/tasks/{task_id}/events", "/fleet/live",
+                         f"/live/tasks?ids={task_id}", f"/v1/tasks/{task_id}/events"):
+                answer = page.get(path, headers={**sse, "Authorization": f"Bearer {key}"})
+                assert answer.status_code == 200, (path, answer.status_code, answer.text)
+                assert answer.headers["content-type"].startswith("text/event-stream")
+                assert "retry:" in answer.text and "reconnect" in answer.text
+            plain = page.get(f"/v1/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"})
+            assert plain.status_code == 503
+            assert plain.headers["content-type"] == "application/problem+json"
+    finally:
+        server.stop()
+        local.stop()

@@ -87,6 +87,29 @@ def test_a_dropped_stream_resumes_after_last_event_id_without_loss_or_repeat(
     assert bad.headers["content-type"] == "application/problem+json"
 
 
+def test_a_reconnect_after_the_result_event_is_told_the_stream_is_over(
+        acme: httpx.Client, worker_factory: StartWorker, rdb: redis.Redis) -> None:
+    # Given a client that read the whole stream, result event included
+    worker_factory(concurrency=2)
+    task = submit(acme, {"prompt": "over and out"})
+    with acme.stream("GET", task["links"]["events"]) as response:
+        frames = list(sse_frames(response))
+    assert frames[-1].data["phase"] == "result"
+    # When it reconnects with the result's id (EventSource does, after the server closes)
+    # Then 204 (EventSource stops reconnecting), not the result a second time
+    again = acme.get(task["links"]["events"], headers={"Last-Event-ID": frames[-1].id})
+    assert again.status_code == 204 and again.content == b""
+    # And so does one from an id past the end
+    later = f"{int(frames[-1].id.split('-')[0]) + 1}-0"
+    assert acme.get(task["links"]["events"],
+                    headers={"Last-Event-ID": later}).status_code == 204
+    # While a reconnect from an earlier event still gets the rest, once each
+    with acme.stream("GET", task["links"]["events"],
+                     headers={"Last-Event-ID": frames[-2].id}) as response:
+        rest = list(sse_frames(response))
+    assert [f.id for f in rest] == [frames[-1].id]
+
+
 def test_long_poll_answers_when_the_task_ends(acme: httpx.Client, worker_factory: StartWorker,
                                               rdb: redis.Redis) -> None:
     # Given a queued task nobody runs yet, and a caller long-polling its result

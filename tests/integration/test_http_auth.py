@@ -111,6 +111,24 @@ def test_env_references_must_be_on_the_keys_allow_list(server: ApiServer,
         assert c.post("/v1/tasks", json={"prompt": "hi", "mcp": GITHUB}).status_code == 202
 
 
+def test_env_references_in_envs_need_the_allow_list_too(server: ApiServer,
+                                                        redis_url: str) -> None:
+    """A worker resolves `${NAME}` in `envs` as in `mcp`: the sandbox (and so the agent)
+    would get the worker's variable, so the same allow-list applies."""
+    with server.client(make_key(redis_url, "acme")["key"]) as plain:
+        refused = plain.post("/v1/tasks", json={"prompt": "hi",
+                                                "envs": {"X": "${OTHER_TENANT_TOKEN}"}})
+        assert refused.status_code == 422
+        assert "${OTHER_TENANT_TOKEN}" in refused.json()["detail"]
+        batch = plain.post("/v1/batches", json={"tasks": [{"prompt": "hi"}], "defaults": {
+            "envs": {"X": "${OTHER_TENANT_TOKEN}"}}})
+        assert batch.status_code == 422, batch.text
+    allowed = make_key(redis_url, "acme", "--allow-env", "OTHER_TENANT_TOKEN")
+    with server.client(allowed["key"]) as c:
+        ok = c.post("/v1/tasks", json={"prompt": "hi", "envs": {"X": "${OTHER_TENANT_TOKEN}"}})
+        assert ok.status_code == 202
+
+
 def test_submit_rate_limit_is_429_with_retry_after(server: ApiServer, redis_url: str) -> None:
     key = make_key(redis_url, "tiny", "--rate-limit", "2")
     with server.client(key["key"]) as c:

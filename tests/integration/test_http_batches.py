@@ -71,6 +71,12 @@ def test_a_jsonl_batch_gives_the_clis_results_file(
     assert again["id"] == batch["id"] and again["submitted"] == 0
     assert acme.get(batch["links"]["self"]).json()["by_status"] == {"succeeded": 4,
                                                                    "unsubmitted": 0}
+    # With numbers as numbers (a TypeScript client adds to them), here and in the events
+    view = acme.get(batch["links"]["self"]).json()
+    assert view["total"] == 4 and isinstance(view["created_at"], float)
+    assert events[-1]["total"] == 4 and isinstance(events[-1]["created_at"], float)
+    # And a batch whose every task ended says so (nobody follows an HTTP batch to mark it)
+    assert view["status"] == "done" and events[-1]["status"] == "done"
 
 
 def test_a_json_array_batch_with_defaults_and_a_bad_line(acme: httpx.Client) -> None:

@@ -6,6 +6,7 @@ the deployment allows them."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -172,6 +173,34 @@ def test_an_http_batch_posts_its_summary_once_when_its_last_task_ends(
         again = c.post("/v1/batches", json={"tasks": tasks, "callback_url": ok_receiver.url})
         assert again.json()["submitted"] == 0
         assert_delivered_once(rdb, ok_receiver, batch_id)
+
+
+def test_the_dashboards_retry_failed_ends_a_new_round_with_a_new_summary(
+        server: ApiServer, ok_receiver: Receiver, worker_factory: StartWorker,
+        redis_url: str) -> None:
+    created = key_with_secret(redis_url)
+    worker_factory(concurrency=4, env=ALLOW)
+    tasks = [{"prompt": "fine"}, {"prompt": "fails", "retry": {"max_attempts": 1},
+                                  "envs": {"SIM_FAIL": "agent:overloaded:1"}}]
+    with server.client(created["key"]) as c:
+        answer = c.post("/v1/batches", json={"tasks": tasks, "callback_url": ok_receiver.url})
+        assert answer.status_code == 202, answer.text
+        batch_id = answer.json()["id"]
+        assert wait_until(lambda: len(ok_receiver.requests) == 1, timeout_s=120)
+        # When "Retry failed" is pressed on the batch's page
+        assert c.post("/login", data={"api_key": created["key"], "next": "/"}).status_code == 303
+        page = c.get(f"/batches/{batch_id}").text
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+        assert csrf, page
+        retried = c.post(f"/batches/{batch_id}/retry", data={"csrf": csrf.group(1)},
+                         headers={"Origin": server.url})
+        assert retried.status_code == 303
+        # Then the new round ends: the batch is done again and its summary goes out again
+        assert wait_until(lambda: len(ok_receiver.requests) == 2, timeout_s=120), \
+            c.get(f"/v1/batches/{batch_id}").json()
+        summary = json.loads(ok_receiver.requests[1][1])
+        assert summary["round"] == 2 and summary["status"] == "done"
+        assert c.get(f"/v1/batches/{batch_id}").json()["status"] == "done"
 
 
 def test_a_cancelled_batch_posts_its_summary_with_the_cancelled_tasks(

@@ -77,3 +77,12 @@ def test_readme_error_table_names_every_category() -> None:
     table = readme.split("| category | meaning | retried |", 1)[1].split("\n\n", 1)[0]
     listed = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
     assert listed == {c.value for c in ErrorCategory}
+
+
+def test_the_typescript_example_long_polls_the_result_after_the_result_event() -> None:
+    """A worker publishes the `result` event just before it stores the result, so a plain
+    GET right after the event can still answer 202 (pending): the example must wait."""
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("```ts", 1)[1].split("```", 1)[0]
+    fetches = re.findall(r"fetch\(`\$\{API\}(/v1/tasks/\$\{id\}/result[^`]*)`", example)
+    assert fetches and all("?wait=" in f for f in fetches), fetches

@@ -5,6 +5,7 @@ is an httpx MockTransport (the dispatcher's own HTTP client, minus the network).
 from __future__ import annotations
 
 import json
+import time
 
 import fakeredis
 import httpx
@@ -38,6 +39,58 @@ def run_until_done(d: Dispatcher, r: fakeredis.FakeRedis, rounds: int = 10) -> N
 
 def attempts(r: fakeredis.FakeRedis) -> list[dict[str, object]]:
     return [json.loads(x) for x in r.lrange(keys.webhook("t1") + ":log", 0, -1)]
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout() -> None:
+    """httpx's timeouts bound each read: a receiver sending a byte every few seconds would
+    hold a delivery thread for ever (and, at each lease expiry, one more). One attempt has
+    `webhook_timeout_s` in all."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not stop.wait(0.2):  # well inside the read timeout, for ever
+                conn.sendall(b"a")
+
+    threading.Thread(target=trickle, daemon=True).start()
+    key = generate_key()
+    config = Settings(_env_file=None, secret_keys=key, backoff_scale=0,  # type: ignore[call-arg]
+                      webhook_allow_private=True, webhook_timeout_s=1.0)
+    r = fakeredis.FakeRedis()
+    d = Dispatcher(r, config)
+    d.schedule("t1", f"http://127.0.0.1:{listener.getsockname()[1]}/hook",
+               Sealer(key).seal(SECRET), RESULT)
+    done = threading.Event()
+    try:
+        threading.Thread(target=lambda: (d.deliver(d.claim_due()[0]), done.set()),
+                         daemon=True).start()
+        assert done.wait(30), "the attempt was still running 30 s after a 1 s timeout"
+        assert "time" in str(attempts(r)[0]["outcome"]).lower()
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_verify_rejects_a_replayed_old_signature() -> None:
+    # The README: a receiver "rejects old timestamps (`sandqueue.callbacks.verify` does it)".
+    body = b'{"task_id": "t1"}'
+    header = callbacks.sign(SECRET, 1_000_000, body)
+    assert callbacks.verify(SECRET, header, body, now=1_000_000 + 60)
+    assert not callbacks.verify(SECRET, header, body, now=1_000_000 + 3600)
+    assert not callbacks.verify(SECRET, header, body, now=1_000_000 - 3600)  # from the future
+    assert callbacks.verify(SECRET, header, body, max_age_s=None, now=1_000_000 + 3600)
+    fresh = callbacks.sign(SECRET, int(time.time()), body)
+    assert callbacks.verify(SECRET, fresh, body)
+    assert not callbacks.verify(SECRET, fresh, body + b" ")
 
 
 def test_delivered_once_with_a_signature_the_receiver_can_verify() -> None:

@@ -227,6 +227,7 @@ def retry_failed(request: Request, batch_id: str, who: Who,
             batch.next_generation(item.key)
         batch.r.hset(batch_key(batch.id), mapping={"status": "running", "reason": ""})
         batch.submit(inputs)
+        batch.seal()  # as POST /v1/batches does: the new round can end (and its webhook go)
     return RedirectResponse(f"/batches/{batch_id}", status_code=303)
 
 

@@ -163,11 +163,13 @@ def cancel_task(request: Request, task_id: str, who: Who,
 @router.get("/tasks/{task_id}/events")
 async def task_events(request: Request, task_id: str, who: Who,
                       last_event_id: Annotated[str | None, Query(alias="after")] = None,
-                      ) -> StreamingResponse:
+                      ) -> Response:
     """The /v1 event stream, for the page's EventSource (which sends the cookie, not a
     Bearer header): from `?after=` (the last event the page was rendered with) on."""
     await run_in_threadpool(owned, request, who, task_id)
     after = sse.start_after(request.headers.get("last-event-id") or last_event_id)
+    if await sse.had_the_result(request.app.state.hub.redis, task_id, after):
+        return Response(status_code=204)  # the page has the result: EventSource stops
     frames = event_frames(request, task_id, after)
     slots = sse.StreamSlots(request.app.state)
     slots.check()
