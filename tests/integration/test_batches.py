@@ -24,6 +24,7 @@ from tests.integration.conftest import (
     RunCli,
     StartWorker,
     Worker,
+    assert_no_live_sandboxes,
     product_env,
     sim_counts,
     wait_until,
@@ -328,7 +329,11 @@ def test_max_cost_stops_the_batch_after_about_its_budget(
     assert 3 <= succeeded <= 5, summary
     assert 3 <= summary["cost_usd"] <= 5, summary
     assert summary["by_status"].get("cancelled", 0) == total - succeeded
-    assert sim_counts(rdb)[1] == succeeded
+    # The worker may have started the next task before the stop reached it (it is then
+    # cancelled while running, within the overshoot allowed above); each such sandbox is
+    # killed, and none starts after that.
+    assert succeeded <= sim_counts(rdb)[1] <= succeeded + 2
+    assert_no_live_sandboxes(rdb)
 
 
 # -- status, results and retry from other processes ----------------------------------------
