@@ -6,7 +6,7 @@ time should not grow with the number of tasks.
 Starts its own redis-server and one `sandqueue serve`; submits the tasks (no worker, so they
 stay queued) for one tenant and, for the admin's all-tenant view, spread over several;
 then times `GET /` through a logged-in client: one tenant's newest page, an older page (by
-cursor), a filtered page, and the admin's merged view. Prints the median and worst time per
+cursor), a filtered page, and the admin's all-tenant view. Prints the median and worst time per
 page and the Redis commands one page costs (from INFO commandstats).
 """
 
