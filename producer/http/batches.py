@@ -16,7 +16,6 @@ none, so those options are not offered here (cancel the batch instead).
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -251,23 +250,21 @@ async def follow_batch(request: Request, batch_id: str,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _progress(batch: Batch, heartbeat_s: float, poll_s: float = 1.0
-                    ) -> AsyncIterator[bytes]:
+def _progress(batch: Batch, heartbeat_s: float, poll_s: float = 1.0
+              ) -> AsyncIterator[bytes]:
     final = {s.value for s in FINAL_STATUSES}
-    last: dict[str, Any] | None = None
-    quiet = 0.0
-    while True:
+    last: list[dict[str, Any] | None] = [None]
+
+    async def step() -> tuple[bytes | None, bool]:
         counts = await run_in_threadpool(_counts, batch)
         ended = sum(n for s, n in counts["by_status"].items() if s in final)
         done = ended >= int(counts.get("total") or 0)
-        if counts != last:
-            last, quiet = counts, 0.0
-            yield f"data: {json.dumps({'phase': 'progress', **counts})}\n\n".encode()
-        elif quiet >= heartbeat_s:
-            quiet = 0.0
-            yield b": heartbeat\n\n"
+        chunk = b""
+        if counts != last[0]:
+            last[0] = counts
+            chunk = f"data: {json.dumps({'phase': 'progress', **counts})}\n\n".encode()
         if done:
-            yield f"data: {json.dumps({'phase': 'done', **counts})}\n\n".encode()
-            return
-        await asyncio.sleep(poll_s)
-        quiet += poll_s
+            chunk += f"data: {json.dumps({'phase': 'done', **counts})}\n\n".encode()
+        return chunk or None, done
+
+    return sse.polled(step, heartbeat_s, poll_s)

@@ -87,6 +87,26 @@ async def _until(frames: AsyncIterator[bytes], stopping: asyncio.Event | None
         stop.cancel()
 
 
+async def polled(step: Callable[[], Awaitable[tuple[bytes | None, bool]]],
+                 heartbeat_s: float, poll_s: float) -> AsyncIterator[bytes]:
+    """A stream read by polling (batch progress, the dashboard's live rows): every `poll_s`,
+    `step` answers (a frame when something changed or None, whether the stream is done); a
+    heartbeat comment goes out when nothing has for `heartbeat_s`."""
+    quiet = 0.0
+    while True:
+        chunk, done = await step()
+        if chunk is not None:
+            quiet = 0.0
+            yield chunk
+        elif quiet >= heartbeat_s:
+            quiet = 0.0
+            yield b": heartbeat\n\n"
+        if done:
+            return
+        await asyncio.sleep(poll_s)
+        quiet += poll_s
+
+
 def start_after(last_event_id: str | None) -> str:
     """The stream position to read after: the client's Last-Event-ID, else the start."""
     if not last_event_id:

@@ -12,7 +12,6 @@ new idempotency key), from the prepared tasks an HTTP batch keeps (`sq:batch:<id
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -191,20 +190,19 @@ async def batch_live(request: Request, batch_id: str, who: Who) -> StreamingResp
 
 async def _frames(batch: Batch, heartbeat_s: float) -> AsyncIterator[bytes]:
     finished = Finished()
-    last: dict[str, Any] | None = None
-    quiet = 0.0
-    yield b"retry: 2000\n\n"
-    while True:
+    last: list[dict[str, Any] | None] = [None]
+
+    async def step() -> tuple[bytes | None, bool]:
         now = await run_in_threadpool(summary, batch, finished)
         steady = {k: v for k, v in now.items() if k not in ("rate_per_min", "eta_s")}
-        if steady != last:
-            last, quiet = steady, 0.0
-            yield f"data: {json.dumps(now)}\n\n".encode()
-        elif quiet >= heartbeat_s:
-            quiet = 0.0
-            yield b": heartbeat\n\n"
-        await asyncio.sleep(LIVE_POLL_S)
-        quiet += LIVE_POLL_S
+        if steady == last[0]:
+            return None, False
+        last[0] = steady
+        return f"data: {json.dumps(now)}\n\n".encode(), False
+
+    yield b"retry: 2000\n\n"
+    async for chunk in sse.polled(step, heartbeat_s, LIVE_POLL_S):
+        yield chunk
 
 
 @router.post("/batches/{batch_id}/cancel")

@@ -6,7 +6,6 @@ first, one page of rows per request whatever the number of tasks, and a cursor t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -202,10 +201,9 @@ _ROW_FIELDS = ("tenant", "status", "attempt", "tool_calls", "cost_usd", "updated
 async def _row_frames(aredis: Any, who: Viewer, ids: list[str], tenants: list[str],
                       newer_than: float, heartbeat_s: float) -> AsyncIterator[bytes]:
     last: dict[str, Any] = {}
-    last_newer = 0
-    quiet = 0.0
-    yield b"retry: 2000\n\n"
-    while True:
+    last_newer = [0]
+
+    async def step() -> tuple[bytes | None, bool]:
         pipe = aredis.pipeline(transaction=False)
         for task_id in ids:
             pipe.hmget(keys.task(task_id), *_ROW_FIELDS)
@@ -220,15 +218,15 @@ async def _row_frames(aredis: Any, who: Viewer, ids: list[str], tenants: list[st
                 rows[task_id] = row
         newer = sum(int(n) for n in answers[len(ids):])
         changed = {t: row for t, row in rows.items() if last.get(t) != row}
-        if changed or newer != last_newer:
-            last.update(changed)
-            last_newer, quiet = newer, 0.0
-            yield f"data: {json.dumps({'rows': changed, 'newer': newer})}\n\n".encode()
-        elif quiet >= heartbeat_s:
-            quiet = 0.0
-            yield b": heartbeat\n\n"
-        await asyncio.sleep(LIVE_POLL_S)
-        quiet += LIVE_POLL_S
+        if not changed and newer == last_newer[0]:
+            return None, False
+        last.update(changed)
+        last_newer[0] = newer
+        return f"data: {json.dumps({'rows': changed, 'newer': newer})}\n\n".encode(), False
+
+    yield b"retry: 2000\n\n"
+    async for chunk in sse.polled(step, heartbeat_s, LIVE_POLL_S):
+        yield chunk
 
 
 def login_redirect(request: Request, e: LoginRequired) -> Response:
