@@ -189,6 +189,7 @@ class Pipeline:
         progress.agent_runs = sum(1 for e in ctx.attempt_log if e.agent_ran)
         progress.infra_retries = sum(1 for e in ctx.attempt_log
                                      if not e.agent_ran and e.outcome != "running")
+        retried: errors.SandqueueError | None = None
         while True:
             if progress.agent_runs >= task.retry.max_attempts:
                 raise errors.WorkerLost(
@@ -212,7 +213,13 @@ class Pipeline:
             self._close_attempt(ctx, progress, err, redactor, retried=delay is not None
                                 or isinstance(err, errors.WorkerStopping))
             if delay is None:
+                if isinstance(err, errors.DeadlineExceeded) and retried is not None:
+                    # The deadline struck while retrying: the cause worth telling is the
+                    # failure that was being retried, not the attempt the clock cut short.
+                    err.message += (f" (retrying after {retried.category.value}: "
+                                    f"{retried.message})")
                 raise err
+            retried = err
             log.info("task %s: attempt %d failed (%s), retrying in %.1fs", ctx.task_id,
                      progress.attempts, err.category.value, delay)
             ctx.on_state(status=TaskStatus.RETRYING, error=err.category.value)
