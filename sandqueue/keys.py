@@ -92,6 +92,12 @@ def apikey(key_id: str) -> str:
     return f"{PREFIX}apikey:{key_id}"
 
 
+def dashboard_session(token_hash: str) -> str:
+    """Hash: a dashboard login (`key_id`, `created_at`), under the sha256 of the session
+    token its cookie holds; expires with the cookie. Never the token or the API key."""
+    return f"{PREFIX}dash:session:{token_hash}"
+
+
 APIKEYS = f"{PREFIX}apikeys"
 """Set: the ids of every API key, for `sandqueue apikey list`."""
 

@@ -147,8 +147,11 @@ def test_ctrl_c_exits_130_prints_the_resume_command_and_that_command_finishes(
     rdb: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:
     total = 30
+    # The later items are slower, so that Ctrl-C lands mid-batch even when a loaded machine
+    # starves the command and it writes the first results in one burst.
     source = write_jsonl(tmp_path / "inputs.jsonl", [
-        {"id": f"c{i}", "prompt": f"Item {i}", "envs": {"SIM_LATENCY_S": "0.1"}}
+        {"id": f"c{i}", "prompt": f"Item {i}",
+         "envs": {"SIM_LATENCY_S": "0.1" if i < total // 3 else "0.5"}}
         for i in range(total)])
     out = tmp_path / "results.jsonl"
     # No --batch-id: the hint must name the derived one.

@@ -18,6 +18,7 @@ from producer.http.dashboard.pages import PAGE_ROWS
 from producer.http.dashboard.session import COOKIE
 from sandqueue.contract import AgentTask
 from sandqueue.localredis import start_redis
+from tests.integration.conftest import run_cli
 from tests.integration.http_server import ApiServer, make_key, serve_fixture, start_server
 
 HOSTILE = '<img src=x onerror="alert(1)">'
@@ -74,6 +75,25 @@ def test_login_sets_an_httponly_strict_cookie_and_pages_forbid_inline_script(
         # Logging out forgets the key: the next page asks to log in again
         client.post("/logout", data={"csrf": csrf_of(page.text)})
         assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_the_cookie_holds_a_session_not_the_key_and_revoking_the_key_ends_it(
+        server: ApiServer, redis_url: str, rdb: redis.Redis) -> None:
+    made = make_key(redis_url, "acme")
+    with browser(server, made["key"]) as client:
+        token = client.cookies[COOKIE]
+        assert made["key"] not in token and made["key"].split("_")[-1] not in token
+        with server.client(token) as api:  # a stolen cookie is no key to the /v1 API
+            assert api.get("/v1/tasks").status_code == 401
+        raw = token.encode()
+        stored = [k for k in rdb.keys("*") if raw in k or (rdb.type(k) == b"hash" and any(
+            raw in v for v in rdb.hgetall(k).values()))]
+        assert stored == []  # Redis keeps the session token's hash only
+        assert client.get("/").status_code == 200
+        assert run_cli(redis_url, "apikey", "revoke", made["id"]).code == 0
+        ended = client.get("/", follow_redirects=False)
+        assert ended.status_code == 303 and ended.headers["location"].startswith("/login")
+        assert f'{COOKIE}=""' in ended.headers.get("set-cookie", "")  # and drops the cookie
 
 
 def test_prompts_labels_and_results_are_escaped(server: ApiServer, redis_url: str,

@@ -1,21 +1,29 @@
-"""The dashboard's session rules: the cookie's flags, and what a form POST must carry."""
+"""The dashboard's session rules: the cookie's flags, server-side sessions, and what a form
+POST must carry."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import fakeredis
 import pytest
 from fastapi.responses import Response
 from starlette.requests import Request
 
-from producer.apikeys import ApiKey
+from producer.apikeys import ApiKey, ApiKeys
 from producer.http.auth import Caller
 from producer.http.dashboard.session import (
     COOKIE,
     Forbidden,
+    LoginRequired,
     Viewer,
     check_form,
     csrf_token,
+    end_session,
     set_login,
+    start_session,
 )
+from producer.http.dashboard.session import viewer as signed_in
 
 
 def request(scheme: str = "http", host: str = "dash.example", origin: str | None = None
@@ -36,9 +44,9 @@ def viewer(key: str = "sqk_a_b", scopes: frozenset[str] = frozenset({"read"})) -
 def test_the_login_cookie_is_httponly_strict_and_secure_over_https(scheme: str,
                                                                     secure: bool) -> None:
     response = Response()
-    set_login(request(scheme), response, "sqk_a_b")
+    set_login(request(scheme), response, "sqd_token")
     cookie = response.headers["set-cookie"]
-    assert cookie.startswith(f"{COOKIE}=sqk_a_b;")
+    assert cookie.startswith(f"{COOKIE}=sqd_token;")
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie
     assert ("Secure" in cookie) is secure
 
@@ -60,3 +68,52 @@ def test_a_form_needs_its_token_its_own_origin_and_the_scope() -> None:
         check_form(request(), who, who.csrf, "cancel")
     admin = viewer(scopes=frozenset({"admin"}))
     check_form(request(), admin, admin.csrf, "cancel")
+
+
+def cookie_request(store: ApiKeys, token: str | None) -> Request:
+    headers = [(b"cookie", f"{COOKIE}={token}".encode())] if token else []
+    return Request({"type": "http", "scheme": "http", "method": "GET", "path": "/",
+                    "headers": headers, "query_string": b"", "server": ("dash", 80),
+                    "app": SimpleNamespace(state=SimpleNamespace(apikeys=store))})
+
+
+@pytest.fixture
+def store() -> ApiKeys:
+    return ApiKeys(fakeredis.FakeRedis())
+
+
+def test_a_session_stands_for_its_key_and_redis_keeps_neither_token_nor_key(
+        store: ApiKeys) -> None:
+    record, secret, _ = store.create("acme")
+    token = start_session(store, record)
+    assert token.startswith("sqd_") and secret not in token
+    who = signed_in(cookie_request(store, token))
+    assert (who.tenant, who.csrf) == ("acme", csrf_token(token))
+    dump = b" ".join(k + b" " + b" ".join(v for kv in store.r.hgetall(k).items() for v in kv)
+                     for k in store.r.keys("*") if store.r.type(k) == b"hash")
+    assert token.encode() not in dump and secret.encode() not in dump
+    assert 0 < store.r.ttl(next(iter(store.r.keys("*dash:session:*")))) <= 12 * 3600
+
+
+def test_revoking_the_key_or_logging_out_ends_its_sessions(store: ApiKeys) -> None:
+    record, _, _ = store.create("acme")
+    kept, revoked_later = start_session(store, record), start_session(store, record)
+    other, _, _ = store.create("globex")
+    ended = start_session(store, other)
+    end_session(store, ended)
+    with pytest.raises(LoginRequired, match="session has ended"):
+        signed_in(cookie_request(store, ended))
+    assert signed_in(cookie_request(store, kept)).tenant == "acme"
+    store.revoke(record.id)
+    for token in (kept, revoked_later):
+        with pytest.raises(LoginRequired, match="revoked"):
+            signed_in(cookie_request(store, token))
+
+
+@pytest.mark.parametrize("token", [None, "sqd_made_up", "sqk_an_api_key"])
+def test_a_cookie_that_is_no_session_asks_for_a_login(store: ApiKeys, token: str | None
+                                                      ) -> None:
+    _, secret, _ = store.create("acme")
+    presented = secret if token == "sqk_an_api_key" else token  # the raw key is no session
+    with pytest.raises(LoginRequired):
+        signed_in(cookie_request(store, presented))

@@ -22,11 +22,14 @@ from producer.http import records, sse
 from producer.http.dashboard import timeline
 from producer.http.dashboard.render import SECURITY_HEADERS, page
 from producer.http.dashboard.session import (
+    COOKIE,
     LoginRequired,
     Viewer,
     check_form,
     clear_login,
+    end_session,
     set_login,
+    start_session,
     viewer,
 )
 from producer.http.models import view
@@ -73,13 +76,14 @@ def login(request: Request, api_key: Annotated[str, Form(max_length=400)] = "",
     if key is None:
         return page(request, "login.html", status_code=401, next=_safe_next(next), why=why)
     response = RedirectResponse(_safe_next(next), status_code=303)
-    set_login(request, response, presented)
+    set_login(request, response, start_session(request.app.state.apikeys, key))
     return response
 
 
 @router.post("/logout")
 def logout(request: Request, who: Who, csrf: Annotated[str, Form()] = "") -> Response:
     check_form(request, who, csrf)
+    end_session(request.app.state.apikeys, request.cookies.get(COOKIE))
     response = RedirectResponse("/login", status_code=303)
     clear_login(request, response)
     return response

@@ -1,12 +1,15 @@
-"""Who is looking at the dashboard: the API key in a cookie, and the CSRF token of its forms.
+"""Who is looking at the dashboard: a server-side login session, and its forms' CSRF token.
 
-The login form puts the key in an HttpOnly cookie (scripts never see it), SameSite=Strict
-(no other site's page can make the browser send it), Secure when served over https. Every
-request checks it as the API does (`ApiKeys.authenticate`: unknown, revoked or expired keys
-are refused); an admin key sees every tenant, a tenant key its own.
+Logging in with an API key starts a session: the browser gets a random session token in an
+HttpOnly cookie (scripts never see it), SameSite=Strict (no other site's page can make the
+browser send it), Secure when served over https. The API key itself never leaves the login
+form's POST: a stolen cookie is not a key to the /v1 API, ends with the session (12 hours, or
+logout), and Redis keeps only the token's sha256 with the id of the key it stands for. Every
+request re-checks that key (`ApiKeys.get` + `refusal`): revoking or expiring the key ends its
+sessions at once. An admin key sees every tenant, a tenant key its own.
 
-Actions (cancel, retry, logout) are POST forms carrying a token derived from the key
-(HMAC-SHA256 of a fixed label under the key): another site can neither read it nor, with
+Actions (cancel, retry, logout) are POST forms carrying a token derived from the session
+token (HMAC-SHA256 of a fixed label under it): another site can neither read it nor, with
 SameSite=Strict, send the cookie; a POST whose Origin is another site is refused as well.
 """
 
@@ -14,15 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+import time
 from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from producer.apikeys import ApiKeys
+from producer.apikeys import ApiKey, ApiKeys
 from producer.http.auth import Caller
+from sandqueue import keys
+from sandqueue.store import as_text
 
-COOKIE = "sq_dash_key"
+COOKIE = "sq_dash_session"
 COOKIE_MAX_AGE_S = 12 * 3600
 _CSRF_LABEL = b"sandqueue dashboard csrf v1"
 
@@ -56,22 +63,46 @@ class Viewer:
         return self.admin or scope in self.caller.key.scopes
 
 
-def csrf_token(api_key: str) -> str:
-    return hmac.new(api_key.encode(), _CSRF_LABEL, hashlib.sha256).hexdigest()
+def csrf_token(session_token: str) -> str:
+    return hmac.new(session_token.encode(), _CSRF_LABEL, hashlib.sha256).hexdigest()
+
+
+def _session_key(token: str) -> str:
+    return keys.dashboard_session(hashlib.sha256(token.encode()).hexdigest())
+
+
+def start_session(store: ApiKeys, key: ApiKey) -> str:
+    """A new session for a key that just authenticated; returns the token for the cookie."""
+    token = "sqd_" + secrets.token_urlsafe(32)
+    pipe = store.r.pipeline()
+    pipe.hset(_session_key(token), mapping={"key_id": key.id, "created_at": time.time()})
+    pipe.expire(_session_key(token), COOKIE_MAX_AGE_S)
+    pipe.execute()
+    return token
+
+
+def end_session(store: ApiKeys, token: str | None) -> None:
+    if token:
+        store.r.delete(_session_key(token))
 
 
 def viewer(request: Request) -> Viewer:
-    """The caller behind the cookie, with the `read` scope; LoginRequired otherwise."""
-    presented = request.cookies.get(COOKIE)
-    if not presented:
+    """The caller behind the cookie's session, with the `read` scope; LoginRequired
+    otherwise (its `why` says what ended the session, when it did not just lapse)."""
+    token = request.cookies.get(COOKIE)
+    if not token:
         raise LoginRequired("")
     store: ApiKeys = request.app.state.apikeys
-    key, why = store.authenticate(presented)
+    key_id = as_text(store.r.hget(_session_key(token), "key_id") or b"")
+    key = store.get(key_id) if key_id else None
     if key is None:
+        raise LoginRequired("your dashboard session has ended; log in again")
+    why = key.refusal(time.time())
+    if why:
         raise LoginRequired(why)
     if "read" not in key.scopes and "admin" not in key.scopes:
         raise LoginRequired("this API key lacks the `read` scope the dashboard needs")
-    return Viewer(Caller(key), csrf_token(presented))
+    return Viewer(Caller(key), csrf_token(token))
 
 
 def check_form(request: Request, who: Viewer, token: str, scope: str | None = None) -> None:
@@ -91,8 +122,8 @@ def _own_origin(request: Request) -> str:
     return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
 
 
-def set_login(request: Request, response: Response, api_key: str) -> None:
-    response.set_cookie(COOKIE, api_key, max_age=COOKIE_MAX_AGE_S, path="/", httponly=True,
+def set_login(request: Request, response: Response, session_token: str) -> None:
+    response.set_cookie(COOKIE, session_token, max_age=COOKIE_MAX_AGE_S, path="/", httponly=True,
                         samesite="strict", secure=request.url.scheme == "https")
 
 
