@@ -46,15 +46,15 @@ task under it, in the same atomic step, so no task is ever visible without its o
 # ARGV: now, ttl, task key prefix, tenant index prefix, tenant open-set prefix, then 7 per
 # task: id, idempotency key (or ''), fingerprint, message body (JSON), queue, tenant (or ''),
 # labels (JSON).
-# KEYS: the index of every tenant's tasks (admin listings).
-# Returns one {verdict, id[, body, queue]} per task. A task with a tenant is recorded with
-# it and its labels (what `GET /v1/tasks` filters on) and indexed under that tenant and in
-# the all-tenants index.
+# KEYS: the index of every task (admin listings).
+# Returns one {verdict, id[, body, queue]} per task. Every task is recorded with its labels
+# (what `GET /v1/tasks` and the dashboard filter on) and indexed in the all-tasks index; a
+# task with a tenant is also recorded with it and indexed under that tenant.
 _CLAIM = """
 local now, ttl, prefix, idx, openp = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4],
   ARGV[5]
 local n = (#ARGV - 5) / 7
-local verdicts, claimed, conflict = {}, {}, false
+local verdicts, claimed, conflict, added = {}, {}, false, false
 for i = 0, n - 1 do
   local b = 6 + i * 7
   local id, idem, fp = ARGV[b], ARGV[b + 1], ARGV[b + 2]
@@ -91,19 +91,23 @@ for i = 0, n - 1 do
       redis.call('HSET', key, 'message', ARGV[b + 3], 'queue', ARGV[b + 4])
     end
     local tenant = ARGV[b + 5]
+    redis.call('HSET', key, 'labels', ARGV[b + 6])
+    redis.call('ZADD', KEYS[1], now, id)
+    added = true
     if tenant ~= '' then
-      redis.call('HSET', key, 'tenant', tenant, 'labels', ARGV[b + 6])
+      redis.call('HSET', key, 'tenant', tenant)
       redis.call('ZADD', idx .. tenant, now, id)
       redis.call('ZADD', openp .. tenant, now, id)
       redis.call('EXPIRE', openp .. tenant, ttl)
       redis.call('ZREMRANGEBYSCORE', idx .. tenant, '-inf', tonumber(now) - ttl)
       redis.call('EXPIRE', idx .. tenant, ttl)
-      redis.call('ZADD', KEYS[1], now, id)
-      redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now) - ttl)
-      redis.call('EXPIRE', KEYS[1], ttl)
     end
     redis.call('EXPIRE', key, ttl)
   end
+end
+if added then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now) - ttl)
+  redis.call('EXPIRE', KEYS[1], ttl)
 end
 return verdicts
 """

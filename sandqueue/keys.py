@@ -109,8 +109,9 @@ def tenant_index(tenant: str) -> str:
 
 
 TASK_INDEX = f"{PREFIX}idx:all"
-"""Sorted set: task id -> submit time of every tenant's tasks (trimmed and expiring as the
-per-tenant indexes): what an `admin` key's unfiltered `GET /v1/tasks` reads."""
+"""Sorted set: task id -> submit time of every task, a tenant's or one submitted without a
+tenant from the CLI or Python (trimmed and expiring as the per-tenant indexes): what an
+`admin` key's unfiltered `GET /v1/tasks` and the dashboard read."""
 
 
 def submit_rate(tenant: str, window: int) -> str:

@@ -4,7 +4,9 @@ of every tenant, and a 10,000-task table that costs one page of Redis work."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,13 @@ from producer.http.dashboard.session import COOKIE
 from sandqueue.contract import AgentTask
 from sandqueue.localredis import start_redis
 from tests.integration.conftest import run_cli
-from tests.integration.http_server import ApiServer, make_key, serve_fixture, start_server
+from tests.integration.http_server import (
+    ApiServer,
+    make_key,
+    serve_fixture,
+    sse_frames,
+    start_server,
+)
 
 HOSTILE = '<img src=x onerror="alert(1)">'
 
@@ -152,15 +160,34 @@ def test_an_admin_key_sees_every_tenant_and_can_narrow_to_one(
     admin = make_key(redis_url, "ops", "--scopes", "admin")["key"]
     a = submit(server, acme, {"prompt": "a"})
     g = submit(server, globex, {"prompt": "g"})
+    done = run_cli(redis_url, "submit", "from the CLI, no tenant", "--json")
+    assert done.code == 0, done.err
+    cli = json.loads(done.out)["id"]
     with browser(server, admin) as client:
         everything = client.get("/").text
-        assert a in everything and g in everything
+        assert a in everything and g in everything and cli in everything
         only_globex = client.get("/?tenant=globex").text
-        assert g in only_globex and a not in only_globex
+        assert g in only_globex and a not in only_globex and cli not in only_globex
         assert client.get(f"/tasks/{a}").status_code == 200
+        assert client.get(f"/tasks/{cli}").status_code == 200
     with browser(server, acme) as client:
         own = client.get("/?tenant=globex").text  # a tenant key cannot widen its view
-        assert a in own and g not in own
+        assert a in own and g not in own and cli not in own
+        assert client.get(f"/tasks/{cli}").status_code == 404
+
+
+def test_an_admins_live_page_counts_new_tasks_submitted_without_a_tenant(
+        server: ApiServer, redis_url: str) -> None:
+    admin = make_key(redis_url, "ops", "--scopes", "admin")["key"]
+    acme = make_key(redis_url, "acme")["key"]
+    with browser(server, admin) as client, client.stream(
+            "GET", "/live/tasks", params={"newer_than": time.time() - 0.001}) as live:
+        assert live.status_code == 200
+        frames = sse_frames(live)  # nothing is sent until something changes
+        assert run_cli(redis_url, "submit", "from the CLI", "--json").code == 0
+        assert next(frames).data["newer"] == 1
+        submit(server, acme, {"prompt": "a tenant's"})
+        assert next(frames).data["newer"] == 2
 
 
 def command_calls(rdb: redis.Redis) -> dict[str, int]:

@@ -4,6 +4,7 @@ what Redis keeps of a key (its hash only)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -180,15 +181,19 @@ def test_an_admin_key_lists_reads_follows_and_cancels_every_tenants_tasks(
         assert globex.get("/v1/tasks", params={"tenant": "acme"}).status_code == 404
         assert [t["id"] for t in globex.get("/v1/tasks", params={"tenant": "globex"})
                 .json()["items"]] == [g1]
-    assert run_cli(redis_url, "submit", "from the CLI", "--json").code == 0
+    done = run_cli(redis_url, "submit", "from the CLI", "--label", "k=v", "--json")
+    assert done.code == 0, done.err
+    cli = json.loads(done.out)["id"]
     with server.client(make_key(redis_url, "ops", "--scopes", "admin")["key"]) as admin:
-        # When an admin key lists: every tenant's tasks, newest first, paged
+        # When an admin key lists: every task, a tenant's or the CLI's, newest first, paged
         listed = admin.get("/v1/tasks").json()
         assert [(t["id"], t["tenant"]) for t in listed["items"]] == [
-            (g1, "globex"), (a2, "acme"), (a1, "acme")]
+            (cli, None), (g1, "globex"), (a2, "acme"), (a1, "acme")]
         first = admin.get("/v1/tasks", params={"limit": 2}).json()
         rest = admin.get("/v1/tasks", params={"limit": 2, "cursor": first["next_cursor"]})
-        assert [t["id"] for t in first["items"] + rest.json()["items"]] == [g1, a2, a1]
+        assert [t["id"] for t in first["items"] + rest.json()["items"]] == [cli, g1, a2, a1]
+        assert [t["id"] for t in admin.get("/v1/tasks", params={"label": "k=v"})
+                .json()["items"]] == [cli, a2]
         # or one tenant's, with the usual filters
         assert [t["id"] for t in admin.get("/v1/tasks", params={"tenant": "acme"})
                 .json()["items"]] == [a2, a1]

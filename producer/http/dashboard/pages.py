@@ -188,12 +188,18 @@ async def live_rows(request: Request, who: Who, ids: str = "", newer_than: float
     with `newer_than`, how many tasks were submitted since the page's newest row."""
     wanted = [t for t in ids.split(",") if t][:LIVE_IDS_MAX]
     scope = await run_in_threadpool(tenants_of, request, who)
+    # New tasks are counted in the index the page lists: an admin's unfiltered page, every
+    # task's (those submitted without a tenant too); otherwise the tenant's.
     if tenant in scope:
-        scope = [tenant]
+        indexes = [keys.tenant_index(tenant)]
+    elif who.admin:
+        indexes = [keys.TASK_INDEX]
+    else:
+        indexes = [keys.tenant_index(t) for t in scope]
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     frames = _row_frames(request.app.state.aredis, who, wanted,
-                         scope if newer_than else [], newer_than,
+                         indexes if newer_than else [], newer_than,
                          request.app.state.settings.api_heartbeat_s)
     return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
                              headers=SSE_HEADERS)
@@ -202,7 +208,7 @@ async def live_rows(request: Request, who: Who, ids: str = "", newer_than: float
 _ROW_FIELDS = ("tenant", "status", "attempt", "tool_calls", "cost_usd", "updated_at", "error")
 
 
-async def _row_frames(aredis: Any, who: Viewer, ids: list[str], tenants: list[str],
+async def _row_frames(aredis: Any, who: Viewer, ids: list[str], indexes: list[str],
                       newer_than: float, heartbeat_s: float) -> AsyncIterator[bytes]:
     last: dict[str, Any] = {}
     last_newer = [0]
@@ -211,8 +217,8 @@ async def _row_frames(aredis: Any, who: Viewer, ids: list[str], tenants: list[st
         pipe = aredis.pipeline(transaction=False)
         for task_id in ids:
             pipe.hmget(keys.task(task_id), *_ROW_FIELDS)
-        for tenant in tenants:
-            pipe.zcount(keys.tenant_index(tenant), f"({newer_than!r}", "+inf")
+        for index in indexes:
+            pipe.zcount(index, f"({newer_than!r}", "+inf")
         answers = await pipe.execute()
         rows = {}
         for task_id, values in zip(ids, answers, strict=False):
