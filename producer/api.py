@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from sandqueue.artifacts import (
     LocalStore,
     check_name,
     make_store,
+    verified,
 )
 from sandqueue.celeryconf import celery_config
 from sandqueue.contract import (
@@ -177,8 +177,12 @@ class TaskHandle:
         return list(outcome.artifacts) if outcome is not None else []
 
     def read_artifact(self, name: str) -> bytes:
-        """One artifact's bytes, from the artifact store (SANDQUEUE_ARTIFACT_STORE)."""
-        return self.client.artifact_store.get(self.id, name)
+        """One artifact's bytes, from the artifact store (SANDQUEUE_ARTIFACT_STORE), checked
+        against the sha256 its result lists (ArtifactDamaged when they differ)."""
+        ref = next((r for r in self.artifacts() if r.name == name), None)
+        if ref is None:
+            raise ArtifactNotFound(f"task {self.id} has no artifact {name!r}")
+        return b"".join(verified(self.client.artifact_store.open(self.id, name), ref))
 
     def download_artifacts(self, out_dir: str | os.PathLike[str],
                            names: list[str] | None = None) -> list[Path]:
@@ -227,15 +231,13 @@ def download(store: ArtifactStore, task_id: str, refs: list[ArtifactRef], out_di
     for ref in wanted:
         target = out_dir / check_name(ref.name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with store.open(task_id, ref.name) as src, target.open("wb") as dst:
-            while chunk := src.read(1024 * 1024):
-                digest.update(chunk)
-                dst.write(chunk)
-        if digest.hexdigest() != ref.sha256:
+        try:
+            with target.open("wb") as dst:
+                for chunk in verified(store.open(task_id, ref.name), ref):
+                    dst.write(chunk)
+        except ArtifactDamaged:
             target.unlink()
-            raise ArtifactDamaged(f"{ref.name}: the stored bytes do not match the sha256 the "
-                                "result lists (changed or damaged in the store)")
+            raise
         written.append(target)
     return written
 

@@ -145,6 +145,28 @@ class ArtifactStore(abc.ABC):
         """Delete one artifact, or all of the task's (name None); return how many."""
 
 
+def verified(stream: BinaryIO, ref: ArtifactRef, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    """The stream's bytes in chunks, checked against the size and sha256 its result lists.
+
+    The last chunk is held back until the check passes: on a mismatch ArtifactDamaged is
+    raised instead of it, so a reader (a file being written, an HTTP body with its
+    Content-Length) never ends up with the whole of a damaged or replaced copy. Closes the
+    stream."""
+    digest, size, held = hashlib.sha256(), 0, b""
+    with stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+            if held:
+                yield held
+            held = chunk
+    if size != ref.size or digest.hexdigest() != ref.sha256:
+        raise ArtifactDamaged(f"{ref.name}: the stored bytes do not match the size and sha256 "
+                              "the result lists (changed or damaged in the store)")
+    if held:
+        yield held
+
+
 def _copy_capped(src: BinaryIO, dst: BinaryIO, cap: int) -> tuple[int, str, int]:
     """Copy at most `cap` bytes; return (copied, sha256 of them, bytes seen beyond cap).
 

@@ -11,9 +11,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
+from sandqueue.artifacts import ArtifactDamaged
 from tests.fakes.git_http import GitHttpServer
 from tests.integration.conftest import (
     RunCli,
@@ -113,6 +115,11 @@ def test_python_api_and_batch_lines_carry_the_artifacts(
         assert ref.name == "repo.diff" and b"+api" in handle.read_artifact("repo.diff")
         (path,) = handle.download_artifacts(tmp_path / "api")
         assert path.read_bytes() == handle.read_artifact("repo.diff")
+        # A copy changed in the store (same size) is refused, not handed back as the diff
+        stored = Path(env["SANDQUEUE_ARTIFACT_DIR"]) / handle.id / "data" / "repo.diff"
+        stored.write_bytes(stored.read_bytes().replace(b"+api", b"+APi"))
+        with pytest.raises(ArtifactDamaged, match="sha256"):
+            handle.read_artifact("repo.diff")
     finally:
         close_client(client)
 
@@ -158,6 +165,11 @@ def test_http_lists_and_downloads_artifacts_for_their_tenant_only(
             a["sha256"] for a in listed if a["name"] == "files/README.md")
         diff = acme.get(f"/v1/tasks/{task_id}/artifacts/repo.diff")
         assert diff.status_code == 200 and b"+web" in diff.content
+        # A copy changed in the store ends the body short of its Content-Length
+        stored = Path(env["SANDQUEUE_ARTIFACT_DIR"]) / task_id / "data" / "repo.diff"
+        stored.write_bytes(stored.read_bytes().replace(b"+web", b"+WEB"))
+        with pytest.raises(httpx.RemoteProtocolError):
+            acme.get(f"/v1/tasks/{task_id}/artifacts/repo.diff")
         # Another tenant, a name the result does not list, a token reference not allowed
         assert other.get(f"/v1/tasks/{task_id}/artifacts/repo.diff").status_code == 404
         assert other.get(f"/v1/tasks/{task_id}/artifacts").status_code == 404

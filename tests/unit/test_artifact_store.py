@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sandqueue.artifacts import (
+    ArtifactDamaged,
     ArtifactError,
     ArtifactLimitExceeded,
     ArtifactLimits,
@@ -21,7 +22,9 @@ from sandqueue.artifacts import (
     LocalStore,
     S3Store,
     make_store,
+    verified,
 )
+from sandqueue.contract import ArtifactRef
 from sandqueue.settings import Settings
 
 SECRET_KEY = "moto-secret-" + "k" * 20
@@ -193,7 +196,7 @@ def test_download_checks_the_sha256_the_result_lists(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert download(store, "t", [good], out) == [out / "files/out/a.txt"]
     assert (out / "files/out/a.txt").read_bytes() == b"as collected"
-    with pytest.raises(ArtifactError, match="do not match the sha256"):
+    with pytest.raises(ArtifactError, match="do not match the size and sha256"):
         download(store, "t", [good, bad], out, ["b.txt"])
     assert not (out / "b.txt").exists()
     with pytest.raises(ArtifactNotFound, match=r"no artifact c\.txt"):
@@ -216,3 +219,19 @@ def test_check_reports_an_s3_bucket_workers_could_not_write_to(s3_endpoint: str)
     report = run_checks({**options, "s3_bucket": store.bucket})
     (item,) = [c for c in report["checks"] if c["name"] == "artifacts"]
     assert item["state"] == "ok", item
+
+
+def test_a_verified_read_holds_back_the_last_chunk_of_a_damaged_copy() -> None:
+    # What HTTP downloads rely on: a reader never gets every byte of a copy that fails the
+    # check, so its Content-Length is not met and no client takes it for the artifact
+    data = bytes(range(256)) * 40
+    ref = ArtifactRef(name="a.bin", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    assert b"".join(verified(io.BytesIO(data), ref, chunk_size=1000)) == data
+    damaged = data[:-1] + b"x"
+    got: list[bytes] = []
+    with pytest.raises(ArtifactDamaged, match=r"a\.bin"):
+        for chunk in verified(io.BytesIO(damaged), ref, chunk_size=1000):
+            got.append(chunk)
+    assert 0 < len(b"".join(got)) < len(data)
+    with pytest.raises(ArtifactDamaged):  # shorter (a truncated copy) is damaged too
+        b"".join(verified(io.BytesIO(data[:-10]), ref, chunk_size=1000))
