@@ -66,16 +66,26 @@ def test_batch_interrupted_while_submitting_resumes_with_every_result_once(
     argv = ("batch", "run", str(source), "--out", str(out), "--queue", queue, "--batch-id",
             batch_id, "--json", "--no-progress")
     first_key = idem_key(batch_id, "k0")
-    with (tmp_path / "first.log").open("wb") as log:
+    # A command that does not exit after the interrupt is made to dump its threads' stacks
+    # (SIGABRT under faulthandler) into its log, which the failure shows.
+    env = {**product_env(redis_url), "PYTHONFAULTHANDLER": "1"}
+    log_path = tmp_path / "first.log"
+    with log_path.open("wb") as log:
         first = subprocess.Popen([sys.executable, "-m", "producer.cli", *argv],
-                                 env=product_env(redis_url), cwd=tmp_path,
+                                 env=env, cwd=tmp_path,
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
             end = time.monotonic() + 60
             while not rdb.exists(first_key) and first.poll() is None:
                 assert time.monotonic() < end, "the batch never started submitting"
+                time.sleep(0.002)  # not a busy loop: on two cores it starves the command
             first.send_signal(signal.SIGINT)
-            first.wait(30)
+            first.wait(60)
+        except subprocess.TimeoutExpired:
+            first.send_signal(signal.SIGABRT)
+            first.wait(10)
+            pytest.fail("the batch command did not exit within 60 s of Ctrl-C:\n"
+                        + log_path.read_text(errors="replace")[-8000:])
         finally:
             if first.poll() is None:
                 first.kill()
