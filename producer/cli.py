@@ -25,8 +25,10 @@ import base64
 import json
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -694,23 +696,66 @@ def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template:
                          retry_failed=retry_failed)
     render.err.print(f"batch {batch_id}: {len(inputs)} inputs"
                      + (f", results to {out}" if out else ""))
-    try:
-        with render.BatchProgress(len(inputs), enabled=not no_progress) as bar:
-            runner.on_progress = bar.update
-            runner.on_resume = lambda plan: _say_resume(plan, bar)
-            progress = runner.run(source=str(file))
-    except KeyboardInterrupt:
-        command = resume_command(ctx, batch_id)
-        fail(CliError(f"interrupted; tasks already submitted keep running. Resume with (nothing "
-                      f"runs twice):\n  {command}", code="interrupted",
-                      exit_code=EXIT_INTERRUPTED, extra={"batch_id": batch_id,
-                                                         "resume": command}), as_json)
+    ctrl_c = CtrlC()
+
+    def on_progress(progress: Any) -> None:
+        ctrl_c.check()
+        bar.update(progress)
+
+    with ctrl_c.installed():
+        try:
+            with render.BatchProgress(len(inputs), enabled=not no_progress) as bar:
+                runner.on_progress = on_progress
+                runner.on_resume = lambda plan: _say_resume(plan, bar)
+                progress = runner.run(source=str(file))
+        except KeyboardInterrupt:
+            ctrl_c.leaving = True
+            command = resume_command(ctx, batch_id)
+            fail(CliError(f"interrupted; tasks already submitted keep running. Resume with "
+                          f"(nothing runs twice):\n  {command}", code="interrupted",
+                          exit_code=EXIT_INTERRUPTED, extra={"batch_id": batch_id,
+                                                             "resume": command}), as_json)
     summary = progress.summary(batch_id, out)
     if as_json:
         render.print_json(summary)
     else:
         render.print_batch_summary(summary)
     sys.exit(EXIT_OK if progress.failed == 0 and progress.stopped is None else EXIT_FAILED)
+
+
+class CtrlC:
+    """Ctrl-C for a long command that must end with 130 and its resume hint, however the
+    interrupt lands. Python turns SIGINT into one KeyboardInterrupt wherever the main thread
+    is; on a loaded machine, with thousands of inputs, one landing during a chunk's submit
+    was now and then lost (the command went on following results until killed). So the
+    handler records it too, and the result loop checks `pending` on every poll; once the
+    command is on its way out (`leaving`) further Ctrl-Cs are ignored."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.leaving = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.pending = True
+        if not self.leaving:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending and not self.leaving:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[CtrlC]:
+        try:
+            previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (an embedding app): Python's own handling
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            # On the way out with 130, a late Ctrl-C must not kill the exit itself.
+            signal.signal(signal.SIGINT, signal.SIG_IGN if self.leaving else previous)
 
 
 def resume_command(ctx: click.Context, batch_id: str) -> str:

@@ -441,6 +441,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append((f"worker {worker.name} log ({state})", worker.log()[-30000:]))
 
 
+
+INTERRUPTED = (130, -signal.SIGINT)
+"""How a command interrupted by Ctrl-C may end: exit 130 after its message, or, rarely on a
+loaded machine, killed by the SIGINT as it exits after printing the same message. A shell
+reports both as 130 (128 + SIGINT); a test checks the message and resume hint besides."""
+
 # -- the CLI --------------------------------------------------------------------------------
 
 class CliResult(NamedTuple):
