@@ -108,6 +108,9 @@ class ApiKeys:
         """Make a key; returns its record, the key itself (shown once, only its hash is
         stored) and, when `sealer` can seal it, its webhook signing secret (shown once,
         stored sealed: workers open it to sign callbacks)."""
+        if expires_days is not None and not (0 < expires_days <= 36500):  # nan fails too
+            raise errors.ConfigError(f"expires: {expires_days} days; give a number of days "
+                                     "above 0, at most 36500")
         if not TENANT_NAME.match(tenant):
             raise errors.ConfigError(f"tenant {tenant!r}: use 1-64 letters, digits, '_', '.', "
                                      "'-', starting with a letter or digit")

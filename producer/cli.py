@@ -493,6 +493,12 @@ def artifacts(ctx: click.Context, task_id: str, out_dir: Path | None, as_json: b
         raise CliError(f"{task_id} has not finished: {state}", code="not_finished",
                        exit_code=EXIT_PENDING, task_id=task_id, extra={"status": state})
     refs = outcome.artifacts
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. a file where a directory must be: the caller's to fix
+            raise CliError(f"--out {out_dir}: cannot make that directory "
+                           f"({e.strerror or e})", code="usage", exit_code=EXIT_USAGE) from e
     paths = handle.download_artifacts(out_dir) if out_dir is not None else []
     if as_json:
         render.print_json({"id": task_id, "artifacts": [

@@ -85,7 +85,9 @@ def apikey() -> None:
 @click.option("--tenant", required=True, help="Tenant the key's tasks belong to.")
 @click.option("--scopes", default="submit,read,cancel", show_default=True,
               help="Comma-separated: submit, read, cancel, admin (every tenant).")
-@click.option("--expires", "expires_days", type=click.FloatRange(min=0, min_open=True),
+@click.option("--expires", "expires_days",
+              # not nan or inf (which compare as in range): a key that would never expire
+              type=click.FloatRange(min=0, min_open=True, max=36500),
               help="Days until the key stops working (default: never).")
 @click.option("--allow-env", default="", metavar="NAME,...",
               help="${NAME} references its tasks may use (default: none).")

@@ -7,11 +7,13 @@ route needs: 403. A task or batch of another tenant is answered 404 by the route
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from producer.apikeys import ApiKey, ApiKeys
@@ -56,3 +58,14 @@ def require(scope: str) -> Callable[..., Caller]:
         return Caller(key)
 
     return dependency
+
+
+def still_valid(request: Request, caller: Caller) -> Callable[[], Awaitable[bool]]:
+    """For an open stream (`StreamSlots.hold`): is the caller's key still usable?"""
+    store: ApiKeys = request.app.state.apikeys
+
+    async def check() -> bool:
+        key = await run_in_threadpool(store.get, caller.key.id)
+        return key is not None and key.refusal(time.time()) is None
+
+    return check

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from producer.api import Client
 from producer.batch import Batch, BatchInput, batch_key, parse_inputs
 from producer.http import sse
-from producer.http.auth import Caller, require
+from producer.http.auth import Caller, require, still_valid
 from producer.http.problems import Problem, not_found
 from producer.http.tasks import ERRORS, PROBLEM, bind_to_caller, charge
 from sandqueue import callbacks
@@ -245,7 +245,8 @@ async def follow_batch(request: Request, batch_id: str,
     heartbeat_s = request.app.state.settings.api_heartbeat_s
     slots = sse.StreamSlots(request.app.state)  # counted like every other stream
     slots.check()
-    return StreamingResponse(slots.hold(_progress(batch, heartbeat_s)),
+    return StreamingResponse(slots.hold(_progress(batch, heartbeat_s),
+                                        still_valid(request, caller)),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -47,10 +47,23 @@ class StreamSlots:
                           "may (SANDQUEUE_API_MAX_STREAMS); retry shortly",
                           headers={"Retry-After": "2"})
 
-    async def hold(self, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def hold(self, frames: AsyncIterator[bytes],
+                   allowed: Callable[[], Awaitable[bool]] | None = None,
+                   ) -> AsyncIterator[bytes]:
+        """`frames`, counted; with `allowed`, the caller's credentials are checked again
+        before a frame once every heartbeat interval (a quiet stream sends a heartbeat that
+        often): a key revoked or expired, or a dashboard session ended, ends its open
+        streams too, not only its next requests. The client's reconnect then gets 401."""
         self.state.open_streams += 1
+        every_s = self.state.settings.api_heartbeat_s
+        checked = time.monotonic()
         try:
             async for frame in _until(frames, getattr(self.state, "stopping", None)):
+                if allowed is not None and time.monotonic() - checked >= every_s:
+                    checked = time.monotonic()
+                    if not await allowed():
+                        yield b": access ended (API key revoked or expired, or logged out)\n\n"
+                        return
                 yield frame
         except RedisError:
             # The client reconnects with Last-Event-ID and loses nothing.

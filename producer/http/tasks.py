@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from producer.api import STRANDED_AFTER_S, Client
 from producer.http import records, sse
-from producer.http.auth import Caller, require
+from producer.http.auth import Caller, require, still_valid
 from producer.http.models import CancelOutcome, Pending, Submitted, TaskPage, TaskView, links, view
 from producer.http.problems import Problem, not_found
 from producer.outbox import TENANT_LABEL
@@ -285,7 +285,8 @@ async def follow_task(request: Request, task_id: str,
     frames = event_frames(request, task_id, after)
     slots = sse.StreamSlots(request.app.state)
     slots.check()
-    return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
+    return StreamingResponse(slots.hold(frames, still_valid(request, caller)),
+                             media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

@@ -101,7 +101,19 @@ def test_the_cookie_holds_a_session_not_the_key_and_revoking_the_key_ends_it(
         assert run_cli(redis_url, "apikey", "revoke", made["id"]).code == 0
         ended = client.get("/", follow_redirects=False)
         assert ended.status_code == 303 and ended.headers["location"].startswith("/login")
+        assert ended.headers["location"].endswith("&ended=refused")  # and the form says why
+        assert "revoked" in httpx.get(server.url + ended.headers["location"]).text
         assert f'{COOKIE}=""' in ended.headers.get("set-cookie", "")  # and drops the cookie
+
+
+def test_a_key_without_the_read_scope_is_refused_at_login_with_the_reason(
+        server: ApiServer, redis_url: str) -> None:
+    submitter = make_key(redis_url, "acme", "--scopes", "submit")["key"]
+    answer = httpx.post(server.url + "/login", data={"api_key": submitter})
+    assert answer.status_code == 403 and "`read` scope" in answer.text
+    assert "set-cookie" not in answer.headers
+    made_up = httpx.get(server.url + "/login", params={"ended": "<b>anything</b>"}).text
+    assert "anything" not in made_up  # the reason comes from a fixed list, not the link
 
 
 def test_prompts_labels_and_results_are_escaped(server: ApiServer, redis_url: str,
@@ -168,6 +180,13 @@ def test_an_admin_key_sees_every_tenant_and_can_narrow_to_one(
         assert a in everything and g in everything and cli in everything
         only_globex = client.get("/?tenant=globex").text
         assert g in only_globex and a not in only_globex and cli not in only_globex
+        # a tenant no API key has (a CLI task's `--label tenant=`) filters all the same
+        labelled = run_cli(redis_url, "submit", "initech's", "--label", "tenant=initech",
+                           "--json")
+        initech = json.loads(labelled.out)["id"]
+        only_initech = client.get("/?tenant=initech").text
+        assert initech in only_initech and not {a, g, cli} & set(re.findall(
+            r'data-id="([^"]+)"', only_initech))
         assert client.get(f"/tasks/{a}").status_code == 200
         assert client.get(f"/tasks/{cli}").status_code == 200
     with browser(server, acme) as client:

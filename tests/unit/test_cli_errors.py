@@ -294,3 +294,18 @@ def test_a_damaged_artifact_is_not_reported_as_an_unreachable_store(
     error = json.loads(result.stdout.splitlines()[-1])
     assert error["error"] == "artifact_damaged" and "sha256" in error["message"]
     assert not (tmp_path / "got/files/a.txt").exists()
+
+
+def test_an_out_directory_that_cannot_be_made_is_a_usage_error(
+        fake_redis: fakeredis.FakeRedis, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDQUEUE_ARTIFACT_DIR", str(tmp_path / "store"))
+    ref = LocalStore(tmp_path / "store").put("t-1", "files/a.txt", b"what the agent wrote")
+    monkeypatch.setattr(TaskHandle, "result", lambda self, **_: SimpleNamespace(
+        artifacts=[ref]))
+    (tmp_path / "afile").write_text("a file, not a directory")
+    result = run("artifacts", "t-1", "--out", str(tmp_path / "afile" / "sub"), "--json")
+    no_traceback(result)
+    assert result.exit_code == 2, result.output
+    error = json.loads(result.stdout.splitlines()[-1])
+    assert error["error"] == "usage" and "cannot make that directory" in error["message"]

@@ -24,6 +24,7 @@ from producer.http.dashboard.session import (
     start_session,
 )
 from producer.http.dashboard.session import viewer as signed_in
+from sandqueue.errors import ConfigError
 
 
 def request(scheme: str = "http", host: str = "dash.example", origin: str | None = None
@@ -117,3 +118,12 @@ def test_a_cookie_that_is_no_session_asks_for_a_login(store: ApiKeys, token: str
     presented = secret if token == "sqk_an_api_key" else token  # the raw key is no session
     with pytest.raises(LoginRequired):
         signed_in(cookie_request(store, presented))
+
+
+@pytest.mark.parametrize("days", [float("nan"), float("inf"), 0, -1, 40000])
+def test_a_key_cannot_be_made_to_expire_never_by_a_number_that_is_not_one(
+        store: ApiKeys, days: float) -> None:
+    # nan and inf pass a range check written with < and >: the key would never expire
+    with pytest.raises(ConfigError, match="number of days"):
+        store.create("acme", expires_days=days)
+    assert store.list() == []

@@ -2,8 +2,9 @@
 
 Server-rendered pages (Jinja2, `templates/`), two small files of our own for style and
 live updates (`static/`: nothing from a CDN, so it works air-gapped), updates over
-Server-Sent Events. Same API keys as the /v1 API, kept in an HttpOnly cookie by the login
-form (`session.py`); pages and streams of tasks and batches answer 404 for another tenant's.
+Server-Sent Events. Same API keys as the /v1 API: logging in with one starts a server-side
+session whose token (never the key) is in an HttpOnly cookie (`session.py`); pages and
+streams of tasks and batches answer 404 for another tenant's.
 """
 
 from __future__ import annotations

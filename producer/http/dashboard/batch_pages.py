@@ -28,7 +28,7 @@ from producer.http import sse
 from producer.http.batches import owned_batch
 from producer.http.dashboard.pages import SSE_HEADERS, Who
 from producer.http.dashboard.render import duration, page
-from producer.http.dashboard.session import Viewer, check_form
+from producer.http.dashboard.session import Viewer, check_form, session_valid
 from producer.http.problems import not_found
 from producer.http.tasks import charge
 from sandqueue import keys
@@ -184,7 +184,8 @@ async def batch_live(request: Request, batch_id: str, who: Who) -> StreamingResp
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     frames = _frames(batch, request.app.state.settings.api_heartbeat_s)
-    return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
+    return StreamingResponse(slots.hold(frames, session_valid(request)),
+                             media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from producer.http import sse
 from producer.http.dashboard.pages import SSE_HEADERS, Who
 from producer.http.dashboard.render import duration, page
-from producer.http.dashboard.session import Viewer
+from producer.http.dashboard.session import Viewer, session_valid
 from sandqueue.fleet import FleetSnapshot, fleet_snapshot
 
 router = APIRouter(include_in_schema=False)
@@ -72,7 +72,8 @@ def fleet(request: Request, who: Who) -> HTMLResponse:
 async def fleet_live(request: Request, who: Who) -> StreamingResponse:
     slots = sse.StreamSlots(request.app.state)
     slots.check()
-    return StreamingResponse(slots.hold(_frames(request, who)), media_type="text/event-stream",
+    return StreamingResponse(slots.hold(_frames(request, who), session_valid(request)),
+                             media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 

@@ -28,6 +28,7 @@ from producer.http.dashboard.session import (
     check_form,
     clear_login,
     end_session,
+    session_valid,
     set_login,
     start_session,
     viewer,
@@ -62,9 +63,18 @@ def _safe_next(target: str | None) -> str:
     return target if target and _LOCAL_PATH.match(target) else "/"
 
 
+ENDED = {
+    "ended": "Your session ended (it expired, or you logged out): log in again.",
+    "refused": "Your session ended: its API key was revoked or has expired, or lacks the "
+               "`read` scope. Log in with a usable key.",
+}
+"""Why a page sent the browser back to the login form (`?ended=`): fixed texts, so a link
+cannot make the form say anything else."""
+
+
 @router.get("/login")
-def login_form(request: Request, next: str = "/") -> HTMLResponse:
-    return page(request, "login.html", next=_safe_next(next), why="")
+def login_form(request: Request, next: str = "/", ended: str = "") -> HTMLResponse:
+    return page(request, "login.html", next=_safe_next(next), why=ENDED.get(ended, ""))
 
 
 @router.post("/login")
@@ -75,6 +85,10 @@ def login(request: Request, api_key: Annotated[str, Form(max_length=400)] = "",
         None, "enter an API key (make one with `sandqueue apikey create`)")
     if key is None:
         return page(request, "login.html", status_code=401, next=_safe_next(next), why=why)
+    if "read" not in key.scopes and "admin" not in key.scopes:
+        return page(request, "login.html", status_code=403, next=_safe_next(next),
+                    why="this API key lacks the `read` scope the dashboard needs (make one "
+                        "with `sandqueue apikey create --scopes read,...`)")
     response = RedirectResponse(_safe_next(next), status_code=303)
     set_login(request, response, start_session(request.app.state.apikeys, key))
     return response
@@ -109,7 +123,11 @@ def tasks_page(request: Request, who: Who, status: str = "", tenant: str = "",
     r = _client(request).redis
     # An admin with no tenant chosen reads the all-tenants index the submit claim keeps
     # (the same one `GET /v1/tasks` reads for an admin key); anyone else one tenant's.
-    one = tenant if tenant in visible else (None if who.admin else who.tenant)
+    # (an admin may name a tenant no API key has: tasks labelled from the CLI or Python)
+    one = tenant if tenant in visible or (who.admin and tenant) else (
+        None if who.admin else who.tenant)
+    if one and one not in visible:
+        visible = [*visible, one]  # shown, and selected, in the tenant filter
     try:
         rows, after = records.page(r, one or "", limit=PAGE_ROWS, cursor=cursor or None,
                                    keep=keep, chunk_size=2 * PAGE_ROWS,
@@ -176,7 +194,8 @@ async def task_events(request: Request, task_id: str, who: Who,
     frames = event_frames(request, task_id, after)
     slots = sse.StreamSlots(request.app.state)
     slots.check()
-    return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
+    return StreamingResponse(slots.hold(frames, session_valid(request)),
+                             media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
@@ -190,7 +209,7 @@ async def live_rows(request: Request, who: Who, ids: str = "", newer_than: float
     scope = await run_in_threadpool(tenants_of, request, who)
     # New tasks are counted in the index the page lists: an admin's unfiltered page, every
     # task's (those submitted without a tenant too); otherwise the tenant's.
-    if tenant in scope:
+    if tenant in scope or (who.admin and tenant):
         indexes = [keys.tenant_index(tenant)]
     elif who.admin:
         indexes = [keys.TASK_INDEX]
@@ -201,7 +220,8 @@ async def live_rows(request: Request, who: Who, ids: str = "", newer_than: float
     frames = _row_frames(request.app.state.aredis, who, wanted,
                          indexes if newer_than else [], newer_than,
                          request.app.state.settings.api_heartbeat_s)
-    return StreamingResponse(slots.hold(frames), media_type="text/event-stream",
+    return StreamingResponse(slots.hold(frames, session_valid(request)),
+                             media_type="text/event-stream",
                              headers=SSE_HEADERS)
 
 
@@ -246,7 +266,9 @@ def login_redirect(request: Request, e: LoginRequired) -> Response:
     if path.startswith("/live/") or path.endswith(("/events", "/live")):
         return Response("log in first", status_code=401, headers=SECURITY_HEADERS)
     target = path + (f"?{request.url.query}" if request.url.query else "")
-    response = RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
-    if e.why:  # a cookie that no longer works (revoked, expired): drop it
+    ended = f"&ended={e.ended}" if e.why else ""
+    response = RedirectResponse(f"/login?next={quote(target, safe='')}{ended}",
+                                status_code=303)
+    if e.why:  # a cookie that no longer works (revoked, expired, logged out): drop it
         clear_login(request, response)
     return response

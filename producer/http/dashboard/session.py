@@ -19,9 +19,11 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from producer.apikeys import ApiKey, ApiKeys
@@ -37,9 +39,12 @@ _CSRF_LABEL = b"sandqueue dashboard csrf v1"
 class LoginRequired(Exception):
     """No usable key in the cookie: pages redirect to the login form, streams answer 401."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, ended: str = "refused") -> None:
         super().__init__(why)
         self.why = why
+        self.ended = ended
+        """For the login form: `ended` (the session lapsed or was logged out) or `refused`
+        (its key no longer may)."""
 
 
 class Forbidden(Exception):
@@ -96,13 +101,26 @@ def viewer(request: Request) -> Viewer:
     key_id = as_text(store.r.hget(_session_key(token), "key_id") or b"")
     key = store.get(key_id) if key_id else None
     if key is None:
-        raise LoginRequired("your dashboard session has ended; log in again")
+        raise LoginRequired("your dashboard session has ended; log in again", "ended")
     why = key.refusal(time.time())
     if why:
         raise LoginRequired(why)
     if "read" not in key.scopes and "admin" not in key.scopes:
         raise LoginRequired("this API key lacks the `read` scope the dashboard needs")
     return Viewer(Caller(key), csrf_token(token))
+
+
+def session_valid(request: Request) -> Callable[[], Awaitable[bool]]:
+    """For an open live stream (`StreamSlots.hold`): does its session still stand?"""
+
+    async def check() -> bool:
+        try:
+            await run_in_threadpool(viewer, request)
+        except LoginRequired:
+            return False
+        return True
+
+    return check
 
 
 def check_form(request: Request, who: Viewer, token: str, scope: str | None = None) -> None:
