@@ -227,7 +227,7 @@ def download(store: ArtifactStore, task_id: str, refs: list[ArtifactRef], out_di
     missing = sorted(set(names or []) - {r.name for r in refs})
     if missing:
         raise ArtifactNotFound(f"task {task_id} has no artifact {', '.join(missing)}")
-    written = []
+    written, damaged = [], []
     for ref in wanted:
         target = out_dir / check_name(ref.name)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -235,10 +235,14 @@ def download(store: ArtifactStore, task_id: str, refs: list[ArtifactRef], out_di
             with target.open("wb") as dst:
                 for chunk in verified(store.open(task_id, ref.name), ref):
                     dst.write(chunk)
-        except ArtifactDamaged:
+        except ArtifactDamaged as e:
             target.unlink()
-            raise
+            damaged.append(e.message)
+            continue  # the intact ones are still brought back
         written.append(target)
+    if damaged:
+        raise ArtifactDamaged("; ".join(damaged) + f" ({len(written)} other artifact(s) "
+                              f"downloaded to {out_dir})")
     return written
 
 

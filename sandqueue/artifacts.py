@@ -153,16 +153,19 @@ def verified(stream: BinaryIO, ref: ArtifactRef, chunk_size: int = CHUNK) -> Ite
     Content-Length) never ends up with the whole of a damaged or replaced copy. Closes the
     stream."""
     digest, size, held = hashlib.sha256(), 0, b""
+    damaged = ArtifactDamaged(f"{ref.name}: the stored bytes do not match the size and sha256 "
+                              "the result lists (changed or damaged in the store)")
     with stream:
         while chunk := stream.read(chunk_size):
             digest.update(chunk)
             size += len(chunk)
+            if size > ref.size:  # longer: said before a byte beyond the listed size goes out
+                raise damaged
             if held:
                 yield held
             held = chunk
     if size != ref.size or digest.hexdigest() != ref.sha256:
-        raise ArtifactDamaged(f"{ref.name}: the stored bytes do not match the size and sha256 "
-                              "the result lists (changed or damaged in the store)")
+        raise damaged
     if held:
         yield held
 

@@ -57,7 +57,8 @@ def download_artifact(request: Request, task_id: str, name: str,
     try:
         stream = store.open(task_id, name)
     except ArtifactNotFound as e:
-        raise not_found(f"artifact {name!r} of task {task_id} (gone from the store)") from e
+        raise Problem(404, "not_found", f"artifact {name!r} of task {task_id} is listed by its "
+                      "result but gone from the artifact store (expired or deleted)") from e
     except ArtifactError as e:
         raise Problem(503, "artifact_store_unavailable", e.message) from e
 

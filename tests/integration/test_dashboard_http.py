@@ -106,12 +106,16 @@ def test_the_cookie_holds_a_session_not_the_key_and_revoking_the_key_ends_it(
         assert f'{COOKIE}=""' in ended.headers.get("set-cookie", "")  # and drops the cookie
 
 
-def test_a_key_without_the_read_scope_is_refused_at_login_with_the_reason(
+def test_login_refuses_a_key_without_read_scope_and_another_sites_form(
         server: ApiServer, redis_url: str) -> None:
     submitter = make_key(redis_url, "acme", "--scopes", "submit")["key"]
     answer = httpx.post(server.url + "/login", data={"api_key": submitter})
     assert answer.status_code == 403 and "`read` scope" in answer.text
     assert "set-cookie" not in answer.headers
+    key = make_key(redis_url, "acme")["key"]
+    elsewhere = httpx.post(server.url + "/login", data={"api_key": key},
+                           headers={"Origin": "https://evil.example"})
+    assert elsewhere.status_code == 403 and "set-cookie" not in elsewhere.headers  # login CSRF
     made_up = httpx.get(server.url + "/login", params={"ended": "<b>anything</b>"}).text
     assert "anything" not in made_up  # the reason comes from a fixed list, not the link
 

@@ -235,3 +235,21 @@ def test_a_verified_read_holds_back_the_last_chunk_of_a_damaged_copy() -> None:
     assert 0 < len(b"".join(got)) < len(data)
     with pytest.raises(ArtifactDamaged):  # shorter (a truncated copy) is damaged too
         b"".join(verified(io.BytesIO(data[:-10]), ref, chunk_size=1000))
+    longer: list[bytes] = []  # and longer: refused before a byte past the size goes out
+    with pytest.raises(ArtifactDamaged):
+        for chunk in verified(io.BytesIO(data + b"more"), ref, chunk_size=1000):
+            longer.append(chunk)
+    assert len(b"".join(longer)) < len(data)
+
+
+def test_a_download_brings_back_the_intact_artifacts_and_names_the_damaged(
+        tmp_path: Path) -> None:
+    from producer.api import download
+
+    store = LocalStore(tmp_path / "store")
+    refs = [store.put("t-1", name, name.encode() * 10) for name in ("a.txt", "b.txt", "c.txt")]
+    store.put("t-1", "a.txt", b"X" * 50)  # changed in the store after the result listed it
+    with pytest.raises(ArtifactDamaged, match=r"a\.txt.*2 other artifact\(s\) downloaded"):
+        download(store, "t-1", refs, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.txt", "c.txt"]
+    assert (tmp_path / "out" / "c.txt").read_bytes() == b"c.txt" * 10

@@ -28,6 +28,7 @@ from producer.http.dashboard.session import (
     check_form,
     clear_login,
     end_session,
+    own_origin,
     session_valid,
     set_login,
     start_session,
@@ -80,6 +81,11 @@ def login_form(request: Request, next: str = "/", ended: str = "") -> HTMLRespon
 @router.post("/login")
 def login(request: Request, api_key: Annotated[str, Form(max_length=400)] = "",
           next: Annotated[str, Form(max_length=2000)] = "/") -> Response:
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and origin.rstrip("/") != own_origin(request):
+        # another site's form must not log this browser in under its key (login CSRF)
+        return page(request, "login.html", status_code=403, next="/",
+                    why="this login form came from another site; use the dashboard's own")
     presented = api_key.strip()
     key, why = request.app.state.apikeys.authenticate(presented) if presented else (
         None, "enter an API key (make one with `sandqueue apikey create`)")

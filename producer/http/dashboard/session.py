@@ -126,7 +126,7 @@ def session_valid(request: Request) -> Callable[[], Awaitable[bool]]:
 def check_form(request: Request, who: Viewer, token: str, scope: str | None = None) -> None:
     """A POST the dashboard's own page sent: same origin, right token, the scope it needs."""
     origin = request.headers.get("origin")
-    if origin and origin != "null" and origin.rstrip("/") != _own_origin(request):
+    if origin and origin != "null" and origin.rstrip("/") != own_origin(request):
         raise Forbidden(f"this form came from another site ({origin[:100]}); use the "
                         "dashboard's own page")
     if not hmac.compare_digest(token.encode(), who.csrf.encode()):
@@ -136,7 +136,7 @@ def check_form(request: Request, who: Viewer, token: str, scope: str | None = No
         raise Forbidden(f"your API key lacks the `{scope}` scope")
 
 
-def _own_origin(request: Request) -> str:
+def own_origin(request: Request) -> str:
     return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
 
 
