@@ -731,11 +731,13 @@ def batch_run(ctx: click.Context, file: Path, out: Path | None, prompt_template:
 
 class CtrlC:
     """Ctrl-C for a long command that must end with 130 and its resume hint, however the
-    interrupt lands. Python turns SIGINT into one KeyboardInterrupt wherever the main thread
-    is; on a loaded machine, with thousands of inputs, one landing during a chunk's submit
-    was now and then lost (the command went on following results until killed). So the
-    handler records it too, and the result loop checks `pending` on every poll; once the
-    command is on its way out (`leaving`) further Ctrl-Cs are ignored."""
+    interrupt lands. Python turns SIGINT into a KeyboardInterrupt wherever the main thread
+    is, and ignores one raised inside a finalizer (`__del__`, a weakref callback) as it
+    ignores any exception there: the interrupt would be lost and the command would go on
+    following results. So the handler records it too, and the result loop re-raises it on
+    its next poll (C-Vise guards its Ctrl-C the same way). Once the command is on its way
+    out (`leaving`), further Ctrl-Cs are ignored. A command started with SIGINT ignored (a
+    background job of a shell without job control) keeps ignoring it, as the shell meant."""
 
     def __init__(self) -> None:
         self.pending = False
@@ -753,6 +755,9 @@ class CtrlC:
     @contextmanager
     def installed(self) -> Iterator[CtrlC]:
         try:
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                yield self
+                return
             previous = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not the main thread (an embedding app): Python's own handling
             yield self

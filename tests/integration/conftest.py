@@ -442,6 +442,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 
+def ctrl_c_able() -> None:
+    """`preexec_fn` for a command a test will interrupt with SIGINT, as Ctrl-C in a terminal
+    would: SIGINT back to its default. A shell without job control starts background jobs
+    with SIGINT ignored, and a child inherits that (Python then installs no handler), so a
+    suite run in the background (as CI may be) would see every Ctrl-C ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 INTERRUPTED = (130, -signal.SIGINT)
 """How a command interrupted by Ctrl-C may end: exit 130 after its message, or, rarely on a
 loaded machine, killed by the SIGINT as it exits after printing the same message. A shell

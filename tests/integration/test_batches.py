@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     StartWorker,
     Worker,
     assert_no_live_sandboxes,
+    ctrl_c_able,
     product_env,
     sim_counts,
     wait_until,
@@ -159,7 +160,7 @@ def test_ctrl_c_exits_130_prints_the_resume_command_and_that_command_finishes(
     argv = ["batch", "run", str(source), "--out", str(out), "--queue", SMALL_QUEUE,
             "--no-progress"]
     first = subprocess.Popen([sys.executable, "-m", "producer.cli", *argv],
-                             env=product_env(redis_url), cwd=tmp_path,
+                             env=product_env(redis_url), cwd=tmp_path, preexec_fn=ctrl_c_able,
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     try:

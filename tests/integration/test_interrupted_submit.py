@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     RunCli,
     StartWorker,
     close_client,
+    ctrl_c_able,
     make_client,
     product_env,
     sim_counts,
@@ -73,7 +74,7 @@ def test_batch_interrupted_while_submitting_resumes_with_every_result_once(
     log_path = tmp_path / "first.log"
     with log_path.open("wb") as log:
         first = subprocess.Popen([sys.executable, "-m", "producer.cli", *argv],
-                                 env=env, cwd=tmp_path,
+                                 env=env, cwd=tmp_path, preexec_fn=ctrl_c_able,
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
             end = time.monotonic() + 60

@@ -36,3 +36,17 @@ def test_once_leaving_further_interrupts_are_ignored_and_the_handler_is_put_back
     with quiet.installed():
         pass
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it() -> None:
+    # A background job of a shell without job control: the terminal's Ctrl-C is not for it
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctrl_c = CtrlC()
+        with ctrl_c.installed():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            ctrl_c.check()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
