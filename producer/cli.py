@@ -911,7 +911,7 @@ def worker(ctx: click.Context, concurrency: int | None, queues: str | None, pool
             "sandboxes cannot run without one of them"
         )
     if settings.provider == "sim":
-        render.err.print(f"[bold yellow]{render.SIM_BANNER}[/]")
+        render.err.print(f"[bold yellow]{render.SIM_BANNER}[/]", soft_wrap=True)
     from worker.broker.app import app  # the worker side is imported only here
 
     argv = ["worker", f"--pool={pool}", f"--concurrency={concurrency}", f"--queues={queues}",
