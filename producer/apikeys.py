@@ -64,6 +64,10 @@ class ApiKey:
             return "this API key has expired; create a new one with `sandqueue apikey create`"
         return None
 
+    def allows(self, scope: str) -> bool:
+        """Does this key hold `scope`? `admin` holds every scope."""
+        return scope in self.scopes or "admin" in self.scopes
+
     def public(self) -> dict[str, Any]:
         """What `apikey list` shows: everything but the hash."""
         return {"id": self.id, "tenant": self.tenant, "scopes": sorted(self.scopes),

@@ -52,7 +52,7 @@ def require(scope: str) -> Callable[..., Caller]:
         key, why = store.authenticate(credentials.credentials)
         if key is None:
             raise Problem(401, "auth", why, headers=_CHALLENGE)
-        if scope not in key.scopes and "admin" not in key.scopes:
+        if not key.allows(scope):
             raise Problem(403, "forbidden", f"this API key lacks the `{scope}` scope (it has: "
                           f"{', '.join(sorted(key.scopes))})")
         return Caller(key)

@@ -186,6 +186,15 @@ def get_batch(request: Request, batch_id: str,
     return _counts(owned_batch(request, caller, batch_id))
 
 
+_FINAL = {s.value for s in FINAL_STATUSES}
+
+
+def _all_ended(view: dict[str, Any]) -> bool:
+    """Has every input of the batch (`_counts`) ended, whatever its batch status says?"""
+    ended = sum(n for s, n in view["by_status"].items() if s in _FINAL)
+    return ended >= int(view.get("total") or 0)
+
+
 def _counts(batch: Batch) -> dict[str, Any]:
     counts = batch.counts()
     view = {k: counts.get(k) for k in ("batch_id", "status", "total", "created_at",
@@ -195,9 +204,7 @@ def _counts(batch: Batch) -> dict[str, Any]:
         view["total"] = int(view["total"])
     if view.get("created_at") is not None:
         view["created_at"] = float(view["created_at"])
-    final = {s.value for s in FINAL_STATUSES}
-    ended = sum(n for s, n in counts["by_status"].items() if s in final)
-    if view.get("status") == "running" and ended >= int(view.get("total") or 0):
+    if view.get("status") == "running" and _all_ended(view):
         view["status"] = "done"  # no follower process marks an HTTP batch done (dashboard too)
     return view
 
@@ -253,13 +260,11 @@ async def follow_batch(request: Request, batch_id: str,
 
 def _progress(batch: Batch, heartbeat_s: float, poll_s: float = 1.0
               ) -> AsyncIterator[bytes]:
-    final = {s.value for s in FINAL_STATUSES}
     last: list[dict[str, Any] | None] = [None]
 
     async def step() -> tuple[bytes | None, bool]:
         counts = await run_in_threadpool(_counts, batch)
-        ended = sum(n for s, n in counts["by_status"].items() if s in final)
-        done = ended >= int(counts.get("total") or 0)
+        done = _all_ended(counts)
         chunk = b""
         if counts != last[0]:
             last[0] = counts

@@ -28,7 +28,7 @@ from producer.http.dashboard.session import (
     check_form,
     clear_login,
     end_session,
-    own_origin,
+    foreign_origin,
     session_valid,
     set_login,
     start_session,
@@ -81,8 +81,7 @@ def login_form(request: Request, next: str = "/", ended: str = "") -> HTMLRespon
 @router.post("/login")
 def login(request: Request, api_key: Annotated[str, Form(max_length=400)] = "",
           next: Annotated[str, Form(max_length=2000)] = "/") -> Response:
-    origin = request.headers.get("origin")
-    if origin and origin != "null" and origin.rstrip("/") != own_origin(request):
+    if foreign_origin(request):
         # another site's form must not log this browser in under its key (login CSRF)
         return page(request, "login.html", status_code=403, next="/",
                     why="this login form came from another site; use the dashboard's own")
@@ -91,7 +90,7 @@ def login(request: Request, api_key: Annotated[str, Form(max_length=400)] = "",
         None, "enter an API key (make one with `sandqueue apikey create`)")
     if key is None:
         return page(request, "login.html", status_code=401, next=_safe_next(next), why=why)
-    if "read" not in key.scopes and "admin" not in key.scopes:
+    if not key.allows("read"):
         return page(request, "login.html", status_code=403, next=_safe_next(next),
                     why="this API key lacks the `read` scope the dashboard needs (make one "
                         "with `sandqueue apikey create --scopes read,...`)")
@@ -116,6 +115,16 @@ def tenants_of(request: Request, who: Viewer) -> list[str]:
     return sorted({k.tenant for k in request.app.state.apikeys.list()} | {who.tenant})
 
 
+def listing_index(who: Viewer, tenant: str) -> str:
+    """The index a tasks page lists (and counts new tasks in): a tenant key's own tenant's,
+    whatever it asks for; an admin's, the tenant it names (any: also one no API key has,
+    from tasks labelled in the CLI or Python) or, none named, every task's (the same
+    all-tasks index `GET /v1/tasks` reads for an admin key)."""
+    if not who.admin:
+        return keys.tenant_index(who.tenant)
+    return keys.tenant_index(tenant) if tenant else keys.TASK_INDEX
+
+
 @router.get("/")
 def tasks_page(request: Request, who: Who, status: str = "", tenant: str = "",
                label: str = "", batch: str = "", cursor: str = "") -> HTMLResponse:
@@ -127,17 +136,12 @@ def tasks_page(request: Request, who: Who, status: str = "", tenant: str = "",
         return _tasks(request, who, error=e.detail)
     visible = tenants_of(request, who)
     r = _client(request).redis
-    # An admin with no tenant chosen reads the all-tenants index the submit claim keeps
-    # (the same one `GET /v1/tasks` reads for an admin key); anyone else one tenant's.
-    # (an admin may name a tenant no API key has: tasks labelled from the CLI or Python)
-    one = tenant if tenant in visible or (who.admin and tenant) else (
-        None if who.admin else who.tenant)
-    if one and one not in visible:
-        visible = [*visible, one]  # shown, and selected, in the tenant filter
+    if who.admin and tenant and tenant not in visible:
+        visible = [*visible, tenant]  # shown, and selected, in the tenant filter
     try:
-        rows, after = records.page(r, one or "", limit=PAGE_ROWS, cursor=cursor or None,
+        rows, after = records.page(r, "", limit=PAGE_ROWS, cursor=cursor or None,
                                    keep=keep, chunk_size=2 * PAGE_ROWS,
-                                   index=None if one else keys.TASK_INDEX)
+                                   index=listing_index(who, tenant))
     except Problem as e:
         return _tasks(request, who, error=e.detail)
     filters = {"status": status, "tenant": tenant, "label": label, "batch": batch}
@@ -212,19 +216,10 @@ async def live_rows(request: Request, who: Who, ids: str = "", newer_than: float
     change (one HMGET per row per second: bounded by the page, not by the task count), and
     with `newer_than`, how many tasks were submitted since the page's newest row."""
     wanted = [t for t in ids.split(",") if t][:LIVE_IDS_MAX]
-    scope = await run_in_threadpool(tenants_of, request, who)
-    # New tasks are counted in the index the page lists: an admin's unfiltered page, every
-    # task's (those submitted without a tenant too); otherwise the tenant's.
-    if tenant in scope or (who.admin and tenant):
-        indexes = [keys.tenant_index(tenant)]
-    elif who.admin:
-        indexes = [keys.TASK_INDEX]
-    else:
-        indexes = [keys.tenant_index(t) for t in scope]
     slots = sse.StreamSlots(request.app.state)
     slots.check()
     frames = _row_frames(request.app.state.aredis, who, wanted,
-                         indexes if newer_than else [], newer_than,
+                         listing_index(who, tenant) if newer_than else None, newer_than,
                          request.app.state.settings.api_heartbeat_s)
     return StreamingResponse(slots.hold(frames, session_valid(request)),
                              media_type="text/event-stream",
@@ -234,7 +229,7 @@ async def live_rows(request: Request, who: Who, ids: str = "", newer_than: float
 _ROW_FIELDS = ("tenant", "status", "attempt", "tool_calls", "cost_usd", "updated_at", "error")
 
 
-async def _row_frames(aredis: Any, who: Viewer, ids: list[str], indexes: list[str],
+async def _row_frames(aredis: Any, who: Viewer, ids: list[str], index: str | None,
                       newer_than: float, heartbeat_s: float) -> AsyncIterator[bytes]:
     last: dict[str, Any] = {}
     last_newer = [0]
@@ -243,7 +238,7 @@ async def _row_frames(aredis: Any, who: Viewer, ids: list[str], indexes: list[st
         pipe = aredis.pipeline(transaction=False)
         for task_id in ids:
             pipe.hmget(keys.task(task_id), *_ROW_FIELDS)
-        for index in indexes:
+        if index is not None:
             pipe.zcount(index, f"({newer_than!r}", "+inf")
         answers = await pipe.execute()
         rows = {}

@@ -65,7 +65,7 @@ class Viewer:
         return self.caller.admin
 
     def may(self, scope: str) -> bool:
-        return self.admin or scope in self.caller.key.scopes
+        return self.caller.key.allows(scope)
 
 
 def csrf_token(session_token: str) -> str:
@@ -105,7 +105,7 @@ def viewer(request: Request) -> Viewer:
     why = key.refusal(time.time())
     if why:
         raise LoginRequired(why)
-    if "read" not in key.scopes and "admin" not in key.scopes:
+    if not key.allows("read"):
         raise LoginRequired("this API key lacks the `read` scope the dashboard needs")
     return Viewer(Caller(key), csrf_token(token))
 
@@ -125,8 +125,8 @@ def session_valid(request: Request) -> Callable[[], Awaitable[bool]]:
 
 def check_form(request: Request, who: Viewer, token: str, scope: str | None = None) -> None:
     """A POST the dashboard's own page sent: same origin, right token, the scope it needs."""
-    origin = request.headers.get("origin")
-    if origin and origin != "null" and origin.rstrip("/") != own_origin(request):
+    origin = foreign_origin(request)
+    if origin:
         raise Forbidden(f"this form came from another site ({origin[:100]}); use the "
                         "dashboard's own page")
     if not hmac.compare_digest(token.encode(), who.csrf.encode()):
@@ -136,7 +136,16 @@ def check_form(request: Request, who: Viewer, token: str, scope: str | None = No
         raise Forbidden(f"your API key lacks the `{scope}` scope")
 
 
-def own_origin(request: Request) -> str:
+def foreign_origin(request: Request) -> str | None:
+    """The Origin of a POST that another site's page sent, or None (same origin, or no
+    Origin header: older browsers, where the form's token decides)."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and origin.rstrip("/") != _own_origin(request):
+        return origin
+    return None
+
+
+def _own_origin(request: Request) -> str:
     return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
 
 
